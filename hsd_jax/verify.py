@@ -1,0 +1,149 @@
+"""Verification rules: one verifier call over one draft path, vectorised over batch and draft length.
+
+Every rule is written as its exact outcome law: given the drafts x_1..x_γ (γ may differ per row),
+their draft distributions q_1..q_γ and the verifier's distributions p_1..p_{γ+1},
+  * `tau_probs[b, t]`   = P(exactly t drafts are accepted), t = 0..G, and
+  * `next_dists[b, t]`  = the law of the token emitted after accepting t drafts
+                          (the correction for t < γ, the bonus p_{γ+1} for t = γ).
+`verify` then draws τ and the next token from these. Drawing τ from its law is equivalent in
+distribution to the rules' sequential coin flips, and it lets tests enumerate the rules exactly.
+
+Array layout: q[:, i] and p[:, i] are the distributions of the token at draft offset i
+(0-based), p[:, γ] is the bonus distribution. Offsets >= γ of q, and > γ of p, are ignored.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from hsd_jax.sampling import sample
+
+LOSSLESS_RULES = ("tokenwise", "block")
+INEXACT_RULES = ("zhou",)
+RULES = LOSSLESS_RULES + INEXACT_RULES
+
+
+class Outcome(NamedTuple):
+    tau_probs: jax.Array  # [B, G+1]
+    next_dists: jax.Array  # [B, G+1, V]
+
+
+class Verdict(NamedTuple):
+    num_accepted: jax.Array  # [B] int32, τ
+    next_token: jax.Array  # [B] int32
+
+
+def check_rule(rule: str, allow_inexact: bool = False) -> str:
+    if rule not in RULES:
+        raise ValueError(f"unknown verifier {rule!r}; choose one of {', '.join(RULES)}")
+    if rule in INEXACT_RULES and not allow_inexact:
+        raise ValueError(
+            f"verifier {rule!r} is not lossless (its exact-enumeration test measures a bias; see the "
+            "README, 'Verification rules'); pass allow_inexact=True to use it anyway")
+    return rule
+
+
+def _normalise(mass: jax.Array, fallback: jax.Array) -> jax.Array:
+    """mass / sum(mass), or `fallback` where the mass is (numerically) empty."""
+    total = jnp.sum(mass, axis=-1, keepdims=True)
+    return jnp.where(total > 1e-12, mass / jnp.where(total > 1e-12, total, 1.0), fallback)
+
+
+def _draft_ratio_terms(draft_tokens, draft_len, q, p):
+    """p_i(x_i), q_i(x_i) at each draft offset, and the mask of offsets < γ."""
+    width = draft_tokens.shape[1]
+    in_draft = jnp.arange(width)[None, :] < draft_len[:, None]
+    p_x = jnp.take_along_axis(p[:, :width], draft_tokens[..., None], axis=-1)[..., 0]
+    q_x = jnp.take_along_axis(q, draft_tokens[..., None], axis=-1)[..., 0]
+    return p_x, q_x, in_draft
+
+
+def _with_bonus(residual: jax.Array, p: jax.Array, draft_len: jax.Array) -> jax.Array:
+    """Residuals at offsets < γ, the bonus p_{γ+1} at offset γ (and p beyond, never drawn)."""
+    width = residual.shape[1]
+    use_residual = (jnp.arange(width + 1)[None, :] < draft_len[:, None])[..., None]
+    padded = jnp.concatenate([residual, jnp.zeros_like(residual[:, :1])], axis=1)
+    return jnp.where(use_residual, _normalise(padded, p), p)
+
+
+def tokenwise(draft_tokens, draft_len, q, p) -> Outcome:
+    """Leviathan et al. 2023 / Chen et al. 2023: accept x_i w.p. min(1, p_i(x_i)/q_i(x_i));
+    at the first rejection resample from norm((p_i - q_i)^+)."""
+    p_x, q_x, in_draft = _draft_ratio_terms(draft_tokens, draft_len, q, p)
+    accept = jnp.where(in_draft, jnp.minimum(1.0, p_x / jnp.where(in_draft, q_x, 1.0)), 0.0)
+    accept = jnp.concatenate([accept, jnp.zeros_like(accept[:, :1])], axis=1)  # [B, G+1]
+    survive = jnp.cumprod(jnp.concatenate([jnp.ones_like(accept[:, :1]), accept[:, :-1]], axis=1), axis=1)
+    tau_probs = survive * (1.0 - accept)
+    residual = jnp.maximum(p[:, :-1] - q, 0.0)
+    return Outcome(tau_probs, _with_bonus(residual, p, draft_len))
+
+
+def _block_weights(draft_tokens, draft_len, q, p):
+    """w_0 = 1, w_i = min(1, w_{i-1} p_i(x_i)/q_i(x_i)) = R_i / max(1, max_{j<=i} R_j) (Sun et al. 2024),
+    computed in log space. Also returns log R_i."""
+    p_x, q_x, in_draft = _draft_ratio_terms(draft_tokens, draft_len, q, p)
+    log_ratio = jnp.where(in_draft, jnp.log(p_x) - jnp.log(jnp.where(in_draft, q_x, 1.0)), 0.0)
+    log_r = jnp.concatenate([jnp.zeros_like(log_ratio[:, :1]), jnp.cumsum(log_ratio, axis=1)], axis=1)
+    log_w = log_r - jnp.maximum(0.0, jax.lax.cummax(log_r, axis=1))
+    return jnp.exp(log_w), log_r
+
+
+def _block_outcome(w, final_accept, draft_len, q, p) -> Outcome:
+    """τ = the largest i with η_i ~ Bern(h_i) = 1, where for i < γ
+    h_i = Σ(w_i p_{i+1} - q_{i+1})^+ / [Σ(w_i p_{i+1} - q_{i+1})^+ + 1 - w_i], h_γ = `final_accept`,
+    h_0 := 1; the next token is drawn from norm((w_τ p_{τ+1} - q_{τ+1})^+), or p_{γ+1} if τ = γ."""
+    width = q.shape[1]
+    offsets = jnp.arange(width + 1)[None, :]
+    residual = jnp.maximum(w[:, :-1, None] * p[:, :-1] - q, 0.0)  # [B, G, V]
+    mass = jnp.sum(residual, axis=-1)
+    denominator = mass + 1.0 - w[:, :-1]
+    h = jnp.where(denominator > 0, mass / jnp.where(denominator > 0, denominator, 1.0), 0.0)
+    h = jnp.concatenate([h, jnp.zeros_like(h[:, :1])], axis=1)
+    h = jnp.where(offsets == draft_len[:, None], final_accept, jnp.where(offsets < draft_len[:, None], h, 0.0))
+    h = h.at[:, 0].set(1.0)
+    # P(τ = t) = h_t Π_{j > t} (1 - h_j)
+    keep_after = jnp.flip(jnp.cumprod(jnp.flip(1.0 - h, axis=1), axis=1), axis=1)
+    none_after = jnp.concatenate([keep_after[:, 1:], jnp.ones_like(h[:, :1])], axis=1)
+    return Outcome(h * none_after, _with_bonus(residual, p, draft_len))
+
+
+def block(draft_tokens, draft_len, q, p) -> Outcome:
+    """Block verification (Sun, Mendlovic, Leviathan, Aharoni, Beirami, Ro, Suresh; ICLR 2025)."""
+    w, _ = _block_weights(draft_tokens, draft_len, q, p)
+    final = jnp.take_along_axis(w, draft_len[:, None], axis=1)
+    return _block_outcome(w, final, draft_len, q, p)
+
+
+def zhou(draft_tokens, draft_len, q, p) -> Outcome:
+    """Zhou et al. (arXiv 2601.05724) as released: block verification whose last stop
+    probability is min(1, R_γ) instead of w_γ. Not lossless: see tests/test_verify.py."""
+    w, log_r = _block_weights(draft_tokens, draft_len, q, p)
+    final = jnp.minimum(1.0, jnp.exp(jnp.take_along_axis(log_r, draft_len[:, None], axis=1)))
+    return _block_outcome(w, final, draft_len, q, p)
+
+
+_OUTCOMES = {"tokenwise": tokenwise, "block": block, "zhou": zhou}
+
+
+def outcome(rule: str, draft_tokens, draft_len, q, p) -> Outcome:
+    """The exact law of (τ, next token) under `rule`. Shapes: draft_tokens [B,G], draft_len [B],
+    q [B,G,V], p [B,G+1,V]."""
+    batch, width = draft_tokens.shape
+    chex.assert_shape(draft_len, (batch,))
+    chex.assert_shape(q, (batch, width, None))
+    chex.assert_shape(p, (batch, width + 1, q.shape[-1]))
+    chex.assert_type([draft_tokens, draft_len], jnp.int32)
+    return _OUTCOMES[rule](draft_tokens, draft_len, q.astype(jnp.float32), p.astype(jnp.float32))
+
+
+def verify(rule: str, key: jax.Array, draft_tokens, draft_len, q, p) -> Verdict:
+    """Accept a prefix of each row's drafts and draw the next token (correction or bonus)."""
+    tau_probs, next_dists = outcome(rule, draft_tokens, draft_len, q, p)
+    tau_key, token_key = jax.random.split(key)
+    tau = sample(tau_key, tau_probs)
+    chosen = jnp.take_along_axis(next_dists, tau[:, None, None], axis=1)[:, 0]
+    return Verdict(num_accepted=tau, next_token=sample(token_key, chosen))
