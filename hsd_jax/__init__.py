@@ -1,1 +1,22 @@
-"""hsd-jax."""
+"""hsd-jax: Hierarchical Speculative Decoding in JAX.
+
+    model = hsd_jax.load_model("checkpoints/smollm2-135m-instruct")
+    out = hsd_jax.ar_generate(model, prompt_tokens, prompt_lengths, key, max_new_tokens=64)
+    h = hsd_jax.Hierarchy([draft0, draft1, model], buffers=(4, 8), verifier="block")
+    out = hsd_jax.hsd_generate(h, prompt_tokens, prompt_lengths, key, max_new_tokens=64)
+"""
+
+from hsd_jax.cache import KVCache
+from hsd_jax.checkpoint import load_model, load_tokenizer, save_model
+from hsd_jax.config import ModelConfig, UnsupportedArchitectureError
+from hsd_jax.generate import GenerationOutput, ar_generate
+from hsd_jax.hsd import Hierarchy, HSDStats, hsd_generate
+from hsd_jax.model import Model, decode_step, forward, init_params, param_logical_axes
+from hsd_jax.ngram import NGramDrafter
+from hsd_jax.sampling import SamplingParams
+
+__all__ = [
+    "GenerationOutput", "HSDStats", "Hierarchy", "KVCache", "Model", "ModelConfig", "NGramDrafter",
+    "SamplingParams", "UnsupportedArchitectureError", "ar_generate", "decode_step", "forward",
+    "hsd_generate", "init_params", "load_model", "load_tokenizer", "param_logical_axes", "save_model",
+]

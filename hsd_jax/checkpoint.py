@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from hsd_jax.config import CONFIG_FILE, ModelConfig
-from hsd_jax.model import Model, Params, abstract_params
+from hsd_jax.model import Model, Params, abstract_params, stack_layers, with_layout
 
 PARAMS_DIR = "params"
 TOKENIZER_FILES = (
@@ -46,11 +46,11 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} already exists and is not empty (pass overwrite=True to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    tmp = _fresh_sibling(out, "tmp")
     try:
         yield tmp
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-old-", dir=out.parent))
+            old = _fresh_sibling(out, "tmp-old")
             os.replace(out, old)  # `old` is an empty directory, so the rename is allowed
             os.replace(tmp, out)
             shutil.rmtree(old)
@@ -59,6 +59,17 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _fresh_sibling(path: Path, tag: str) -> Path:
+    """Create a new empty directory `PATH.TAG-XXXXXXXX` next to `path` (honouring the umask)."""
+    while True:
+        candidate = path.with_name(f"{path.name}.{tag}-{secrets.token_hex(4)}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
 
 
 def copy_tokenizer_files(source_dir: str | Path, out_dir: str | Path) -> list[str]:
@@ -74,9 +85,9 @@ def copy_tokenizer_files(source_dir: str | Path, out_dir: str | Path) -> list[st
 
 def save_params(path: str | Path, params: Params) -> None:
     """Write the weight tree as an orbax checkpoint at `path` (which must not exist yet)."""
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(Path(path).absolute(), params)
-    checkpointer.wait_until_finished()
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(Path(path).absolute(), params)
+        checkpointer.wait_until_finished()
 
 
 def save_model(directory: str | Path, model: Model, tokenizer_source_dir: str | Path | None = None,
@@ -84,7 +95,7 @@ def save_model(directory: str | Path, model: Model, tokenizer_source_dir: str | 
     """Write config, params (and tokenizer files from `tokenizer_source_dir`) atomically."""
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         model.config.save(tmp)
-        save_params(tmp / PARAMS_DIR, model.params)
+        save_params(tmp / PARAMS_DIR, stack_layers(model.params))
         if tokenizer_source_dir is not None:
             copy_tokenizer_files(tokenizer_source_dir, tmp)
     return Path(directory)
@@ -97,6 +108,12 @@ def _corrupt(directory: Path, problem: str) -> ValueError:
     )
 
 
+def _brief(error: Exception) -> str:
+    """The first line of an (often very long) orbax / TensorStore error."""
+    lines = str(error).strip().splitlines() or [""]
+    return f"{type(error).__name__}: {lines[0][:300]}"
+
+
 def _leaves_by_path(tree: Any) -> dict[str, Any]:
     is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
     return {jax.tree_util.keystr(p): leaf
@@ -106,10 +123,16 @@ def _leaves_by_path(tree: Any) -> dict[str, Any]:
 def _stored_dtype(directory: Path, config: ModelConfig) -> jnp.dtype:
     """The dtype the weights were saved in; checks the stored tree against the config."""
     params_dir = directory / PARAMS_DIR
+    if not params_dir.is_dir():
+        raise _corrupt(directory, f"{params_dir} is missing")
     try:
-        stored = ocp.StandardCheckpointer().metadata(params_dir.absolute()).item_metadata.tree
+        with ocp.StandardCheckpointer() as checkpointer:
+            metadata = checkpointer.metadata(params_dir.absolute()).item_metadata
     except Exception as e:  # orbax raises many kinds of errors for damaged directories
-        raise _corrupt(directory, f"cannot read {params_dir}: {type(e).__name__}: {e}") from e
+        raise _corrupt(directory, f"cannot read {params_dir}: {_brief(e)}") from e
+    if metadata is None:
+        raise _corrupt(directory, f"the orbax metadata in {params_dir} is unreadable")
+    stored = metadata.tree
     stored, expected = _leaves_by_path(stored), _leaves_by_path(abstract_params(config))
     if stored.keys() != expected.keys():
         diff = sorted(stored.keys() ^ expected.keys())
@@ -129,19 +152,25 @@ def _with_sharding(abstract: Params, sharding: Sharding | None) -> Params:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sharding)
 
 
-def load_model(directory: str | Path, *, dtype: Any = None, sharding: Sharding | None = None) -> Model:
+def load_model(directory: str | Path, *, dtype: Any = None, sharding: Sharding | None = None,
+               layout: str = "auto") -> Model:
     """Load a converted model. `dtype` casts the weights (default: as stored); `sharding` is
-    one `jax.sharding.Sharding` for every leaf or a tree of them shaped like the params."""
+    one `jax.sharding.Sharding` for every leaf or a tree of them shaped like the params;
+    `layout` is the runtime layer layout (see `model.with_layout`)."""
     directory = Path(directory)
-    config = ModelConfig.load(directory)
+    try:
+        config = ModelConfig.load(directory)
+    except (OSError, ValueError, TypeError) as e:
+        raise _corrupt(directory, f"cannot read {CONFIG_FILE}: {e}") from e
     stored_dtype = _stored_dtype(directory, config)
     target = jnp.dtype(dtype) if dtype is not None else stored_dtype
     abstract = _with_sharding(abstract_params(config, target), sharding)
     try:
-        params = ocp.StandardCheckpointer().restore((directory / PARAMS_DIR).absolute(), abstract)
+        with ocp.StandardCheckpointer() as checkpointer:
+            params = checkpointer.restore((directory / PARAMS_DIR).absolute(), abstract)
     except Exception as e:
-        raise _corrupt(directory, f"restoring {directory / PARAMS_DIR} failed: {type(e).__name__}: {e}") from e
-    return Model(params=params, config=config)
+        raise _corrupt(directory, f"restoring {directory / PARAMS_DIR} failed: {_brief(e)}") from e
+    return Model(params=with_layout(params, layout), config=config)
 
 
 def load_tokenizer(directory: str | Path):

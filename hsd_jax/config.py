@@ -125,6 +125,10 @@ def from_hf_dict(hf: dict[str, Any]) -> ModelConfig:
         )
     ids = dict(bos_token_id=_first_id(hf.get("bos_token_id")), eos_token_id=_first_id(hf.get("eos_token_id")))
     if model_type == "gpt2":
+        if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
+            raise UnsupportedArchitectureError(
+                "GPT-2 attention without plain 1/sqrt(head_dim) scaling (scale_attn_weights=False or "
+                "scale_attn_by_inverse_layer_idx=True) is not supported")
         hidden = hf["n_embd"]
         return ModelConfig(
             model_type=model_type, vocab_size=hf["vocab_size"], hidden_size=hidden,
@@ -154,9 +158,7 @@ def from_hf_dict(hf: dict[str, Any]) -> ModelConfig:
             mlp_bias=True, tie_word_embeddings=hf.get("tie_word_embeddings", False), **ids,
         )
     # Llama family: llama (incl. SmolLM2, Llama 2/3), mistral, qwen2.
-    sliding = 0
-    if model_type == "mistral" or hf.get("use_sliding_window"):
-        sliding = int(hf.get("sliding_window") or 0)
+    sliding = _sliding_window(model_type, hf)
     qkv_bias = model_type == "qwen2" or bool(hf.get("attention_bias", False))
     return ModelConfig(
         model_type=model_type, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
@@ -170,6 +172,25 @@ def from_hf_dict(hf: dict[str, Any]) -> ModelConfig:
         mlp_bias=bool(hf.get("mlp_bias", False)),
         tie_word_embeddings=hf.get("tie_word_embeddings", False), sliding_window=sliding, **ids,
     )
+
+
+def _sliding_window(model_type: str, hf: dict[str, Any]) -> int:
+    """The window of every layer (0: none). Qwen2 slides only from layer `max_window_layers` on."""
+    window = int(hf.get("sliding_window") or 0)
+    if model_type == "mistral":
+        return window
+    if not window or not hf.get("use_sliding_window"):
+        return 0
+    num_layers = hf["num_hidden_layers"]
+    layer_types = hf.get("layer_types") or [
+        "sliding_attention" if i >= hf.get("max_window_layers", 0) else "full_attention"
+        for i in range(num_layers)]
+    if all(t == "full_attention" for t in layer_types):
+        return 0
+    if all(t == "sliding_attention" for t in layer_types):
+        return window
+    raise UnsupportedArchitectureError(
+        "models mixing sliding-window and full-attention layers are not supported")
 
 
 def _activation(name: str) -> str:

@@ -68,7 +68,7 @@ class OutputBuffer:
 
 def validate_request(vocab_size: int, prompt_tokens, prompt_lengths, *, max_new_tokens: int,
                      cache_size: int, max_positions: int | None, sampling: SamplingParams,
-                     eos_token_id: int | None) -> SamplingParams:
+                     eos_token_id: int | None, headroom: int = 0) -> SamplingParams:
     """Check shapes, lengths, ids and sampling parameters; raise ValueError naming the fix.
 
     Value checks run only on concrete arrays: inside a caller's `jax.jit` they are skipped.
@@ -84,14 +84,16 @@ def validate_request(vocab_size: int, prompt_tokens, prompt_lengths, *, max_new_
     batch, prompt_len = np.shape(prompt_tokens)
     if np.shape(prompt_lengths)[0] != batch:
         raise ValueError(f"prompt_lengths has {np.shape(prompt_lengths)[0]} rows but prompt_tokens has {batch}")
-    if prompt_len + max_new_tokens > cache_size:
+    need = prompt_len + max_new_tokens + headroom
+    spec = f" plus {headroom} speculative positions" if headroom else ""
+    if need > cache_size:
         raise ValueError(
-            f"the prompt ({prompt_len} tokens) plus max_new_tokens={max_new_tokens} needs a cache of "
-            f"{prompt_len + max_new_tokens} positions but cache_size={cache_size}; raise cache_size, "
-            "shorten the prompt or lower max_new_tokens")
-    if max_positions is not None and prompt_len + max_new_tokens > max_positions:
+            f"the prompt ({prompt_len} tokens) plus max_new_tokens={max_new_tokens}{spec} needs a cache of "
+            f"{need} positions but cache_size={cache_size}; raise cache_size, shorten the prompt or lower "
+            "max_new_tokens")
+    if max_positions is not None and need > max_positions:
         raise ValueError(
-            f"the prompt ({prompt_len} tokens) plus max_new_tokens={max_new_tokens} exceeds the model's "
+            f"the prompt ({prompt_len} tokens) plus max_new_tokens={max_new_tokens}{spec} exceeds the model's "
             f"{max_positions} learned positions; shorten the prompt or lower max_new_tokens")
     if isinstance(prompt_tokens, jax.core.Tracer) or isinstance(prompt_lengths, jax.core.Tracer):
         return sampling

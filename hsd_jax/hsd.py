@@ -403,8 +403,8 @@ def hsd_generate(hierarchy: Hierarchy, prompt_tokens, prompt_lengths, key: jax.A
                if isinstance(m, Model) and m.config.positions == "learned"]
     sampling = validate_request(
         hierarchy.vocab_size, prompt_tokens, prompt_lengths, max_new_tokens=max_new_tokens,
-        cache_size=cache_size - headroom, max_positions=min(learned) - headroom if learned else None,
-        sampling=SamplingParams(temperature, top_k, top_p), eos_token_id=eos_token_id)
+        cache_size=cache_size, max_positions=min(learned) if learned else None,
+        sampling=SamplingParams(temperature, top_k, top_p), eos_token_id=eos_token_id, headroom=headroom)
     run = _run_jit if trace else _run
     return run(hierarchy, jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32), key,
                max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=eos_token_id,

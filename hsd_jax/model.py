@@ -94,6 +94,40 @@ def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: f
     return jax.tree.unflatten(treedef, out)
 
 
+def unstack_layers(params: Params) -> Params:
+    """Split the stacked [L, ...] layer weights into a tuple of per-layer trees.
+
+    XLA:CPU copies a scanned layer's weights out of the stack on every step (a dynamic slice it
+    cannot fuse into the dot), which doubles decode memory traffic; separate per-layer buffers
+    avoid the copy at the cost of a longer compile (the layer loop is unrolled).
+    """
+    if isinstance(params["layers"], (list, tuple)):
+        return params
+    layers = params["layers"]
+    count = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda x: x[i], layers) for i in range(count))}
+
+
+def stack_layers(params: Params) -> Params:
+    """Inverse of `unstack_layers`: the storage and sharding layout."""
+    if not isinstance(params["layers"], (list, tuple)):
+        return params
+    return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *params["layers"])}
+
+
+LAYOUTS = ("auto", "stacked", "unstacked")
+
+
+def with_layout(params: Params, layout: str = "auto") -> Params:
+    """'stacked' scans over layers (fast compile; the layout to shard); 'unstacked' unrolls them
+    (fastest decode on CPU); 'auto' picks unstacked on the CPU backend, stacked elsewhere."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layer layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if layout == "auto":
+        layout = "unstacked" if jax.default_backend() == "cpu" else "stacked"
+    return unstack_layers(params) if layout == "unstacked" else stack_layers(params)
+
+
 @struct.dataclass
 class Model:
     """A decoder: weights (pytree leaves) and config (static)."""
@@ -111,6 +145,9 @@ class Model:
 
     def init_cache(self, batch: int, size: int) -> KVCache:
         return KVCache.init(self.config, batch, size, self.dtype)
+
+    def with_layout(self, layout: str) -> "Model":
+        return self.replace(params=with_layout(self.params, layout))
 
     def step(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         return forward(self.params, self.config, tokens, cache)
@@ -215,8 +252,12 @@ def hidden_states(params: Params, config: ModelConfig, tokens: jax.Array,
             x = x + _mlp(_norm(x, lp["mlp_norm"], config), lp, config)
         return (x, cache), None
 
-    layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
-    (x, cache), _ = jax.lax.scan(layer, (x, cache), (params["layers"], layer_ids))
+    if isinstance(params["layers"], (list, tuple)):  # unstacked: one weight tree per layer
+        for index, lp in enumerate(params["layers"]):
+            (x, cache), _ = layer((x, cache), (lp, index))
+    else:
+        layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
+        (x, cache), _ = jax.lax.scan(layer, (x, cache), (params["layers"], layer_ids))
     x = _norm(x, params["final_norm"], config)
     return x, cache.with_lengths(cache.lengths + steps)
 

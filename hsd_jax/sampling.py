@@ -60,8 +60,10 @@ def distribution(logits: jax.Array, params: SamplingParams) -> jax.Array:
 
 
 def sample(key: jax.Array, probs: jax.Array) -> jax.Array:
-    """Draw one token per row from probabilities [..., V] (zeros are never drawn)."""
-    return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
+    """Draw one token per row from probabilities [..., V] (zeros, and round-off below zero, are
+    never drawn: a NaN log-probability would win every argmax inside `categorical`)."""
+    log_probs = jnp.where(probs > 0, jnp.log(jnp.where(probs > 0, probs, 1.0)), -jnp.inf)
+    return jax.random.categorical(key, log_probs, axis=-1).astype(jnp.int32)
 
 
 def sample_logits(key: jax.Array, logits: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:

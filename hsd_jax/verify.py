@@ -89,7 +89,7 @@ def _block_weights(draft_tokens, draft_len, q, p):
     log_ratio = jnp.where(in_draft, jnp.log(p_x) - jnp.log(jnp.where(in_draft, q_x, 1.0)), 0.0)
     log_r = jnp.concatenate([jnp.zeros_like(log_ratio[:, :1]), jnp.cumsum(log_ratio, axis=1)], axis=1)
     log_w = log_r - jnp.maximum(0.0, jax.lax.cummax(log_r, axis=1))
-    return jnp.exp(log_w), log_r
+    return jnp.minimum(1.0, jnp.exp(log_w)), log_r  # exp may round above 1
 
 
 def _block_outcome(w, final_accept, draft_len, q, p) -> Outcome:
@@ -101,7 +101,7 @@ def _block_outcome(w, final_accept, draft_len, q, p) -> Outcome:
     residual = jnp.maximum(w[:, :-1, None] * p[:, :-1] - q, 0.0)  # [B, G, V]
     mass = jnp.sum(residual, axis=-1)
     denominator = mass + 1.0 - w[:, :-1]
-    h = jnp.where(denominator > 0, mass / jnp.where(denominator > 0, denominator, 1.0), 0.0)
+    h = jnp.clip(jnp.where(denominator > 0, mass / jnp.where(denominator > 0, denominator, 1.0), 0.0), 0.0, 1.0)
     h = jnp.concatenate([h, jnp.zeros_like(h[:, :1])], axis=1)
     h = jnp.where(offsets == draft_len[:, None], final_accept, jnp.where(offsets < draft_len[:, None], h, 0.0))
     h = h.at[:, 0].set(1.0)

@@ -1,0 +1,155 @@
+"""Benchmarks that print ratios measured side by side in one run.
+
+`run_bench`: our jitted AR decode against transformers' `generate` (torch, CPU) on the same
+prompts, both fp32 greedy batch 1, plus the memory roofline: the model's weight bytes divided by
+a measured memory bandwidth (a matrix-vector product streaming a buffer far larger than the
+caches, the same access pattern as decoding one token).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DEFAULT_PROMPTS = (
+    "Write a Python function that checks whether a number is prime.",
+    "Explain in three sentences why the sky is blue.",
+    "List five tips for writing clear documentation.",
+)
+
+
+def load_prompts(path: str | None) -> list[str]:
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    prompts = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            record = json.loads(line)
+            if "prompt" not in record:
+                raise ValueError(f"{path}:{number} has no 'prompt' field")
+            prompts.append(record["prompt"])
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
+
+
+def measure_bandwidth(megabytes: int = 512, repeats: int = 7) -> float:
+    """Bytes per second streamed by an fp32 matrix-vector product over a `megabytes` matrix."""
+    cols = 8192
+    rows = megabytes * 2**20 // (4 * cols)
+    matrix = jnp.ones((rows, cols), jnp.float32) / cols
+    vector = jnp.ones((rows,), jnp.float32)
+    matvec = jax.jit(lambda v, m: v @ m)
+    matvec(vector, matrix).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matvec(vector, matrix).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return matrix.size * 4 / best
+
+
+def _time_ours(model, prompt_ids: list[int], max_new_tokens: int, repeats: int) -> tuple[float, int, list[int]]:
+    from hsd_jax.generate import ar_generate
+
+    prompt = np.asarray([prompt_ids], np.int32)
+    lengths = np.asarray([len(prompt_ids)], np.int32)
+
+    def run():
+        return jax.block_until_ready(ar_generate(model, prompt, lengths, jax.random.PRNGKey(0),
+                                                 max_new_tokens=max_new_tokens))
+
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - start)
+    n = int(out.num_tokens[0])
+    return statistics.median(times), n, np.asarray(out.tokens[0, :n]).tolist()
+
+
+def _time_hf(hf_model, prompt_ids: list[int], max_new_tokens: int, repeats: int) -> tuple[float, int, list[int]]:
+    import torch
+
+    input_ids = torch.tensor([prompt_ids])
+    kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                  pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        hf_model.generate(input_ids, **kwargs)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = hf_model.generate(input_ids, **kwargs)
+            times.append(time.perf_counter() - start)
+    new = out[0, len(prompt_ids):].tolist()
+    return statistics.median(times), len(new), new
+
+
+def load_hf_reference(model_dir: str):
+    """transformers' torch model for a converted directory (from the GGUF it came from, or the
+    HF config + our weights exported back)."""
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+    except ImportError as err:
+        raise ValueError("the transformers comparison needs torch: pip install 'hsd-jax[test]'") from err
+    from hsd_jax.convert import smollm2_gguf_path
+
+    gguf = smollm2_gguf_path()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    return model.eval()
+
+
+def run_bench(model_dir: str, *, prompts_file: str | None = None, max_new_tokens: int = 64,
+              repeats: int = 3) -> dict[str, Any]:
+    from hsd_jax.checkpoint import load_model, load_tokenizer
+    from hsd_jax.cli import encode_prompt
+
+    model = load_model(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    prompts = [encode_prompt(tokenizer, text, chat=True) for text in load_prompts(prompts_file)]
+    hf_model = load_hf_reference(model_dir)
+
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params))
+    bandwidth = measure_bandwidth()
+    roofline_s = weight_bytes / bandwidth
+
+    rows = []
+    for ids in prompts:
+        ours_s, ours_n, ours_tokens = _time_ours(model, ids, max_new_tokens, repeats)
+        hf_s, hf_n, hf_tokens = _time_hf(hf_model, ids, max_new_tokens, repeats)
+        rows.append({"prompt_tokens": len(ids), "ours_seconds": ours_s, "ours_tokens": ours_n,
+                     "hf_seconds": hf_s, "hf_tokens": hf_n,
+                     "identical": ours_tokens == hf_tokens[:ours_n]})
+    ours_tps = statistics.median(r["ours_tokens"] / r["ours_seconds"] for r in rows)
+    hf_tps = statistics.median(r["hf_tokens"] / r["hf_seconds"] for r in rows)
+    # our per-token time includes the prefill amortised over the new tokens, which only flatters the roofline ratio less
+    per_token = 1.0 / ours_tps
+    results = {
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpu_count": jax.local_device_count(), "jax_backend": jax.default_backend(),
+        "jax": jax.__version__, "dtype": str(model.dtype), "batch": 1, "max_new_tokens": max_new_tokens,
+        "prompts": len(prompts), "weight_bytes": weight_bytes, "bandwidth_GBps": bandwidth / 1e9,
+        "roofline_ms_per_token": roofline_s * 1e3, "ours_ms_per_token": per_token * 1e3,
+        "ours_over_roofline": per_token / roofline_s,
+        "ours_tokens_per_s": ours_tps, "hf_tokens_per_s": hf_tps, "ours_over_hf": ours_tps / hf_tps,
+        "greedy_identical_to_hf": all(r["identical"] for r in rows), "per_prompt": rows,
+    }
+    print(f"weights {weight_bytes / 1e6:.1f} MB, measured bandwidth {bandwidth / 1e9:.1f} GB/s "
+          f"-> roofline {roofline_s * 1e3:.1f} ms/token")
+    print(f"hsd-jax AR      {ours_tps:7.1f} tokens/s  ({per_token * 1e3:.1f} ms/token, "
+          f"{per_token / roofline_s:.2f}x roofline)")
+    print(f"transformers AR {hf_tps:7.1f} tokens/s")
+    print(f"ratio hsd-jax / transformers: {ours_tps / hf_tps:.2f}x; greedy identical: "
+          f"{results['greedy_identical_to_hf']}")
+    return results

