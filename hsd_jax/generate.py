@@ -86,15 +86,15 @@ def validate_request(vocab_size: int, prompt_tokens, prompt_lengths, *, max_new_
         raise ValueError(f"prompt_lengths has {np.shape(prompt_lengths)[0]} rows but prompt_tokens has {batch}")
     need = prompt_len + max_new_tokens + headroom
     spec = f" plus {headroom} speculative positions" if headroom else ""
+    if max_positions is not None and need > max_positions:
+        raise ValueError(
+            f"the prompt ({prompt_len} tokens) plus max_new_tokens={max_new_tokens}{spec} exceeds the model's "
+            f"{max_positions} learned positions; shorten the prompt or lower max_new_tokens")
     if need > cache_size:
         raise ValueError(
             f"the prompt ({prompt_len} tokens) plus max_new_tokens={max_new_tokens}{spec} needs a cache of "
             f"{need} positions but cache_size={cache_size}; raise cache_size, shorten the prompt or lower "
             "max_new_tokens")
-    if max_positions is not None and need > max_positions:
-        raise ValueError(
-            f"the prompt ({prompt_len} tokens) plus max_new_tokens={max_new_tokens}{spec} exceeds the model's "
-            f"{max_positions} learned positions; shorten the prompt or lower max_new_tokens")
     if isinstance(prompt_tokens, jax.core.Tracer) or isinstance(prompt_lengths, jax.core.Tracer):
         return sampling
     lengths = np.asarray(prompt_lengths)

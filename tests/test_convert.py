@@ -34,7 +34,8 @@ CASES: dict[str, tuple[type, dict]] = {
         _LLAMA_LIKE, tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
     "mistral-sliding": (transformers.MistralConfig, dict(_LLAMA_LIKE, num_key_value_heads=2, sliding_window=6)),
     "qwen2": (transformers.Qwen2Config, dict(_LLAMA_LIKE, num_key_value_heads=2)),
-    "gpt2": (transformers.GPT2Config, dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64)),
+    "gpt2": (transformers.GPT2Config, dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                         bos_token_id=1, eos_token_id=2)),
     "gpt_neox-parallel": (transformers.GPTNeoXConfig, dict(_NEOX, use_parallel_residual=True)),
     "gpt_neox-sequential": (transformers.GPTNeoXConfig, dict(_NEOX, use_parallel_residual=False)),
 }

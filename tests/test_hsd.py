@@ -35,18 +35,16 @@ def _chain(models, spec):
     return [NGramDrafter(2, VOCAB) if s == "ng" else models[s] for s in spec]
 
 
-GREEDY_CASES = [
-    # K = 1
-    ((0, -1), (1,)), ((0, -1), (5,)), ((2, -1), (3,)), (("ng", -1), (4,)),
-    # K = 2
-    ((0, 2, -1), (1, 1)), ((0, 2, -1), (3, 2)), ((1, 2, -1), (2, 6)), (("ng", 1, -1), (3, 3)),
-    # K = 3
-    ((0, 1, 2, -1), (2, 2, 2)), ((0, 1, 2, -1), (1, 3, 1)), (("ng", 0, 2, -1), (4, 2, 3)),
+GREEDY_CASES = [  # (chain, buffers, verifier per level); every rule appears at every depth
+    ((0, -1), (1,), "tokenwise"), ((0, -1), (5,), "block"), (("ng", -1), (4,), "tokenwise"),
+    ((0, 2, -1), (1, 1), "block"), ((0, 2, -1), (3, 2), ("tokenwise", "block")),
+    (("ng", 1, -1), (3, 3), ("block", "tokenwise")),
+    ((0, 1, 2, -1), (2, 2, 2), "tokenwise"), ((0, 1, 2, -1), (1, 3, 1), ("block", "tokenwise", "block")),
+    (("ng", 0, 2, -1), (4, 2, 3), "block"),
 ]
 
 
-@pytest.mark.parametrize("verifier", ["tokenwise", "block"])
-@pytest.mark.parametrize("spec,buffers", GREEDY_CASES, ids=lambda x: str(x))
+@pytest.mark.parametrize("spec,buffers,verifier", GREEDY_CASES, ids=lambda x: str(x))
 def test_greedy_hsd_equals_target_ar(models, reference, spec, buffers, verifier):
     hierarchy = Hierarchy(_chain(models, spec), buffers, verifier)
     out = hsd_generate(hierarchy, PROMPTS, LENGTHS, jax.random.PRNGKey(0), max_new_tokens=NEW)
@@ -89,10 +87,12 @@ def test_rows_do_not_disturb_each_other(models):
         np.testing.assert_array_equal(alone.tokens[0], together.tokens[row])
 
 
-@pytest.mark.parametrize("temperature,top_k", [(0.0, 0), (1.0, 0), (0.8, 5)])
-def test_python_reference_agrees_with_jit(models, temperature, top_k):
-    hierarchy = Hierarchy([NGramDrafter(2, VOCAB), models[0], models[2], models[-1]], (2, 2, 3), "block")
-    kwargs = dict(max_new_tokens=10, temperature=temperature, top_k=top_k)
+def test_python_reference_agrees_with_jit(models):
+    """Same key, same tokens and stats. (This caught block verification drawing τ from a
+    round-off-negative probability: NaN won the argmax in the compiled program only.)"""
+    hierarchy = Hierarchy([NGramDrafter(2, VOCAB), models[0], models[2], models[-1]], (2, 2, 3),
+                          ("tokenwise", "block", "block"))
+    kwargs = dict(max_new_tokens=8, temperature=0.8, top_k=5)
     compiled = hsd_generate(hierarchy, PROMPTS, LENGTHS, jax.random.PRNGKey(7), **kwargs)
     python = hsd_generate(hierarchy, PROMPTS, LENGTHS, jax.random.PRNGKey(7), trace=False, **kwargs)
     np.testing.assert_array_equal(compiled.tokens, python.tokens)
