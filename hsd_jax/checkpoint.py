@@ -95,7 +95,7 @@ def save_model(directory: str | Path, model: Model, tokenizer_source_dir: str | 
     """Write config, params (and tokenizer files from `tokenizer_source_dir`) atomically."""
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         model.config.save(tmp)
-        save_params(tmp / PARAMS_DIR, stack_layers(model.params))
+        save_params(tmp / PARAMS_DIR, stack_layers(model.params, model.config))
         if tokenizer_source_dir is not None:
             copy_tokenizer_files(tokenizer_source_dir, tmp)
     return Path(directory)
@@ -170,7 +170,7 @@ def load_model(directory: str | Path, *, dtype: Any = None, sharding: Sharding |
             params = checkpointer.restore((directory / PARAMS_DIR).absolute(), abstract)
     except Exception as e:
         raise _corrupt(directory, f"restoring {directory / PARAMS_DIR} failed: {_brief(e)}") from e
-    return Model(params=with_layout(params, layout), config=config)
+    return Model(params=with_layout(params, config, layout), config=config)
 
 
 def load_tokenizer(directory: str | Path):

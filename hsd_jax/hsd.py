@@ -31,7 +31,7 @@ from flax import struct
 
 from hsd_jax.cache import KVCache
 from hsd_jax.generate import GenerationOutput, OutputBuffer, ar_generate, default_cache_size, validate_request
-from hsd_jax.model import Model, hidden_states, logits_from_hidden
+from hsd_jax.model import Model, hidden_states, logits_from_hidden, param_shapes
 from hsd_jax.ngram import NGramDrafter
 from hsd_jax.sampling import SamplingParams, distribution, sample
 from hsd_jax.verify import check_rule, verify
@@ -45,7 +45,8 @@ Level = Model | NGramDrafter
 def _num_params(model: Level) -> int:
     if isinstance(model, NGramDrafter):
         return 0
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model.params))
+    return sum(int(np.prod(shape)) for shape in jax.tree.leaves(param_shapes(model.config),
+                                                               is_leaf=lambda x: isinstance(x, tuple)))
 
 
 @jax.tree_util.register_pytree_node_class
