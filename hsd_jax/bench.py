@@ -9,6 +9,7 @@ caches, the same access pattern as decoding one token).
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -24,6 +25,18 @@ DEFAULT_PROMPTS = (
     "Explain in three sentences why the sky is blue.",
     "List five tips for writing clear documentation.",
 )
+
+
+def _machine() -> str:
+    """CPU model and architecture, e.g. 'AMD EPYC (x86_64)'."""
+    model = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model} ({platform.machine()})"
 
 
 def load_prompts(path: str | None) -> list[str]:
@@ -148,8 +161,7 @@ def run_bench(model_dir: str, *, prompts_file: str | None = None, max_new_tokens
     hf_tps = statistics.median(r["hf_tokens"] / r["hf_seconds"] for r in rows)
     per_token = statistics.median(r["ours_decode_step_seconds"] for r in rows)
     results = {
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "cpu_count": jax.local_device_count(), "jax_backend": jax.default_backend(),
+        "machine": _machine(), "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend(),
         "jax": jax.__version__, "dtype": str(model.dtype), "batch": 1, "max_new_tokens": max_new_tokens,
         "prompts": len(prompts), "weight_bytes": weight_bytes, "bandwidth_GBps": bandwidth / 1e9,
         "roofline_ms_per_token": roofline_s * 1e3, "ours_decode_ms_per_token": per_token * 1e3,
@@ -157,6 +169,7 @@ def run_bench(model_dir: str, *, prompts_file: str | None = None, max_new_tokens
         "ours_tokens_per_s": ours_tps, "hf_tokens_per_s": hf_tps, "ours_over_hf": ours_tps / hf_tps,
         "greedy_identical_to_hf": all(r["identical"] for r in rows), "per_prompt": rows,
     }
+    print(f"{results['machine']}, {results['cpu_count']} cores, jax {jax.__version__} on {jax.default_backend()}")
     print(f"weights {weight_bytes / 1e6:.1f} MB, measured bandwidth {bandwidth / 1e9:.1f} GB/s "
           f"-> roofline {roofline_s * 1e3:.1f} ms/token")
     print(f"hsd-jax AR      {ours_tps:7.1f} tokens/s end to end; decode step {per_token * 1e3:.1f} ms "

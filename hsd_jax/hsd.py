@@ -192,7 +192,8 @@ def _gather(seq: jax.Array, positions: jax.Array) -> jax.Array:
 
 
 def _scatter_rows(array: jax.Array, positions: jax.Array, values: jax.Array, mask: jax.Array) -> jax.Array:
-    """array[b, positions[b, c]] = values[b, c] where mask[b, c]; other writes are dropped."""
+    """array[b, positions[b, c]] = values[b, c] (trailing axes included) where mask[b, c]; other
+    writes, and positions past the end, are dropped."""
     rows = jnp.broadcast_to(jnp.arange(array.shape[0])[:, None], positions.shape)
     return array.at[rows, jnp.where(mask, positions, array.shape[1])].set(values, mode="drop")
 
@@ -294,7 +295,6 @@ def _fill(plan: _Plan, level: int, st: _State, base: jax.Array, rows: jax.Array)
     if level == 0:
         return _draft(plan, st, base, rows)
     target = plan.hierarchy.buffers[level]
-    capacity = plan.hierarchy.capacities[level]
     st = st.replace(counts=_set_tuple(st.counts, level, jnp.zeros_like(base)))
 
     def needs_more(st):
@@ -308,10 +308,7 @@ def _fill(plan: _Plan, level: int, st: _State, base: jax.Array, rows: jax.Array)
         st, tau, p = _verify(plan, level, st, draft_base, need)
         offsets = jnp.arange(p.shape[1])[None, :]
         keep = need[:, None] & (offsets <= tau[:, None])
-        probs = st.probs[level]
-        rows_ix = jnp.broadcast_to(jnp.arange(probs.shape[0])[:, None], keep.shape)
-        slots = jnp.where(keep, count[:, None] + offsets, capacity)
-        probs = probs.at[rows_ix, slots].set(p, mode="drop")
+        probs = _scatter_rows(st.probs[level], count[:, None] + offsets, p, keep)
         return st.replace(probs=_set_tuple(st.probs, level, probs),
                           counts=_set_tuple(st.counts, level, count + jnp.where(need, tau + 1, 0)))
 

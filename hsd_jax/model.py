@@ -94,20 +94,44 @@ def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: f
     return jax.tree.unflatten(treedef, out)
 
 
+_FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
+
+
+def _fuse(layer: Params) -> Params:
+    """One [D, H + 2*H_kv, hd] projection for q, k, v and one [D, 2F] for gate and up."""
+    out = dict(layer)
+    out["wqkv"] = jnp.concatenate([out.pop(n) for n in _FUSED["wqkv"]], axis=-2)
+    if "w_gate" in out:
+        out["w_gate_up"] = jnp.concatenate([out.pop(n) for n in _FUSED["w_gate_up"]], axis=-1)
+    return out
+
+
+def _unfuse(layer: Params, config: ModelConfig) -> Params:
+    out = dict(layer)
+    if "wqkv" in out:
+        q_end, k_end = config.num_heads, config.num_heads + config.num_kv_heads
+        out["wq"], out["wk"], out["wv"] = jnp.split(out.pop("wqkv"), [q_end, k_end], axis=-2)
+    if "w_gate_up" in out:
+        out["w_gate"], out["w_up"] = jnp.split(out.pop("w_gate_up"), 2, axis=-1)
+    return out
+
+
 def unstack_layers(params: Params) -> Params:
-    """The CPU decode layout: per-layer weight trees, and an explicit [D, V] head.
+    """The CPU decode layout: per-layer weight trees with fused q/k/v and gate/up projections,
+    and an explicit [D, V] head.
 
     XLA:CPU copies a scanned layer's weights out of the stack on every step (a dynamic slice it
-    cannot fuse into the dot), doubling decode memory traffic, and its matrix-vector product
-    against a tied [V, D] embedding runs about 2x slower than against [D, V]. Separate per-layer
-    buffers and a transposed head copy avoid both, at the cost of a longer compile (the layer
-    loop is unrolled) and, for tied models, V*D more resident weights.
+    cannot fuse into the dot), doubling decode memory traffic; its matrix-vector product against
+    a tied [V, D] embedding runs about 2x slower than against [D, V]; and every extra small dot
+    costs a dispatch. Separate per-layer buffers, fused projections and a transposed head copy
+    avoid all three, at the cost of a longer compile (the layer loop is unrolled) and, for tied
+    models, V*D more resident weights.
     """
     if isinstance(params["layers"], (list, tuple)):
         return params
     layers = params["layers"]
     count = jax.tree.leaves(layers)[0].shape[0]
-    out = {**params, "layers": tuple(jax.tree.map(lambda x: x[i], layers) for i in range(count))}
+    out = {**params, "layers": tuple(_fuse(jax.tree.map(lambda x: x[i], layers)) for i in range(count))}
     if "lm_head" not in out:
         out["lm_head"] = jnp.asarray(params["embed"].T)
     return out
@@ -117,7 +141,8 @@ def stack_layers(params: Params, config: ModelConfig) -> Params:
     """Inverse of `unstack_layers`: the storage and sharding layout of `param_shapes(config)`."""
     if not isinstance(params["layers"], (list, tuple)):
         return params
-    out = {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *params["layers"])}
+    layers = [_unfuse(layer, config) for layer in params["layers"]]
+    out = {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
     if config.tie_word_embeddings:
         out.pop("lm_head", None)
     return out
@@ -193,9 +218,14 @@ def _rotary(x: jax.Array, cos: jax.Array, sin: jax.Array, rotary_dims: int) -> j
 
 
 def _mlp(x: jax.Array, lp: Params, config: ModelConfig) -> jax.Array:
-    up = x @ lp["w_up"] + (lp["b_up"] if config.mlp_bias else 0)
+    if "w_gate_up" in lp:
+        gate, up = jnp.split(x @ lp["w_gate_up"], 2, axis=-1)
+    else:
+        up = x @ lp["w_up"]
+        gate = x @ lp["w_gate"] if config.mlp == "gated" else None
+    up = up + (lp["b_up"] if config.mlp_bias else 0)
     if config.mlp == "gated":
-        gate = x @ lp["w_gate"] + (lp["b_gate"] if config.mlp_bias else 0)
+        gate = gate + (lp["b_gate"] if config.mlp_bias else 0)
         hidden = _activation(gate, config.activation) * up
     else:
         hidden = _activation(up, config.activation)
@@ -240,9 +270,11 @@ def hidden_states(params: Params, config: ModelConfig, tokens: jax.Array,
         x, cache = carry
         lp, index = scanned
         h = _norm(x, lp["attn_norm"], config)
-        q = jnp.einsum("btd,dhk->bthk", h, lp["wq"])
-        k = jnp.einsum("btd,dhk->bthk", h, lp["wk"])
-        v = jnp.einsum("btd,dhk->bthk", h, lp["wv"])
+        if "wqkv" in lp:
+            qkv = jnp.einsum("btd,dhk->bthk", h, lp["wqkv"])
+            q, k, v = jnp.split(qkv, [config.num_heads, config.num_heads + config.num_kv_heads], axis=2)
+        else:
+            q, k, v = (jnp.einsum("btd,dhk->bthk", h, lp[n]) for n in ("wq", "wk", "wv"))
         if config.qkv_bias:
             q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
         if cos is not None:

@@ -1,0 +1,65 @@
+"""The `hsd-jax` command line end to end on a tiny converted model with a real tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hsd_jax.cli import main
+from hsd_jax.convert import convert
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, smollm2_dir):
+    """A tiny random Llama that borrows SmolLM2's converted tokenizer (same 49152-token vocab)."""
+    import shutil
+
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    hf_dir = tmp_path_factory.mktemp("tiny_hf")
+    transformers.LlamaForCausalLM(config).save_pretrained(hf_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (smollm2_dir / name).exists():
+            shutil.copy(smollm2_dir / name, hf_dir / name)
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    assert main(["convert", str(hf_dir), str(out)]) == 0
+    return out
+
+
+def _generate(capsys, *args) -> dict:
+    assert main(["generate", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_generate_json_ar_and_hierarchy_agree(model_dir, capsys):
+    common = ["--model", str(model_dir), "--prompt", "Hello there", "--chat", "--max-new-tokens", "12"]
+    ar = _generate(capsys, *common)
+    assert set(ar) >= {"tokens", "text", "seconds", "tokens_per_s"} and len(ar["tokens"]) == ar["num_tokens"]
+    hsd = _generate(capsys, *common, "--ngram", "2", "--draft", str(model_dir), "--buffers", "3,2",
+                    "--verifier", "block,tokenwise")
+    assert hsd["tokens"] == ar["tokens"]  # greedy: identical to the target's AR
+    assert len(hsd["stats"]["proposed"]) == 2 and hsd["stats"]["target_rounds"] >= 1
+
+
+def test_generate_prompt_ids_and_errors(model_dir, capsys):
+    out = _generate(capsys, "--model", str(model_dir), "--prompt-ids", "1,2,3", "--max-new-tokens", "4")
+    assert len(out["tokens"]) <= 4
+    assert main(["generate", "--model", str(model_dir), "--prompt-ids", "1,99999", "--max-new-tokens", "4"]) == 2
+    assert "outside the vocabulary" in capsys.readouterr().err
+    assert main(["generate", "--model", str(model_dir), "--prompt-ids", "1", "--temperature", "-1"]) == 2
+    assert "temperature must be" in capsys.readouterr().err
+    assert main(["generate", "--model", str(model_dir), "--prompt-ids", "1", "--ngram", "2",
+                 "--buffers", "2,2"]) == 2
+    assert "need 1 buffer targets" in capsys.readouterr().err
+
+
+def test_convert_refuses_unknown_source(tmp_path, capsys):
+    assert main(["convert", str(tmp_path / "nothing"), str(tmp_path / "out")]) == 2
+    assert "error" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
