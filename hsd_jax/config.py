@@ -47,12 +47,23 @@ class ModelConfig:
     sliding_window: int = 0  # 0: full attention
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # A distilled draft's head may cover only `head_vocab_size` frequent token ids (the `head_ids`
+    # weight); every other logit is the float32 minimum, so the draft gives them q = 0, which
+    # speculative verification handles losslessly. 0: a full-vocabulary head.
+    head_vocab_size: int = 0
+    # A draft may share the (frozen) input embedding of another model directory, given relative
+    # to its own, instead of storing a copy; `embedding_sha256` pins the exact table.
+    embedding_source: str = ""
+    embedding_sha256: str = ""
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
+        if self.head_vocab_size and (self.tie_word_embeddings or not 0 < self.head_vocab_size <= self.vocab_size):
+            raise ValueError(f"head_vocab_size={self.head_vocab_size} needs an untied head and must be in "
+                             f"(0, vocab_size={self.vocab_size}]")
 
     @property
     def rotary_dims(self) -> int:

@@ -1,0 +1,77 @@
+"""Int8 copies of a model, for use as a high-acceptance self-draft.
+
+Every projection matrix is stored as int8 with one float32 scale per output column (symmetric,
+round-to-nearest); activations are quantised per token on the fly (dynamic absmax), and the
+product runs as an int8 x int8 -> int32 dot. Norms and embeddings stay float32. A quantised copy
+is only ever a draft: verification against the float32 target keeps the output exact.
+
+On XLA:CPU an int8 dot with a single row takes a slow path, so one-row products are padded to
+two rows (measured on the 2-core EPYC: 30 [576, 3072] products, T=1 float32 9.6 ms, int8 122 ms
+unpadded, 7.0 ms at two rows; T=8 float32 23.0 ms, int8 11.6 ms).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from hsd_jax.model import Model, Params, unstack_layers
+
+_OUT_MAJOR = ("wqkv_t", "wo_t", "w_gate_up_t", "w_up_t", "w_down_t")
+
+
+@struct.dataclass
+class Int8Weight:
+    """A weight `[in..., out...]` as int8 `q` and per-output float32 `scale`; `in_dims` leading
+    axes contract with the activations."""
+
+    q: jax.Array
+    scale: jax.Array
+    in_dims: int = struct.field(pytree_node=False)
+
+    @classmethod
+    def quantize(cls, w: jax.Array, in_dims: int) -> "Int8Weight":
+        w = jnp.asarray(w, jnp.float32)
+        absmax = jnp.max(jnp.abs(w), axis=tuple(range(in_dims)))
+        scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
+        return cls(q=jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale=scale, in_dims=in_dims)
+
+    def dequantize(self) -> jax.Array:
+        return self.q.astype(jnp.float32) * self.scale
+
+
+def int8_matmul(x: jax.Array, w: Int8Weight) -> jax.Array:
+    """x [..., in...] @ w -> float32 [..., out...] with per-token dynamic activation scales."""
+    in_shape, out_shape = w.q.shape[:w.in_dims], w.q.shape[w.in_dims:]
+    lead = x.shape[:x.ndim - w.in_dims]
+    rows = x.reshape(-1, math.prod(in_shape)).astype(jnp.float32)
+    n = rows.shape[0]
+    if n == 1:  # XLA:CPU's one-row int8 dot is ~15x slower than a two-row one
+        rows = jnp.concatenate([rows, rows], axis=0)
+    absmax = jnp.max(jnp.abs(rows), axis=-1, keepdims=True)
+    x_scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
+    xq = jnp.clip(jnp.round(rows / x_scale), -127, 127).astype(jnp.int8)
+    wq = w.q.reshape(xq.shape[1], -1)
+    acc = jax.lax.dot(xq, wq, preferred_element_type=jnp.int32)
+    out = acc[:n].astype(jnp.float32) * x_scale[:n] * w.scale.reshape(-1)
+    return out.reshape(*lead, *out_shape)
+
+
+def _quantize_layer(layer: Params) -> Params:
+    out = dict(layer)
+    for name in _OUT_MAJOR:
+        if name in out:
+            out[name] = Int8Weight.quantize(out[name].T, in_dims=1)
+    return out
+
+
+def quantize_int8(model: Model) -> Model:
+    """An int8 weight copy of `model` (CPU decode layout: per-layer trees and an explicit head)."""
+    params = unstack_layers(model.params)
+    params = {**params, "layers": tuple(_quantize_layer(layer) for layer in params["layers"]),
+              "lm_head": Int8Weight.quantize(params["lm_head"], in_dims=1)}
+    params.pop("lm_head_t", None)
+    return model.replace(params=params)
