@@ -27,7 +27,7 @@ DEFAULT_PROMPTS = (
 )
 
 
-def _machine() -> str:
+def machine_name() -> str:
     """CPU model and architecture, e.g. 'AMD EPYC (x86_64)'."""
     model = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")
@@ -134,7 +134,7 @@ def load_hf_reference(model_dir: str):
 def run_bench(model_dir: str, *, prompts_file: str | None = None, max_new_tokens: int = 64,
               repeats: int = 3) -> dict[str, Any]:
     from hsd_jax.checkpoint import load_model, load_tokenizer
-    from hsd_jax.cli import encode_prompt
+    from hsd_jax.checkpoint import encode_prompt
 
     model = load_model(model_dir)
     tokenizer = load_tokenizer(model_dir)
@@ -161,7 +161,7 @@ def run_bench(model_dir: str, *, prompts_file: str | None = None, max_new_tokens
     hf_tps = statistics.median(r["hf_tokens"] / r["hf_seconds"] for r in rows)
     per_token = statistics.median(r["ours_decode_step_seconds"] for r in rows)
     results = {
-        "machine": _machine(), "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend(),
+        "machine": machine_name(), "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend(),
         "jax": jax.__version__, "dtype": str(model.dtype), "batch": 1, "max_new_tokens": max_new_tokens,
         "prompts": len(prompts), "weight_bytes": weight_bytes, "bandwidth_GBps": bandwidth / 1e9,
         "roofline_ms_per_token": roofline_s * 1e3, "ours_decode_ms_per_token": per_token * 1e3,

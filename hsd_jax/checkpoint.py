@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 
 from hsd_jax.config import CONFIG_FILE, ModelConfig
 from hsd_jax.model import Model, Params, abstract_params, stack_layers, with_layout
+from hsd_jax.sharding import ModelSharding, Rule
 
 PARAMS_DIR = "params"
 TOKENIZER_FILES = (
@@ -180,21 +181,36 @@ def _with_sharding(abstract: Params, sharding: Sharding | None) -> Params:
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if isinstance(sharding, jax.sharding.Sharding):
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+    sharding = {k: sharding[k] for k in abstract}  # a whole-model tree also fits a draft storing no embedding
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sharding)
 
 
 def load_model(directory: str | Path, *, dtype: Any = None, sharding: Sharding | None = None,
-               layout: str = "auto") -> Model:
-    """Load a converted model. `dtype` casts the weights (default: as stored); `sharding` is
+               layout: str = "auto", mesh: jax.sharding.Mesh | None = None, rule: Rule = "tensor") -> Model:
+    """Load a converted model. `dtype` casts the weights (default: as stored, with bfloat16
+    upcast to float32 on CPU); `sharding` is
     one `jax.sharding.Sharding` for every leaf or a tree of them shaped like the params;
-    `layout` is the runtime layer layout (see `model.with_layout`)."""
+    `layout` is the runtime layer layout (see `model.with_layout`). With `mesh` (and a `rule`, see
+    `hsd_jax.sharding`) every device reads only its own shards, layout 'auto' is 'stacked', and the
+    model's KV caches are pinned to the mesh."""
     directory = Path(directory)
     try:
         config = ModelConfig.load(directory)
     except (OSError, ValueError, TypeError) as e:
         raise _corrupt(directory, f"cannot read {CONFIG_FILE}: {e}") from e
     stored_dtype = _stored_dtype(directory, config)
-    target = jnp.dtype(dtype) if dtype is not None else stored_dtype
+    if dtype is None:  # as stored; but bfloat16 dots are ~10x slower than float32 on XLA:CPU
+        cpu_upcast = stored_dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
+        dtype = jnp.float32 if cpu_upcast else stored_dtype
+    target = jnp.dtype(dtype)
+    placement = None
+    if mesh is not None:
+        if sharding is not None:
+            raise ValueError("pass either mesh= (with rule=) or sharding=, not both")
+        placement = ModelSharding.create(mesh, rule)
+        placement.validate(config)
+        layout = placement.layout(layout)
+        sharding = placement.param_shardings(config)
     abstract = _with_sharding(_stored_abstract(config, target), sharding)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
@@ -202,8 +218,9 @@ def load_model(directory: str | Path, *, dtype: Any = None, sharding: Sharding |
     except Exception as e:
         raise _corrupt(directory, f"restoring {directory / PARAMS_DIR} failed: {_brief(e)}") from e
     if config.embedding_source:
-        params = {**params, "embed": _shared_embedding(directory, config, target)}
-    return Model(params=with_layout(params, config, layout), config=config)
+        embed = _shared_embedding(directory, config, target)
+        params = {**params, "embed": embed if placement is None else jax.device_put(embed, sharding["embed"])}
+    return Model(params=with_layout(params, config, layout), config=config, sharding=placement)
 
 
 def load_tokenizer(directory: str | Path):
@@ -214,3 +231,14 @@ def load_tokenizer(directory: str | Path):
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError) as e:
         raise ValueError(f"no usable tokenizer in {directory}: {e}") from e
+
+
+def encode_prompt(tokenizer, text: str, chat: bool = True) -> list[int]:
+    """Token ids of `text`, as a user message in the tokenizer's chat template when `chat`."""
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("chat prompts need a tokenizer with a chat template; this model directory has none")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return tokenizer.encode(text)

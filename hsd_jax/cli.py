@@ -38,8 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("generate", help="generate text with a model or a hierarchy")
-    p.add_argument("--model", required=True, help="the target model directory")
-    p.add_argument("--draft", action="append", default=[], help="a draft model directory (repeatable, smallest first)")
+    p.add_argument("--model", help="the target model directory")
+    p.add_argument("--plan", help="plan.json from `hsd-jax plan`: its chain, buffers and verifier")
+    p.add_argument("--draft", action="append", default=[],
+                   help="a draft: model directory, int8:DIR or ngram:N (repeatable, smallest first)")
     p.add_argument("--ngram", type=int, default=0, help="add the n-gram drafter with this n as M_0")
     p.add_argument("--buffers", type=_int_list, default=None, help="buffer targets T_0,...,T_{K-1}, e.g. 4,8")
     p.add_argument("--verifier", default="tokenwise", help="tokenwise | block, or one per level: block,tokenwise")
@@ -49,6 +51,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to --prompt")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_sampling(p)
+
+    p = sub.add_parser("distill", help="distil a draft for a target (optax KL on the target's own answers)")
+    p.add_argument("--target", required=True, help="the target model directory")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--layers", required=True, help="target layers that initialise the draft, e.g. 0,29")
+    p.add_argument("--head-vocab", type=int, default=8192, help="frequent-token head size (q = 0 elsewhere)")
+    p.add_argument("--data", default="distill/data.npz", help="cached answers + teacher top-k (made if absent)")
+    p.add_argument("--make-data", action="store_true", help="(re)make --data from the instruction set")
+    p.add_argument("--instructions", help="JSONL instruction set (default: hsd_jax/data/instructions.jsonl)")
+    p.add_argument("--answer-tokens", type=int, default=128)
+    p.add_argument("--generate-batch", type=int, default=32)
+    p.add_argument("--top-k", type=int, default=32, help="teacher log-probabilities cached per position")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--work-dir", help="orbax checkpoints to resume from (default: OUT_DIR.work)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("profile", help="measure forward costs c_i(k) and pairwise acceptances for the planner")
+    p.add_argument("--models", nargs="+", required=True,
+                   help="family members smallest first, target last: model dirs or int8:DIR")
+    p.add_argument("--ngram", type=int, default=0, help="add the n-gram drafter with this n")
+    p.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field per line (held-out prompts)")
+    p.add_argument("--num-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--temperature", type=float, default=1.0, help="for the sampling acceptance sum min(p, q)")
+    p.add_argument("--max-k", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--cache-size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=7)
+
+    try:
+        from hsd_jax.planner import add_plan_parser
+        add_plan_parser(sub)
+    except ImportError:
+        pass
+    try:
+        from hsd_jax.export import add_export_parser
+        add_export_parser(sub)
+    except ImportError:
+        pass
 
     p = sub.add_parser("bench", help="our AR decode vs transformers' generate, and the memory roofline")
     p.add_argument("--model", required=True)
@@ -70,21 +116,13 @@ def _convert(args) -> int:
     return 0
 
 
-def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
-    if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("--chat needs a tokenizer with a chat template; this model directory has none")
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-    return tokenizer.encode(text)
-
-
 def _check_same_tokenizer(target_dir: str, draft_dirs: Sequence[str]) -> None:
     from hsd_jax.checkpoint import load_tokenizer
 
     reference = load_tokenizer(target_dir).get_vocab()
     for d in draft_dirs:
+        if d.startswith(("ngram:", "int8:")):
+            continue
         vocab = load_tokenizer(d).get_vocab()
         if vocab != reference:
             differ = len(set(vocab.items()) ^ set(reference.items()))
@@ -95,20 +133,12 @@ def _check_same_tokenizer(target_dir: str, draft_dirs: Sequence[str]) -> None:
 def _generate(args) -> int:
     import jax
 
-    from hsd_jax.checkpoint import load_model, load_tokenizer
+    from hsd_jax.checkpoint import encode_prompt, load_tokenizer
     from hsd_jax.hsd import Hierarchy, hsd_generate
-    from hsd_jax.ngram import NGramDrafter
 
-    target = load_model(args.model)
+    hierarchy = _hierarchy_from_args(args)
+    target = hierarchy.target
     tokenizer = load_tokenizer(args.model)
-    _check_same_tokenizer(args.model, args.draft)
-    models = [load_model(d) for d in args.draft]
-    if args.ngram:
-        models.insert(0, NGramDrafter(args.ngram, target.vocab_size))
-    models.append(target)
-    buffers = args.buffers if args.buffers is not None else [4] * (len(models) - 1)
-    verifier = args.verifier.split(",") if "," in args.verifier else args.verifier
-    hierarchy = Hierarchy(models, buffers, verifier)
 
     ids = args.prompt_ids if args.prompt_ids is not None else encode_prompt(tokenizer, args.prompt, args.chat)
     prompt = np.asarray([ids], np.int32)
@@ -145,6 +175,79 @@ def _generate(args) -> int:
     return 0
 
 
+def _hierarchy_from_args(args):
+    """The hierarchy of `--plan`, or of --model/--draft/--ngram/--buffers/--verifier."""
+    from hsd_jax.hsd import Hierarchy
+    from hsd_jax.profile import load_level
+
+    if getattr(args, "plan", None):
+        from hsd_jax.planner import Plan, hierarchy_from_plan
+
+        plan = Plan.from_json(Path(args.plan).read_text())
+        hierarchy = hierarchy_from_plan(plan)
+        if args.model is None:
+            args.model = plan.chain[-1]["source"]
+        return hierarchy
+    if args.model is None:
+        raise ValueError("give the target with --model DIR, or a plan with --plan plan.json")
+    _check_same_tokenizer(args.model, args.draft)
+    target = load_level(args.model)
+    models = [load_level(d, vocab_size=target.vocab_size) for d in args.draft]
+    if args.ngram:
+        models.insert(0, load_level(f"ngram:{args.ngram}", vocab_size=target.vocab_size))
+    models.append(target)
+    buffers = args.buffers if args.buffers is not None else [4] * (len(models) - 1)
+    verifier = args.verifier.split(",") if "," in args.verifier else args.verifier
+    return Hierarchy(models, buffers, verifier)
+
+
+def _distill(args) -> int:
+    from hsd_jax.data import instructions_path, load_prompts
+    from hsd_jax.distill import DraftSpec, TrainConfig, distill, make_dataset
+
+    if args.make_data or not Path(args.data).exists():
+        prompts = load_prompts(args.instructions or instructions_path())
+        make_dataset(args.target, prompts, args.data, max_new_tokens=args.answer_tokens,
+                     batch_size=args.generate_batch, top_k=args.top_k)
+    spec = DraftSpec.parse(args.layers, args.head_vocab)
+    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                        warmup_steps=args.warmup, checkpoint_every=args.checkpoint_every, seed=args.seed)
+    summary = distill(args.target, args.data, args.out_dir, spec, train, work_dir=args.work_dir,
+                      overwrite=args.overwrite)
+    print(f"wrote {args.out_dir}: {summary['steps']} steps, {summary['answer_tokens_seen']} answer tokens, "
+          f"final loss {summary['loss'][-1][1]:.4f}, {summary['wall_s']:.0f}s")
+    return 0
+
+
+def _profile(args) -> int:
+    from hsd_jax.data import load_prompts
+    from hsd_jax.profile import profile_family, write_json
+
+    sources = list(args.models)
+    if args.ngram:
+        sources.insert(0, f"ngram:{args.ngram}")
+    prompts = load_prompts(args.prompts)[:args.num_prompts or None]
+    stats = profile_family(sources, prompts, temperature=args.temperature, max_k=args.max_k,
+                           max_new_tokens=args.max_new_tokens, cache_size=args.cache_size, repeats=args.repeats)
+    write_json(stats, args.out)
+    for m in stats["models"]:
+        print(f"{m['name']:>28}: c(1) = {m['cost_s'][0] * 1e3:7.2f} ms, c(8) = {m['cost_s'][min(7, len(m['cost_s']) - 1)] * 1e3:7.2f} ms")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _plan(args) -> int:
+    from hsd_jax.planner import run_plan
+
+    return run_plan(args)
+
+
+def _export(args) -> int:
+    from hsd_jax.export import run_export
+
+    return run_export(args)
+
+
 def _bench(args) -> int:
     from hsd_jax.bench import run_bench
 
@@ -157,7 +260,8 @@ def _bench(args) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"convert": _convert, "generate": _generate, "bench": _bench}[args.command]
+    handler = {"convert": _convert, "generate": _generate, "bench": _bench, "distill": _distill,
+               "profile": _profile, "plan": _plan, "export-hf": _export}[args.command]
     try:
         return handler(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:

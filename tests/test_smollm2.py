@@ -53,7 +53,7 @@ def test_greedy_48_tokens_identical_to_transformers_generate(smollm2_dir, smollm
     import numpy as np
     import torch
 
-    from hsd_jax.cli import encode_prompt
+    from hsd_jax.checkpoint import encode_prompt
     from hsd_jax.generate import ar_generate
 
     model, tokenizer = load_model(smollm2_dir), load_tokenizer(smollm2_dir)

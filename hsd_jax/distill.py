@@ -1,0 +1,299 @@
+"""Distil small drafts for a target that has no small sibling (optax, orbax, offline data).
+
+1. `make_dataset`: the target answers the project's instruction set (greedy `ar_generate`, in
+   batches); one teacher-forced pass then caches its top-k next-token log-probabilities.
+2. `init_draft`: a draft built from a subset of the target's layers, sharing its (frozen) input
+   embedding and predicting only a frequent-token subset of the vocabulary (q = 0 elsewhere,
+   which speculative verification handles losslessly).
+3. `distill`: minimise KL(p_target || q_draft) over the cached top-k support with AdamW and a
+   warmup + cosine schedule, saving an orbax checkpoint every N steps and resuming from the
+   latest one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from hsd_jax.checkpoint import embedding_fingerprint, encode_prompt, load_model, load_tokenizer, save_model
+from hsd_jax.generate import ar_generate
+from hsd_jax.model import INTEGER_PARAMS, Model, Params, hidden_states, stack_layers
+
+DATA_FILE = "distill_data.npz"
+FROZEN = ("embed",) + INTEGER_PARAMS
+
+
+# ------------------------------------------------------------------------------- the data
+
+
+def _pad(rows: Sequence[Sequence[int]], width: int) -> np.ndarray:
+    out = np.zeros((len(rows), width), np.int32)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row
+    return out
+
+
+def make_dataset(target_dir: str | Path, prompts: Sequence[str], out_path: str | Path, *,
+                 max_new_tokens: int = 128, batch_size: int = 32, top_k: int = 32,
+                 progress: bool = True) -> Path:
+    """The target's greedy answers to `prompts` and its cached top-k log-probabilities.
+
+    Writes an .npz with tokens [N, S] (prompt + answer), lengths [N], answer_start [N] and, for
+    every position t, the target's top-k next-token ids and log-probabilities (teacher_ids,
+    teacher_logp [N, S, k]).
+    """
+    from tqdm import tqdm
+
+    target = load_model(target_dir)
+    tokenizer = load_tokenizer(target_dir)
+    eos = target.config.eos_token_id
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    order = np.argsort([len(e) for e in encoded], kind="stable")
+    sequences, starts = [None] * len(encoded), [0] * len(encoded)
+    bar = tqdm(total=len(encoded), desc="target answers", unit="prompt", disable=not progress)
+    for first in range(0, len(order), batch_size):
+        batch = order[first:first + batch_size]
+        rows = [encoded[i] for i in batch]
+        width = max(len(r) for r in rows)
+        out = ar_generate(target, _pad(rows, width), np.array([len(r) for r in rows]), jax.random.PRNGKey(0),
+                          max_new_tokens=max_new_tokens, eos_token_id=eos)
+        tokens, counts = np.asarray(out.tokens), np.asarray(out.num_tokens)
+        for j, i in enumerate(batch):
+            sequences[i] = encoded[i] + tokens[j, :counts[j]].tolist()
+            starts[i] = len(encoded[i])
+        bar.update(len(batch))
+    bar.close()
+    width = max(len(s) for s in sequences)
+    tokens = _pad(sequences, width)
+    lengths = np.array([len(s) for s in sequences], np.int32)
+    teacher_ids, teacher_logp = teacher_top_k(target, tokens, lengths, top_k, batch_size=8, progress=progress)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, tokens=tokens, lengths=lengths, answer_start=np.array(starts, np.int32),
+                        teacher_ids=teacher_ids, teacher_logp=teacher_logp.astype(np.float16),
+                        prompts=np.array(list(prompts)))
+    tmp.replace(out_path)
+    return out_path
+
+
+def teacher_top_k(target: Model, tokens: np.ndarray, lengths: np.ndarray, k: int, *, batch_size: int = 8,
+                  progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k next-token (ids, log-probabilities) of the target at every position [N, S, k]."""
+    from tqdm import tqdm
+
+    from hsd_jax.model import forward
+
+    @jax.jit
+    def top(params, tokens):
+        cache = target.init_cache(tokens.shape[0], tokens.shape[1])
+        logits, _ = forward(params, target.config, tokens, cache)
+        values, ids = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), k)
+        return ids.astype(jnp.int32), values
+
+    n, width = tokens.shape
+    ids_out = np.zeros((n, width, k), np.int32)
+    logp_out = np.zeros((n, width, k), np.float32)
+    for first in tqdm(range(0, n, batch_size), desc="teacher top-k", disable=not progress):
+        chunk = tokens[first:first + batch_size]
+        padded = np.zeros((batch_size, width), np.int32)
+        padded[:len(chunk)] = chunk
+        ids, logp = top(target.params, jnp.asarray(padded))
+        ids_out[first:first + len(chunk)] = np.asarray(ids)[:len(chunk)]
+        logp_out[first:first + len(chunk)] = np.asarray(logp)[:len(chunk)]
+    return ids_out, logp_out
+
+
+def frequent_token_ids(data: dict[str, np.ndarray], size: int, always: Sequence[int] = ()) -> np.ndarray:
+    """The `size` token ids the target most often puts in its top-k on the answers (ties by id),
+    plus the `always` ids (e.g. EOS), sorted."""
+    valid = _answer_mask(data)
+    counts = np.bincount(data["teacher_ids"][valid].ravel(), minlength=1)
+    counts = np.pad(counts, (0, max(0, max(always, default=0) + 1 - len(counts))))
+    counts[list(always)] = counts.max() + 1
+    chosen = np.argsort(-counts, kind="stable")[:size]
+    return np.sort(chosen).astype(np.int32)
+
+
+def _answer_mask(data: dict[str, np.ndarray]) -> np.ndarray:
+    """Positions whose next token is part of an answer: answer_start-1 .. length-2."""
+    pos = np.arange(data["tokens"].shape[1])[None, :]
+    return (pos >= data["answer_start"][:, None] - 1) & (pos < data["lengths"][:, None] - 1)
+
+
+def load_dataset(path: str | Path) -> dict[str, np.ndarray]:
+    path = Path(path)
+    try:
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"cannot read distillation data {path}: {e}; re-create it with `hsd-jax distill "
+                         "--make-data`") from e
+
+
+# ------------------------------------------------------------------------------ the draft
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftSpec:
+    """Which target layers initialise the draft, and how many frequent tokens its head covers."""
+
+    layers: tuple[int, ...]
+    head_vocab_size: int = 8192
+
+    @classmethod
+    def parse(cls, layers: str, head_vocab_size: int) -> "DraftSpec":
+        try:
+            ids = tuple(int(x) for x in layers.split(",") if x.strip())
+        except ValueError:
+            raise ValueError(f"--layers must be comma-separated target layer indices, got {layers!r}") from None
+        if not ids:
+            raise ValueError("--layers needs at least one target layer index")
+        return cls(ids, head_vocab_size)
+
+
+def init_draft(target: Model, spec: DraftSpec, head_ids: np.ndarray, embedding_source: str) -> Model:
+    """A draft whose layers copy the target's `spec.layers`, whose head is the target's head
+    restricted to `head_ids`, and which shares the target's input embedding."""
+    config = target.config
+    bad = [i for i in spec.layers if not 0 <= i < config.num_layers]
+    if bad:
+        raise ValueError(f"target layers {bad} do not exist; the target has layers 0..{config.num_layers - 1}")
+    params = stack_layers(target.params, config)
+    head = params["lm_head"] if "lm_head" in params else params["embed"].T
+    draft_config = dataclasses.replace(
+        config, num_layers=len(spec.layers), tie_word_embeddings=False, head_vocab_size=len(head_ids),
+        embedding_source=embedding_source, embedding_sha256=embedding_fingerprint(params["embed"]))
+    index = jnp.asarray(spec.layers)
+    draft = {"embed": params["embed"], "layers": jax.tree.map(lambda x: x[index], params["layers"]),
+             "final_norm": params["final_norm"], "lm_head": jnp.asarray(head)[:, head_ids],
+             "head_ids": jnp.asarray(head_ids, jnp.int32)}
+    if "pos_embed" in params:
+        draft["pos_embed"] = params["pos_embed"]
+    return Model(params=draft, config=draft_config)
+
+
+# ---------------------------------------------------------------------------- the training
+
+
+def _split(params: Params) -> tuple[Params, Params]:
+    trainable = {k: v for k, v in params.items() if k not in FROZEN}
+    frozen = {k: v for k, v in params.items() if k in FROZEN}
+    return trainable, frozen
+
+
+def distill_loss(trainable: Params, frozen: Params, config, tokens, mask, teacher_ids, teacher_logp) -> jax.Array:
+    """Mean over answer positions of KL(p || q) on the teacher's top-k support.
+
+    p is the teacher's top-k renormalised over the ids the draft's head covers (the rest of p's
+    mass is a constant for the draft); q is the draft's softmax over its head.
+    """
+    params = {**trainable, **frozen}
+    cache = Model(params, config).init_cache(tokens.shape[0], tokens.shape[1])
+    x, _ = hidden_states(params, config, tokens, cache)
+    log_q = jax.nn.log_softmax(jnp.einsum("btd,dv->btv", x, params["lm_head"]).astype(jnp.float32), axis=-1)
+    to_head = jnp.full((config.vocab_size,), -1, jnp.int32).at[params["head_ids"]].set(
+        jnp.arange(config.head_vocab_size, dtype=jnp.int32))
+    head_index = to_head[teacher_ids]
+    covered = head_index >= 0
+    logp = jnp.where(covered, teacher_logp.astype(jnp.float32), -jnp.inf)
+    p = jax.nn.softmax(logp, axis=-1)
+    log_q_at = jnp.take_along_axis(log_q, jnp.maximum(head_index, 0), axis=-1)
+    kl = jnp.sum(jnp.where(covered, p * (jnp.where(covered, logp, 0) - jax.nn.logsumexp(logp, -1, keepdims=True)
+                                         - log_q_at), 0.0), axis=-1)
+    return jnp.sum(kl * mask) / jnp.maximum(jnp.sum(mask), 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 600
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    checkpoint_every: int = 100
+    seed: int = 0
+
+
+def _optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps, cfg.steps,
+                                                  end_value=cfg.learning_rate * 0.05)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=cfg.weight_decay))
+
+
+def distill(target_dir: str | Path, data_path: str | Path, out_dir: str | Path, spec: DraftSpec,
+            train: TrainConfig, *, work_dir: str | Path | None = None, progress: bool = True,
+            overwrite: bool = False) -> dict[str, Any]:
+    """Train a draft and save it as an hsd-jax model directory; resumes from `work_dir`.
+
+    Returns a summary: steps, tokens seen, wall time, final loss.
+    """
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    work_dir = Path(work_dir) if work_dir is not None else out_dir.with_name(out_dir.name + ".work")
+    data = load_dataset(data_path)
+    target = load_model(target_dir, layout="stacked")
+    head_ids = frequent_token_ids(data, spec.head_vocab_size, always=[target.config.eos_token_id or 0])
+    draft = init_draft(target, spec, head_ids,
+                       embedding_source=os.path.relpath(Path(target_dir).resolve(), out_dir.resolve()))
+    del target
+    trainable, frozen = _split(draft.params)
+    optimizer = _optimizer(train)
+    state = {"params": trainable, "opt_state": optimizer.init(trainable)}
+
+    manager = ocp.CheckpointManager(work_dir.absolute(), options=ocp.CheckpointManagerOptions(
+        max_to_keep=2, save_interval_steps=train.checkpoint_every))
+    start = 0
+    if manager.latest_step() is not None:
+        start = manager.latest_step()
+        state = manager.restore(start, args=ocp.args.StandardRestore(state))
+
+    mask_all = _answer_mask(data).astype(np.float32)
+    config = draft.config
+
+    @jax.jit
+    def step(state, frozen, tokens, mask, ids, logp):
+        loss, grads = jax.value_and_grad(distill_loss)(state["params"], frozen, config, tokens, mask, ids, logp)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
+
+    rng = np.random.default_rng(train.seed)
+    n = data["tokens"].shape[0]
+    order = np.concatenate([rng.permutation(n) for _ in range(train.steps * train.batch_size // n + 2)])
+    loss_history, tokens_seen, began = [], 0, time.perf_counter()
+    bar = tqdm(range(start, train.steps), initial=start, total=train.steps, desc="distil", disable=not progress)
+    for i in bar:
+        rows = order[i * train.batch_size:(i + 1) * train.batch_size]
+        width = int(data["lengths"][rows].max())
+        mask = mask_all[rows, :width]
+        state, loss = step(state, frozen, jnp.asarray(data["tokens"][rows, :width]), jnp.asarray(mask),
+                           jnp.asarray(data["teacher_ids"][rows, :width]), jnp.asarray(data["teacher_logp"][rows, :width]))
+        tokens_seen += int(mask.sum())
+        manager.save(i + 1, args=ocp.args.StandardSave(state))
+        if (i + 1) % 10 == 0 or i + 1 == train.steps:
+            loss_history.append((i + 1, float(loss)))
+            bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{tokens_seen / (time.perf_counter() - began):.0f}")
+    manager.wait_until_finished()
+    final = Model(params={**state["params"], **frozen}, config=config)
+    tokenizer_dir = Path(target_dir)
+    save_model(out_dir, final.replace(params=jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32
+                                                          else x, final.params)),
+               tokenizer_source_dir=tokenizer_dir, overwrite=overwrite)
+    summary = {"steps": train.steps, "resumed_from": start, "answer_tokens_seen": tokens_seen,
+               "wall_s": time.perf_counter() - began, "loss": loss_history,
+               "layers": list(spec.layers), "head_vocab_size": spec.head_vocab_size,
+               "train": dataclasses.asdict(train), "data": str(data_path),
+               "data_answer_tokens": int(mask_all.sum()), "data_sequences": int(n)}
+    (out_dir / "distill_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

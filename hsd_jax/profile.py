@@ -1,0 +1,189 @@
+"""Profile a model family for the planner (research.md §1, "Inputs to profile").
+
+* c_i(k): median wall time of one k-token forward at a realistic cache size, after compilation;
+* alpha_ij for every ordered pair (drafter i cheaper than verifier j): greedy argmax agreement
+  and sampling sum_v min(p_i, p_j) at a temperature, over the target's real greedy
+  continuations of held-out prompts (teacher-forced, so every model sees the same contexts).
+  Both measures are symmetric in (i, j); they are recorded for every ordered pair.
+
+A family member is named by a *source*: a model directory, `ngram:N` (the n-gram drafter) or
+`int8:DIR` (an int8 copy of the model in DIR).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hsd_jax.checkpoint import load_model
+from hsd_jax.model import Model, forward
+from hsd_jax.ngram import NGramDrafter
+from hsd_jax.sampling import SamplingParams, distribution
+
+Level = Model | NGramDrafter
+
+
+def load_level(source: str, *, vocab_size: int | None = None, base_dir: str | Path = ".") -> Level:
+    """The family member a source names: a model directory, `ngram:N` or `int8:DIR`."""
+    if source.startswith("ngram:"):
+        if vocab_size is None:
+            raise ValueError(f"{source}: the n-gram drafter needs the target's vocab_size")
+        try:
+            n = int(source.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"bad source {source!r}: expected ngram:N with an integer N >= 2") from None
+        return NGramDrafter(n, vocab_size)
+    if source.startswith("int8:"):
+        from hsd_jax.quantize import quantize_int8
+
+        return quantize_int8(load_model(Path(base_dir) / source.split(":", 1)[1]))
+    return load_model(Path(base_dir) / source)
+
+
+def default_name(source: str) -> str:
+    if source.startswith("ngram:"):
+        return f"ngram{source.split(':', 1)[1]}"
+    if source.startswith("int8:"):
+        return f"{Path(source.split(':', 1)[1]).name}-int8"
+    return Path(source).name
+
+
+def num_params(level: Level) -> int:
+    if isinstance(level, NGramDrafter):
+        return 0
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(level.params) if x.dtype != jnp.int32))
+
+
+def _timed(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def measure_costs(level: Level, max_k: int, *, cache_size: int = 256, context: int = 128,
+                  batch: int = 1, repeats: int = 7) -> list[float]:
+    """c(k) for k = 1..max_k: median seconds of one k-token forward (n-gram: its lookup) with
+    `context` tokens already cached in a cache of `cache_size` positions."""
+    costs = []
+    for k in range(1, max_k + 1):
+        if isinstance(level, NGramDrafter):
+            seq = jnp.ones((batch, cache_size), jnp.int32)
+            ends = jnp.full((batch, k), context, jnp.int32) + jnp.arange(k)[None]
+            fn = jax.jit(lambda s, e: level.distributions(s, e))
+            costs.append(_timed(fn, seq, ends, repeats=repeats))
+        else:
+            cache = level.init_cache(batch, cache_size).with_lengths(jnp.full((batch,), context, jnp.int32))
+            tokens = jnp.ones((batch, k), jnp.int32)
+            fn = jax.jit(lambda p, t, c: forward(p, level.config, t, c)[0])
+            costs.append(_timed(fn, level.params, tokens, cache, repeats=repeats))
+    return costs
+
+
+def _teacher_forced(level: Level, tokens: np.ndarray, sampling: SamplingParams, vocab: int) -> np.ndarray:
+    """Processed next-token distributions [S, V] of one sequence, at every position."""
+    seq = jnp.asarray(tokens, jnp.int32)[None]
+    if isinstance(level, NGramDrafter):
+        return level.distributions(seq, jnp.arange(1, seq.shape[1] + 1)[None])[0, :, :vocab]
+    logits, _ = forward(level.params, level.config, seq, level.init_cache(1, seq.shape[1]))
+    return distribution(logits[0, :, :vocab], sampling)
+
+
+def measure_acceptance(levels: Sequence[Level], sequences: Sequence[np.ndarray], starts: Sequence[int], *,
+                       temperature: float, vocab: int, progress: bool = True) -> dict[str, Any]:
+    """alpha[i][j] for i < j (greedy agreement and sum min(p_i, p_j)) over answer positions."""
+    from tqdm import tqdm
+
+    n = len(levels)
+    greedy = np.zeros((n, n))
+    sampled = np.zeros((n, n))
+    total = 0
+    greedy_sampling, hot = SamplingParams(), SamplingParams(temperature=temperature or 1.0)
+    for seq, start in tqdm(list(zip(sequences, starts)), desc="acceptance", disable=not progress):
+        answer = slice(start - 1, len(seq) - 1)
+        tops, probs = [], []
+        for level in levels:
+            tops.append(np.asarray(jnp.argmax(_teacher_forced(level, seq, greedy_sampling, vocab)[answer], -1)))
+            probs.append(_teacher_forced(level, seq, hot, vocab)[answer])
+        for i in range(n):
+            for j in range(i + 1, n):
+                greedy[i, j] += np.sum(tops[i] == tops[j])
+                sampled[i, j] += float(jnp.sum(jnp.minimum(probs[i], probs[j])))
+        total += len(seq) - start
+    return {"greedy": greedy / max(total, 1), "sampled": sampled / max(total, 1), "positions": total}
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("jax", "jaxlib", "flax", "hsd-jax"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def profile_family(sources: Sequence[str], prompts: Sequence[str], *, names: Sequence[str] | None = None,
+                   temperature: float = 1.0, max_k: int = 16, max_new_tokens: int = 64,
+                   cache_size: int = 256, repeats: int = 7, progress: bool = True) -> dict[str, Any]:
+    """Profile every source (the last is the target) into the planner's stats dict."""
+    from hsd_jax.bench import machine_name
+    from hsd_jax.checkpoint import encode_prompt, load_tokenizer
+    from hsd_jax.generate import ar_generate
+
+    target_source = sources[-1]
+    if target_source.startswith(("ngram:", "int8:")):
+        raise ValueError(f"the last model must be the target's directory, got {target_source!r}")
+    target = load_model(target_source)
+    vocab = target.vocab_size
+    levels = [load_level(s, vocab_size=vocab) for s in sources[:-1]] + [target]
+    names = list(names) if names else [default_name(s) for s in sources]
+    tokenizer = load_tokenizer(target_source)
+    sequences, starts = [], []
+    for text in prompts:
+        ids = encode_prompt(tokenizer, text)
+        out = ar_generate(target, np.array([ids]), np.array([len(ids)]), jax.random.PRNGKey(0),
+                          max_new_tokens=max_new_tokens, eos_token_id=target.config.eos_token_id)
+        answer = np.asarray(out.tokens[0, :int(out.num_tokens[0])]).tolist()
+        sequences.append(np.array(ids + answer, np.int32))
+        starts.append(len(ids))
+    acceptance = measure_acceptance(levels, sequences, starts, temperature=temperature, vocab=vocab,
+                                    progress=progress)
+    models = []
+    for name, source, level in zip(names, sources, levels):
+        if progress:
+            print(f"timing {name} for k = 1..{max_k}", flush=True)
+        models.append({"name": name, "source": source, "params": num_params(level),
+                       "cost_s": measure_costs(level, max_k, cache_size=cache_size, repeats=repeats)})
+
+    def pairs(matrix):
+        full = matrix + matrix.T
+        return {names[i]: {names[j]: float(full[i, j]) for j in range(len(names)) if j != i}
+                for i in range(len(names))}
+
+    return {"version": 1, "hardware": machine_name(), "dtype": str(target.dtype), "batch_size": 1,
+            "temperature": float(temperature), "versions": _versions(), "target": names[-1],
+            "cache_size": cache_size, "prompts": len(prompts), "answer_positions": acceptance["positions"],
+            "models": models, "acceptance": {"greedy": pairs(acceptance["greedy"]),
+                                             "sampled": pairs(acceptance["sampled"])}}
+
+
+def write_json(data: dict[str, Any], path: str | Path) -> Path:
+    """Write JSON atomically (temporary sibling, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,112 @@
+"""Distillation: a few optax steps on a tiny model, orbax resume, the saved draft loads and runs in
+a hierarchy with the exact greedy output; vocabulary-subset heads, shared embeddings, int8."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from families import family
+from hsd_jax.checkpoint import load_model, save_model
+from hsd_jax.distill import DraftSpec, TrainConfig, distill, distill_loss, frequent_token_ids, init_draft, teacher_top_k
+from hsd_jax.generate import ar_generate
+from hsd_jax.hsd import Hierarchy, hsd_generate
+from hsd_jax.quantize import quantize_int8
+
+VOCAB = 64
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory):
+    target = family(vocab=VOCAB, layers=4)[-1]
+    return save_model(tmp_path_factory.mktemp("distill") / "target", target)
+
+
+@pytest.fixture(scope="module")
+def data_path(target_dir, tmp_path_factory):
+    rng = np.random.default_rng(0)
+    n, width = 24, 20
+    tokens = rng.integers(0, VOCAB // 2, (n, width)).astype(np.int32)  # half the vocab is never used
+    lengths = rng.integers(12, width + 1, n).astype(np.int32)
+    ids, logp = teacher_top_k(load_model(target_dir, layout="stacked"), tokens, lengths, 8, progress=False)
+    path = tmp_path_factory.mktemp("data") / "data.npz"
+    np.savez(path, tokens=tokens, lengths=lengths, answer_start=np.full(n, 5, np.int32),
+             teacher_ids=ids, teacher_logp=logp.astype(np.float16), prompts=np.array(["p"] * n))
+    return path
+
+
+def test_subset_head_gives_zero_probability_outside(target_dir):
+    target = load_model(target_dir, layout="stacked")
+    head_ids = np.arange(0, VOCAB, 2, dtype=np.int32)
+    draft = init_draft(target, DraftSpec((0, 3), len(head_ids)), head_ids, embedding_source="../target")
+    logits, _ = draft.step(jnp.array([[1, 2, 3]]), draft.init_cache(1, 8))
+    probs = jax.nn.softmax(logits, axis=-1)
+    assert float(jnp.max(probs[..., 1::2])) == 0.0
+    np.testing.assert_allclose(np.asarray(jnp.sum(probs[..., ::2], -1)), 1.0, rtol=1e-5)
+    # the covered logits are exactly the target's head restricted to head_ids (same layers 0, 3)
+    full = target.params["embed"]
+    assert draft.params["lm_head"].shape == (full.shape[1], len(head_ids))
+
+
+def _loss(model, data) -> float:
+    """The distillation loss of `model` on the whole tiny dataset."""
+    frozen = {k: model.params[k] for k in ("embed", "head_ids")}
+    trainable = {k: v for k, v in model.params.items() if k not in frozen}
+    width = data["tokens"].shape[1]
+    mask = ((np.arange(width)[None] >= data["answer_start"][:, None] - 1)
+            & (np.arange(width)[None] < data["lengths"][:, None] - 1)).astype(np.float32)
+    return float(distill_loss(trainable, frozen, model.config, jnp.asarray(data["tokens"]), jnp.asarray(mask),
+                              jnp.asarray(data["teacher_ids"]), jnp.asarray(data["teacher_logp"])))
+
+
+def test_distill_runs_resumes_lowers_the_loss_and_loads(target_dir, data_path, tmp_path):
+    out, work = tmp_path / "draft", tmp_path / "work"
+    spec = DraftSpec(layers=(0,), head_vocab_size=40)
+    data = dict(np.load(data_path))
+    initial = init_draft(load_model(target_dir, layout="stacked"), spec, frequent_token_ids(data, 40, always=[0]),
+                         embedding_source="../target")
+    train = dict(batch_size=6, warmup_steps=1, learning_rate=3e-3, checkpoint_every=2)
+    first = distill(target_dir, data_path, out, spec, TrainConfig(steps=4, **train), work_dir=work, progress=False)
+    assert first["resumed_from"] == 0 and len(first["loss"]) == 1
+    assert sorted(int(p.name) for p in work.iterdir() if p.name.isdigit()) == [2, 4]
+    second = distill(target_dir, data_path, out, spec, TrainConfig(steps=16, **train), work_dir=work,
+                     progress=False, overwrite=True)
+    assert second["resumed_from"] == 4
+    assert json.loads((out / "distill_summary.json").read_text())["steps"] == 16
+    assert _loss(load_model(out, layout="stacked"), data) < 0.8 * _loss(initial, data)
+
+    draft = load_model(out)  # stored bfloat16 without the embedding; upcast and re-joined on CPU
+    assert draft.dtype == jnp.float32
+    assert not (out / "params" / "embed").exists()
+    np.testing.assert_array_equal(np.asarray(draft.params["embed"]),
+                                  np.asarray(load_model(target_dir).params["embed"]))
+    assert draft.config.head_vocab_size == 40 and draft.config.num_layers == 1
+
+    target = load_model(target_dir)
+    prompt, lengths = np.array([[1, 2, 3, 4, 5]]), np.array([5])
+    want = ar_generate(target, prompt, lengths, jax.random.PRNGKey(0), max_new_tokens=16)
+    got = hsd_generate(Hierarchy([draft, quantize_int8(target), target], (3, 4)), prompt, lengths,
+                       jax.random.PRNGKey(0), max_new_tokens=16)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+
+
+def test_frequent_ids_cover_the_answers_and_keep_eos(data_path):
+    data = dict(np.load(data_path))
+    ids = frequent_token_ids(data, 10, always=[VOCAB - 1])
+    assert len(ids) == 10 and VOCAB - 1 in ids and list(ids) == sorted(ids)
+
+
+def test_bad_layers_and_missing_embedding_source(target_dir, tmp_path):
+    target = load_model(target_dir, layout="stacked")
+    with pytest.raises(ValueError, match="target layers \\[7\\] do not exist"):
+        init_draft(target, DraftSpec((0, 7), 8), np.arange(8), embedding_source="../target")
+    draft = init_draft(target, DraftSpec((0,), 8), np.arange(8, dtype=np.int32), embedding_source="../nowhere")
+    save_model(tmp_path / "lonely", draft)
+    with pytest.raises(FileNotFoundError, match="shares the input embedding"):
+        load_model(tmp_path / "lonely")
+    with pytest.raises(ValueError, match="comma-separated"):
+        DraftSpec.parse("a,b", 8)
