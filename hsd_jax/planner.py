@@ -702,9 +702,8 @@ def hierarchy_from_plan(plan: Plan | Mapping | str | os.PathLike, *, base_dir: s
     relative directories are resolved against `base_dir`; `dtype` casts the weights) into an
     `hsd_jax.Hierarchy` with the plan's buffers and verifier. `shared_vocab_size` is passed on
     for models whose vocabularies differ only by padding (see `Hierarchy`)."""
-    from hsd_jax.checkpoint import load_model
     from hsd_jax.hsd import Hierarchy
-    from hsd_jax.ngram import NGramDrafter
+    from hsd_jax.profile import load_level
 
     if isinstance(plan, Mapping):
         plan = Plan.from_json(plan)
@@ -712,15 +711,11 @@ def hierarchy_from_plan(plan: Plan | Mapping | str | os.PathLike, *, base_dir: s
         plan = load_plan(plan)
     if plan.sources[-1].startswith(NGRAM_PREFIX):
         raise ValueError(f"the plan's target {plan.chain[-1]!r} is an n-gram drafter; the target must be a model")
-    base = Path(base_dir)
-
-    def load(source: str):
-        path = Path(source)
-        return load_model(path if path.is_absolute() else base / path, dtype=dtype)
-
-    target = load(plan.sources[-1])
-    models = [NGramDrafter(_ngram_order(s, name), vocab_size=target.vocab_size) if s.startswith(NGRAM_PREFIX)
-              else load(s) for name, s in zip(plan.chain[:-1], plan.sources[:-1])]
+    for name, source in zip(plan.chain, plan.sources):
+        if source.startswith(NGRAM_PREFIX):
+            _ngram_order(source, name)  # a clear error for a malformed ngram:N
+    target = load_level(plan.sources[-1], base_dir=base_dir, dtype=dtype)
+    models = [load_level(s, vocab_size=target.vocab_size, base_dir=base_dir, dtype=dtype) for s in plan.sources[:-1]]
     return Hierarchy([*models, target], plan.buffers, plan.verifier, shared_vocab_size=shared_vocab_size)
 
 

@@ -30,7 +30,7 @@ from hsd_jax.sampling import SamplingParams, distribution
 Level = Model | NGramDrafter
 
 
-def load_level(source: str, *, vocab_size: int | None = None, base_dir: str | Path = ".") -> Level:
+def load_level(source: str, *, vocab_size: int | None = None, base_dir: str | Path = ".", dtype=None) -> Level:
     """The family member a source names: a model directory, `ngram:N` or `int8:DIR`."""
     if source.startswith("ngram:"):
         if vocab_size is None:
@@ -43,8 +43,8 @@ def load_level(source: str, *, vocab_size: int | None = None, base_dir: str | Pa
     if source.startswith("int8:"):
         from hsd_jax.quantize import quantize_int8
 
-        return quantize_int8(load_model(Path(base_dir) / source.split(":", 1)[1]))
-    return load_model(Path(base_dir) / source)
+        return quantize_int8(load_model(Path(base_dir) / source.split(":", 1)[1], dtype=dtype))
+    return load_model(Path(base_dir) / source, dtype=dtype)
 
 
 def default_name(source: str) -> str:

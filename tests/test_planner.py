@@ -243,28 +243,25 @@ def test_run_plan_end_to_end(tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_hierarchy_from_plan(tmp_path, monkeypatch):
-    """Sources resolve against base_dir, "ngram:N" becomes an NGramDrafter with the target's
-    vocabulary, and the buffers and verifier carry over (load_model is stubbed: checkpoints are
-    tested elsewhere)."""
-    from families import tiny_config
+def test_hierarchy_from_plan(tmp_path):
+    """Sources resolve against base_dir (absolute ones as given), "ngram:N" becomes an
+    NGramDrafter with the target's vocabulary, "int8:DIR" an int8 copy, and the buffers and
+    verifier carry over."""
+    import jax
 
-    import hsd_jax.checkpoint
-    from hsd_jax.model import Model
+    from families import tiny_config
+    from hsd_jax.checkpoint import save_model
+    from hsd_jax.model import Model, init_params
     from hsd_jax.ngram import NGramDrafter
 
-    models = [Model(params={}, config=tiny_config(vocab=32, layers=n)) for n in (1, 4)]  # no weights needed
-    loaded = []
-
-    def fake_load(path, dtype=None):
-        loaded.append((path, dtype))
-        return models[0] if path.name == "small" else models[-1]
-
-    monkeypatch.setattr(hsd_jax.checkpoint, "load_model", fake_load)
-    plan = Plan(chain=("ngram3", "small", "target"), sources=("ngram:3", "models/small", str(tmp_path / "abs/target")),
-                buffers=(2, 3), predicted_latency_s=0.01, ar_latency_s=0.02)
+    for name, layers in (("base/models/small", 1), ("abs/target", 2)):
+        config = tiny_config(vocab=32, layers=layers)
+        save_model(tmp_path / name, Model(init_params(config, jax.random.PRNGKey(layers)), config))
+    plan = Plan(chain=("ngram3", "small", "target-int8", "target"),
+                sources=("ngram:3", "models/small", f"int8:{tmp_path / 'abs/target'}", str(tmp_path / "abs/target")),
+                buffers=(2, 3, 4), predicted_latency_s=0.01, ar_latency_s=0.02)
     hierarchy = hierarchy_from_plan(plan, base_dir=tmp_path / "base", dtype="float32")
-    assert loaded == [(tmp_path / "abs/target", "float32"), (tmp_path / "base/models/small", "float32")]
-    assert hierarchy.buffers == (2, 3) and hierarchy.verifiers == ("tokenwise", "tokenwise")
+    assert hierarchy.buffers == (2, 3, 4) and hierarchy.verifiers == ("tokenwise",) * 3
     assert isinstance(hierarchy.models[0], NGramDrafter) and hierarchy.models[0].n == 3
-    assert hierarchy.models[0].vocab_size == 32 and hierarchy.models[1] is models[0]
+    assert hierarchy.models[0].vocab_size == 32 and hierarchy.models[1].config.num_layers == 1
+    assert hasattr(hierarchy.models[2].params["lm_head"], "in_dims")  # int8
