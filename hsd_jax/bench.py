@@ -178,3 +178,166 @@ def run_bench(model_dir: str, *, prompts_file: str | None = None, max_new_tokens
     print(f"ratio hsd-jax / transformers: {ours_tps / hf_tps:.2f}x; greedy identical: "
           f"{results['greedy_identical_to_hf']}")
     return results
+
+
+# --------------------------------------------------------------- methods side by side (issue 6)
+
+METHODS = ("ar", "sd", "hsd", "hf-ar", "hf-assisted")
+
+
+def best_single_draft(stats, mode: str, n_max: int = 16) -> tuple[str, int, float]:
+    """(drafter, buffer, predicted s/token) of the best K = 1 hierarchy by the exact model."""
+    from hsd_jax.planner import expected_latency
+
+    best = None
+    target = stats.target
+    for model in stats.candidates()[:-1]:
+        costs, acceptances = stats.chain_inputs([model.name, target], mode)
+        for n in range(1, n_max + 1):
+            latency = expected_latency(costs, acceptances, [n])
+            if best is None or latency < best[2]:
+                best = (model.name, n, latency)
+    if best is None:
+        raise ValueError("the stats hold no drafter for a single-draft baseline")
+    return best
+
+
+def _pad_prompts(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    width = -(-max(len(p) for p in prompts) // 16) * 16
+    out = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        out[i, :len(p)] = p
+    return out, np.array([len(p) for p in prompts], np.int32)
+
+
+def _time_jax_method(generate, prompts: np.ndarray, lengths: np.ndarray) -> list[tuple[float, list[int], Any]]:
+    """Per prompt: (seconds, tokens, stats) of `generate(prompt[1, W], lengths[1])`, after one
+    compiling run; every prompt has the same padded width, so nothing recompiles."""
+    jax.block_until_ready(generate(prompts[:1], lengths[:1]))
+    rows = []
+    for i in range(len(prompts)):
+        start = time.perf_counter()
+        out = jax.block_until_ready(generate(prompts[i:i + 1], lengths[i:i + 1]))
+        seconds = time.perf_counter() - start
+        n = int(out.num_tokens[0])
+        rows.append((seconds, np.asarray(out.tokens[0, :n]).tolist(), out.stats))
+    return rows
+
+
+def run_methods(plan_path: str, stats_path: str, prompts_file: str, *, methods=METHODS, max_new_tokens: int = 64,
+                temperature: float = 0.0, num_prompts: int = 0, hf_draft_dir: str | None = None,
+                seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Every method on the same prompts in one process: tokens/s (median over prompts), per-prompt
+    seconds and tokens, speed-up over our AR and, at temperature 0, token identity with our AR."""
+    from hsd_jax.checkpoint import encode_prompt, load_tokenizer
+    from hsd_jax.data import load_prompts as load_prompt_file
+    from hsd_jax.hsd import Hierarchy, hsd_generate
+    from hsd_jax.planner import hierarchy_from_plan, load_plan, load_stats
+    from hsd_jax.profile import load_level
+
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    plan, stats = load_plan(plan_path), load_stats(stats_path)
+    hierarchy = hierarchy_from_plan(plan)
+    target, target_dir = hierarchy.target, plan.sources[-1]
+    tokenizer = load_tokenizer(target_dir)
+    texts = load_prompt_file(prompts_file)[:num_prompts or None]
+    encoded = [encode_prompt(tokenizer, t) for t in texts]
+    prompts, lengths = _pad_prompts(encoded)
+    mode = "greedy" if temperature == 0 else "sampled"
+    sd_name, sd_buffer, sd_predicted = best_single_draft(stats, mode)
+    sd_source = stats.model(sd_name).source
+    key = jax.random.PRNGKey(seed)
+
+    def hierarchical(h):
+        return lambda p, l: hsd_generate(h, p, l, key, max_new_tokens=max_new_tokens, temperature=temperature)
+
+    results: dict[str, Any] = {"machine": machine_name(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
+                               "backend": jax.default_backend(), "batch": 1, "temperature": temperature,
+                               "max_new_tokens": max_new_tokens, "prompts": len(texts), "prompts_file": prompts_file,
+                               "plan": plan.label, "sd": f"{sd_name}[{sd_buffer}] > {plan.chain[-1]}",
+                               "methods": {}}
+    runs: dict[str, list] = {}
+    for method in methods:
+        if progress:
+            print(f"bench: {method} on {len(texts)} prompts", flush=True)
+        if method == "ar":
+            runs[method] = _time_jax_method(hierarchical(Hierarchy([target])), prompts, lengths)
+        elif method == "sd":
+            draft = load_level(sd_source, vocab_size=target.vocab_size)
+            runs[method] = _time_jax_method(hierarchical(Hierarchy([draft, target], [sd_buffer])), prompts, lengths)
+        elif method == "hsd":
+            runs[method] = _time_jax_method(hierarchical(hierarchy), prompts, lengths)
+        else:
+            runs[method] = _time_hf_method(method, target_dir, hf_draft_dir, stats, encoded, max_new_tokens,
+                                           temperature, seed)
+    reference = runs.get("ar")
+    for method, rows in runs.items():
+        per_prompt = [{"seconds": s, "tokens": len(t)} for s, t, _ in rows]
+        entry = {"tokens_per_s": statistics.median(len(t) / s for s, t, _ in rows), "per_prompt": per_prompt}
+        if method in ("sd", "hsd") and rows[0][2] is not None:
+            st = rows[0][2]
+            passes = np.mean([np.asarray(r[2].tokens_per_target_call)[0] for r in rows])
+            entry["tokens_per_target_call"] = float(passes)
+        if temperature == 0 and reference is not None:
+            entry["identical_to_ar"] = all(t == r[1] for (_, t, _), r in zip(rows, reference))
+        results["methods"][method] = entry
+    if "ar" in results["methods"]:
+        base = results["methods"]["ar"]["tokens_per_s"]
+        for entry in results["methods"].values():
+            entry["speedup_vs_ar"] = entry["tokens_per_s"] / base
+    m = results["methods"]
+    for a, b in (("hsd", "sd"), ("hsd", "hf-assisted"), ("hsd", "hf-ar")):
+        if a in m and b in m:
+            results[f"{a}_over_{b}"] = m[a]["tokens_per_s"] / m[b]["tokens_per_s"]
+    return results
+
+
+def _time_hf_method(method: str, target_dir: str, hf_draft_dir: str | None, stats, encoded, max_new_tokens: int,
+                    temperature: float, seed: int) -> list:
+    """transformers' generate on our target exported to HF format, with the draft exported too
+    for assisted generation."""
+    import tempfile
+
+    from hsd_jax.export import export_hf
+    from hsd_jax.hf_baseline import hf_generate_timed, load_hf_causal_lm
+
+    workdir = Path(tempfile.mkdtemp(prefix="hsd-bench-"))
+    model = load_hf_causal_lm(export_hf(target_dir, workdir / "target"))
+    assistant = None
+    if method == "hf-assisted":
+        if hf_draft_dir is None:
+            raise ValueError("hf-assisted needs a neural draft: pass --hf-draft DIR")
+        assistant = load_hf_causal_lm(export_hf(hf_draft_dir, workdir / "draft"))
+    hf_generate_timed(model, encoded[0], max_new_tokens, assistant=assistant, temperature=temperature, seed=seed)
+    rows = []
+    for ids in encoded:
+        seconds, tokens = hf_generate_timed(model, ids, max_new_tokens, assistant=assistant,
+                                            temperature=temperature, seed=seed)
+        rows.append((seconds, list(tokens), None))
+    return rows
+
+
+def plot_methods(results: dict[str, Any], path: str | Path) -> Path:
+    """A labelled bar chart of tokens/s per method, with the speed-up over our AR."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["methods"])
+    values = [results["methods"][n]["tokens_per_s"] for n in names]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bars = ax.bar(names, values, color=["#888" if n.startswith("hf") else "#2a6" for n in names])
+    for bar, name in zip(bars, names):
+        ratio = results["methods"][name].get("speedup_vs_ar")
+        label = f"{bar.get_height():.1f}" + (f"\n{ratio:.2f}x AR" if ratio else "")
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("tokens/s (median over prompts)")
+    ax.set_title(f"batch 1, T={results['temperature']}, {results['prompts']} prompts, {results['machine']}", fontsize=8)
+    ax.set_ylim(0, max(values) * 1.25)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

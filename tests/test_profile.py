@@ -1,0 +1,54 @@
+"""Profiling for the planner: cost tables and pairwise acceptances on tiny models."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from families import family
+from hsd_jax.ngram import NGramDrafter
+from hsd_jax.profile import default_name, load_level, measure_acceptance, measure_costs
+
+VOCAB = 32
+
+
+@pytest.fixture(scope="module")
+def models():
+    return family(vocab=VOCAB)
+
+
+def test_costs_are_positive_per_k(models):
+    costs = measure_costs(models[0], 3, cache_size=32, context=8, repeats=2)
+    assert len(costs) == 3 and all(c > 0 for c in costs)
+    assert len(measure_costs(NGramDrafter(2, VOCAB), 2, cache_size=32, context=8, repeats=2)) == 2
+
+
+def test_acceptance_matches_a_direct_count(models):
+    rng = np.random.default_rng(0)
+    sequences = [rng.integers(0, VOCAB, 20).astype(np.int32) for _ in range(3)]
+    starts = [5, 8, 12]
+    small, target = models[0], models[-1]
+    result = measure_acceptance([small, small, target], sequences, starts, temperature=1.0, vocab=VOCAB,
+                                progress=False)
+    assert result["greedy"][0, 1] == pytest.approx(1.0) and result["sampled"][0, 1] == pytest.approx(1.0)
+    agree, total, overlap = 0, 0, 0.0
+    for seq, start in zip(sequences, starts):
+        ls, _ = small.step(seq[None], small.init_cache(1, len(seq)))
+        lt, _ = target.step(seq[None], target.init_cache(1, len(seq)))
+        ls, lt = np.asarray(ls[0, start - 1:-1]), np.asarray(lt[0, start - 1:-1])
+        agree += int(np.sum(ls.argmax(-1) == lt.argmax(-1)))
+        overlap += float(np.minimum(jax.nn.softmax(ls), jax.nn.softmax(lt)).sum())
+        total += len(seq) - start
+    assert result["greedy"][0, 2] == pytest.approx(agree / total)
+    assert result["sampled"][0, 2] == pytest.approx(overlap / total, rel=1e-4)
+    assert 0 < result["sampled"][0, 2] < 1
+
+
+def test_sources_and_names(tmp_path):
+    assert default_name("ngram:3") == "ngram3" and default_name("int8:checkpoints/t") == "t-int8"
+    assert isinstance(load_level("ngram:2", vocab_size=VOCAB), NGramDrafter)
+    with pytest.raises(ValueError, match="ngram:N"):
+        load_level("ngram:x", vocab_size=VOCAB)
+    with pytest.raises(ValueError, match="vocab_size"):
+        load_level("ngram:2")
