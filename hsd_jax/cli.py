@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--prompt-ids", type=_int_list, help="comma-separated token ids")
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to --prompt")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--compare-ar", action="store_true",
+                   help="also time plain AR of the target and print a report (speed-up, acceptance per level)")
     _add_sampling(p)
 
     p = sub.add_parser("distill", help="distil a draft for a target (optax KL on the target's own answers)")
@@ -96,12 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
 
-    p = sub.add_parser("bench", help="our AR decode vs transformers' generate, and the memory roofline")
-    p.add_argument("--model", required=True)
+    p = sub.add_parser("bench", help="tokens/s of ar, sd, hsd, hf-ar, hf-assisted side by side (with --plan), "
+                                     "or our AR vs transformers and the memory roofline (with --model)")
+    p.add_argument("--model", help="AR-only bench of this model directory")
+    p.add_argument("--plan", help="plan.json: the hierarchy for 'hsd' (its target for the others)")
+    p.add_argument("--stats", help="stats.json the plan was made from (chooses the single draft for 'sd')")
     p.add_argument("--prompts", help="JSONL file with a 'prompt' field per line (chat messages)")
+    p.add_argument("--num-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
+    p.add_argument("--methods", default="ar,sd,hsd,hf-ar,hf-assisted", help="comma-separated subset")
+    p.add_argument("--hf-draft", help="draft directory exported for transformers' assisted generation")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--repeats", type=int, default=3, help="(AR-only bench) timed repeats per prompt")
     p.add_argument("--json", dest="json_out", help="write the results to this JSON file")
+    p.add_argument("--plot", help="write a bar chart of tokens/s to this PNG")
     return parser
 
 
@@ -145,18 +155,21 @@ def _generate(args) -> int:
     lengths = np.asarray([len(ids)], np.int32)
     eos = target.config.eos_token_id if tokenizer.eos_token_id is None else tokenizer.eos_token_id
 
-    def run():
-        out = hsd_generate(hierarchy, prompt, lengths, jax.random.PRNGKey(args.seed),
-                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, eos_token_id=eos)
-        return jax.block_until_ready(out)
+    def timed(h):
+        def run():
+            out = hsd_generate(h, prompt, lengths, jax.random.PRNGKey(args.seed),
+                               max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, eos_token_id=eos)
+            return jax.block_until_ready(out)
 
-    start = time.perf_counter()
-    run()  # compile (and a first run) with the same shapes
-    compile_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    out = run()
-    seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        run()  # compile (and a first run) with the same shapes
+        compiled = time.perf_counter() - start
+        start = time.perf_counter()
+        out = run()
+        return out, time.perf_counter() - start, compiled
+
+    out, seconds, compile_seconds = timed(hierarchy)
     n = int(out.num_tokens[0])
     tokens = np.asarray(out.tokens[0, :n]).tolist()
     text = tokenizer.decode(tokens, skip_special_tokens=True)
@@ -167,11 +180,29 @@ def _generate(args) -> int:
         stats = out.stats
         result["stats"] = {k: np.asarray(getattr(stats, k))[0].tolist() for k in
                            ("forward_passes", "proposed", "accepted", "target_rounds", "tokens_per_target_call")}
+    if args.compare_ar and hierarchy.depth:
+        ar_out, ar_seconds, _ = timed(Hierarchy([target]))
+        ar_n = int(ar_out.num_tokens[0])
+        result["ar"] = {"num_tokens": ar_n, "seconds": ar_seconds, "tokens_per_s": ar_n / ar_seconds,
+                        "identical": np.asarray(ar_out.tokens[0, :ar_n]).tolist() == tokens}
     if args.json:
         print(json.dumps(result))
-    else:
-        print(text)
-        print(f"\n[{n} tokens in {seconds:.2f}s, {n / seconds:.1f} tokens/s; {hierarchy}]", file=sys.stderr)
+        return 0
+    print(text)
+    print(f"\n[{n} tokens in {seconds:.2f}s, {n / seconds:.1f} tokens/s; {hierarchy}]", file=sys.stderr)
+    if "ar" in result:
+        ar = result["ar"]
+        print("\n== report (same process, compile excluded)")
+        print(f"  hierarchy       {hierarchy}")
+        print(f"  HSD             {n / seconds:6.1f} tokens/s")
+        print(f"  plain AR        {ar['tokens_per_s']:6.1f} tokens/s")
+        print(f"  speed-up        {n / seconds / ar['tokens_per_s']:6.2f}x"
+              + ("" if args.temperature else f"   (greedy output identical to AR: {ar['identical']})"))
+        stats = result["stats"]
+        for level, (proposed, accepted) in enumerate(zip(stats["proposed"], stats["accepted"]), 1):
+            print(f"  level {level} accepts {accepted}/{proposed} = {accepted / max(proposed, 1):.2f} of level "
+                  f"{level - 1}'s drafts")
+        print(f"  tokens per target call {stats['tokens_per_target_call']:.2f}")
     return 0
 
 
@@ -249,10 +280,31 @@ def _export(args) -> int:
 
 
 def _bench(args) -> int:
-    from hsd_jax.bench import run_bench
+    from hsd_jax.bench import plot_methods, run_bench, run_methods
 
-    results = run_bench(args.model, prompts_file=args.prompts, max_new_tokens=args.max_new_tokens,
-                        repeats=args.repeats)
+    if args.plan:
+        if not (args.stats and args.prompts):
+            raise ValueError("bench --plan needs --stats stats.json and --prompts FILE.jsonl")
+        results = run_methods(args.plan, args.stats, args.prompts, methods=tuple(args.methods.split(",")),
+                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              num_prompts=args.num_prompts, hf_draft_dir=args.hf_draft)
+        print(f"{results['machine']}; batch 1, temperature {args.temperature}, {results['prompts']} prompts, "
+              f"{args.max_new_tokens} new tokens")
+        for name, entry in results["methods"].items():
+            same = entry.get("identical_to_ar")
+            print(f"{name:>12}: {entry['tokens_per_s']:7.1f} tokens/s  {entry.get('speedup_vs_ar', 0):5.2f}x AR"
+                  + ("" if same is None else f"  identical to AR: {same}"))
+        print(f"hsd = {results['plan']}; sd = {results['sd']}")
+        for k in ("hsd_over_sd", "hsd_over_hf-assisted"):
+            if k in results:
+                print(f"{k}: {results[k]:.2f}x")
+        if args.plot:
+            plot_methods(results, args.plot)
+    elif args.model:
+        results = run_bench(args.model, prompts_file=args.prompts, max_new_tokens=args.max_new_tokens,
+                            repeats=args.repeats)
+    else:
+        raise ValueError("give --plan (with --stats, --prompts) to compare methods, or --model for the AR bench")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2))
     return 0
