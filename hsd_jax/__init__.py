@@ -4,6 +4,11 @@
     out = hsd_jax.ar_generate(model, prompt_tokens, prompt_lengths, key, max_new_tokens=64)
     h = hsd_jax.Hierarchy([draft0, draft1, model], buffers=(4, 8), verifier="block")
     out = hsd_jax.hsd_generate(h, prompt_tokens, prompt_lengths, key, max_new_tokens=64)
+
+Sharded over a device mesh (see `hsd_jax.sharding`; several hosts: `hsd_jax.distributed`):
+
+    mesh = hsd_jax.parse_mesh("data=2,model=4")
+    model = hsd_jax.load_model("checkpoints/smollm2-135m-instruct", mesh=mesh)
 """
 
 from hsd_jax.cache import KVCache
@@ -14,9 +19,12 @@ from hsd_jax.hsd import Hierarchy, HSDStats, hsd_generate
 from hsd_jax.model import Model, decode_step, forward, init_params, param_logical_axes
 from hsd_jax.ngram import NGramDrafter
 from hsd_jax.sampling import SamplingParams
+from hsd_jax.sharding import ModelSharding, parse_mesh, shard_batch, shard_hierarchy, shard_model
+from hsd_jax import distributed, sharding
 
 __all__ = [
-    "GenerationOutput", "HSDStats", "Hierarchy", "KVCache", "Model", "ModelConfig", "NGramDrafter",
-    "SamplingParams", "UnsupportedArchitectureError", "ar_generate", "decode_step", "forward",
-    "hsd_generate", "init_params", "load_model", "load_tokenizer", "param_logical_axes", "save_model",
+    "GenerationOutput", "HSDStats", "Hierarchy", "KVCache", "Model", "ModelConfig", "ModelSharding", "NGramDrafter",
+    "SamplingParams", "UnsupportedArchitectureError", "ar_generate", "decode_step", "distributed", "forward",
+    "hsd_generate", "init_params", "load_model", "load_tokenizer", "param_logical_axes", "parse_mesh", "save_model",
+    "shard_batch", "shard_hierarchy", "shard_model", "sharding",
 ]
