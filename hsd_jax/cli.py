@@ -28,6 +28,8 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hsd_jax.sharding import add_mesh_argument
+
     parser = argparse.ArgumentParser(prog="hsd-jax", description="Hierarchical speculative decoding in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -50,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--prompt-ids", type=_int_list, help="comma-separated token ids")
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to --prompt")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_mesh_argument(p)
     p.add_argument("--compare-ar", action="store_true",
                    help="also time plain AR of the target and print a report (speed-up, acceptance per level)")
     _add_sampling(p)
@@ -207,7 +210,20 @@ def _generate(args) -> int:
 
 
 def _hierarchy_from_args(args):
-    """The hierarchy of `--plan`, or of --model/--draft/--ngram/--buffers/--verifier."""
+    """The hierarchy of `--plan`, or of --model/--draft/--ngram/--buffers/--verifier; with --mesh,
+    the target tensor-parallel and the drafts replicated on that mesh."""
+    hierarchy = _load_hierarchy(args)
+    if getattr(args, "mesh", None):
+        from hsd_jax import distributed
+        from hsd_jax.sharding import parse_mesh, shard_hierarchy
+
+        distributed.initialize()
+        rules = ["replicated"] * hierarchy.depth + ["tensor"]
+        hierarchy = shard_hierarchy(hierarchy, parse_mesh(args.mesh), rules)
+    return hierarchy
+
+
+def _load_hierarchy(args):
     from hsd_jax.hsd import Hierarchy
     from hsd_jax.profile import load_level
 
