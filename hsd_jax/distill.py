@@ -206,12 +206,14 @@ def distill_loss(trainable: Params, frozen: Params, config, tokens, mask, teache
         jnp.arange(config.head_vocab_size, dtype=jnp.int32))
     head_index = to_head[teacher_ids]
     covered = head_index >= 0
-    logp = jnp.where(covered, teacher_logp.astype(jnp.float32), -jnp.inf)
-    p = jax.nn.softmax(logp, axis=-1)
+    # p renormalised over the covered ids; a position with none covered contributes nothing
+    logp = jnp.where(covered, teacher_logp.astype(jnp.float32), -1e30)
+    logp = logp - jax.nn.logsumexp(logp, axis=-1, keepdims=True)
+    p = jnp.where(covered, jnp.exp(logp), 0.0)
     log_q_at = jnp.take_along_axis(log_q, jnp.maximum(head_index, 0), axis=-1)
-    kl = jnp.sum(jnp.where(covered, p * (jnp.where(covered, logp, 0) - jax.nn.logsumexp(logp, -1, keepdims=True)
-                                         - log_q_at), 0.0), axis=-1)
-    return jnp.sum(kl * mask) / jnp.maximum(jnp.sum(mask), 1)
+    kl = jnp.sum(jnp.where(covered, p * (logp - log_q_at), 0.0), axis=-1)
+    mask = mask * jnp.any(covered, axis=-1)
+    return jnp.sum(jnp.where(mask > 0, kl, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,7 +277,7 @@ def distill(target_dir: str | Path, data_path: str | Path, out_dir: str | Path, 
     bar = tqdm(range(start, train.steps), initial=start, total=train.steps, desc="distil", disable=not progress)
     for i in bar:
         rows = order[i * train.batch_size:(i + 1) * train.batch_size]
-        width = int(data["lengths"][rows].max())
+        width = data["tokens"].shape[1]  # one shape for every step: compiled once
         mask = mask_all[rows, :width]
         state, loss = step(state, frozen, jnp.asarray(data["tokens"][rows, :width]), jnp.asarray(mask),
                            jnp.asarray(data["teacher_ids"][rows, :width]), jnp.asarray(data["teacher_logp"][rows, :width]))
