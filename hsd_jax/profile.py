@@ -100,13 +100,16 @@ def _teacher_forced(level: Level, tokens: np.ndarray, sampling: SamplingParams, 
 
 
 def measure_acceptance(levels: Sequence[Level], sequences: Sequence[np.ndarray], starts: Sequence[int], *,
-                       temperature: float, vocab: int, progress: bool = True) -> dict[str, Any]:
-    """alpha[i][j] for i < j (greedy agreement and sum min(p_i, p_j)) over answer positions."""
+                       temperature: float, vocab: int, max_positions: int = 16,
+                       progress: bool = True) -> dict[str, Any]:
+    """alpha[i][j] for i < j (greedy agreement and sum min(p_i, p_j)) over answer positions, and
+    the greedy per-position profiles of `greedy_position_profile` for every pair."""
     from tqdm import tqdm
 
     n = len(levels)
     greedy = np.zeros((n, n))
     sampled = np.zeros((n, n))
+    agreements: dict[tuple[int, int], list[np.ndarray]] = {}
     total = 0
     greedy_sampling, hot = SamplingParams(), SamplingParams(temperature=temperature or 1.0)
     for seq, start in tqdm(list(zip(sequences, starts)), desc="acceptance", disable=not progress):
@@ -118,9 +121,35 @@ def measure_acceptance(levels: Sequence[Level], sequences: Sequence[np.ndarray],
         for i in range(n):
             for j in range(i + 1, n):
                 greedy[i, j] += np.sum(tops[i] == tops[j])
+                agreements.setdefault((i, j), []).append(tops[i] == tops[j])
                 sampled[i, j] += float(jnp.sum(jnp.minimum(probs[i], probs[j])))
         total += len(seq) - start
-    return {"greedy": greedy / max(total, 1), "sampled": sampled / max(total, 1), "positions": total}
+    profiles = {pair: greedy_position_profile(runs, max_positions) for pair, runs in agreements.items()}
+    return {"greedy": greedy / max(total, 1), "sampled": sampled / max(total, 1), "positions": total,
+            "greedy_profiles": profiles}
+
+
+def greedy_position_profile(agreements: Sequence[np.ndarray], length: int, min_count: int = 20) -> list[float]:
+    """P(draft position j accepted | positions 1..j-1 accepted), j = 1..length, for greedy drafts.
+
+    At temperature 0 a draft block starting at answer position s is accepted exactly as long as
+    the drafter's argmax agrees with the target's along the target's own continuation, so with
+    r_s the run of agreements from s, position j's rate is #{r_s >= j} / #{r_s >= j - 1} over
+    every start s. Real agreement comes in runs (easy spans: code, lists, copies), which an i.i.d.
+    rate misses. A rate backed by fewer than `min_count` runs repeats the last reliable one."""
+    counts = np.zeros(length + 1)
+    for agree in agreements:
+        run = 0
+        for a in agree[::-1].astype(bool):  # runs[s] = agree[s] * (1 + runs[s + 1])
+            run = run + 1 if a else 0
+            counts[:min(run, length) + 1] += 1
+    profile: list[float] = []
+    for j in range(1, length + 1):
+        if counts[j - 1] < min_count:
+            profile.append(profile[-1] if profile else float(counts[1] / max(counts[0], 1)))
+        else:
+            profile.append(float(counts[j] / counts[j - 1]))
+    return profile
 
 
 def _versions() -> dict[str, str]:
@@ -154,19 +183,27 @@ def profile_family(sources: Sequence[str], prompts: Sequence[str], *, names: Seq
     sequences, starts = [], []
     for text in prompts:
         ids = encode_prompt(tokenizer, text)
-        out = ar_generate(target, np.array([ids]), np.array([len(ids)]), jax.random.PRNGKey(0),
+        width = -(-len(ids) // 32) * 32  # right-padded to a bucket: few recompiles, same tokens
+        out = ar_generate(target, np.array([ids + [0] * (width - len(ids))]), np.array([len(ids)]), jax.random.PRNGKey(0),
                           max_new_tokens=max_new_tokens, eos_token_id=target.config.eos_token_id)
         answer = np.asarray(out.tokens[0, :int(out.num_tokens[0])]).tolist()
         sequences.append(np.array(ids + answer, np.int32))
         starts.append(len(ids))
     acceptance = measure_acceptance(levels, sequences, starts, temperature=temperature, vocab=vocab,
-                                    progress=progress)
+                                    max_positions=max_k, progress=progress)
     models = []
     for name, source, level in zip(names, sources, levels):
         if progress:
             print(f"timing {name} for k = 1..{max_k}", flush=True)
         models.append({"name": name, "source": source, "params": num_params(level),
                        "cost_s": measure_costs(level, max_k, cache_size=cache_size, repeats=repeats)})
+
+    def profile_pairs(profiles):  # agreement is symmetric: both orders share a profile
+        out: dict[str, dict[str, list[float]]] = {}
+        for (i, j), profile in profiles.items():
+            out.setdefault(names[i], {})[names[j]] = profile
+            out.setdefault(names[j], {})[names[i]] = profile
+        return out
 
     def pairs(matrix):
         full = matrix + matrix.T
@@ -177,7 +214,8 @@ def profile_family(sources: Sequence[str], prompts: Sequence[str], *, names: Seq
             "temperature": float(temperature), "versions": _versions(), "target": names[-1],
             "cache_size": cache_size, "prompts": len(prompts), "answer_positions": acceptance["positions"],
             "models": models, "acceptance": {"greedy": pairs(acceptance["greedy"]),
-                                             "sampled": pairs(acceptance["sampled"])}}
+                                             "sampled": pairs(acceptance["sampled"])},
+            "position_acceptance": {"greedy": profile_pairs(acceptance["greedy_profiles"])}}
 
 
 def write_json(data: dict[str, Any], path: str | Path) -> Path:

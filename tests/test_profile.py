@@ -52,3 +52,16 @@ def test_sources_and_names(tmp_path):
         load_level("ngram:x", vocab_size=VOCAB)
     with pytest.raises(ValueError, match="vocab_size"):
         load_level("ngram:2")
+
+
+def test_greedy_position_profile_counts_runs():
+    from hsd_jax.profile import greedy_position_profile
+
+    agree = np.array([1, 1, 0, 1, 1, 1, 0, 0], bool)  # runs from each start: 2 1 0 3 2 1 0 0
+    profile = greedy_position_profile([agree], 4, min_count=1)
+    # P(r>=1)=5/8; P(r>=2 | r>=1)=3/5; P(r>=3 | r>=2)=1/3; P(r>=4 | r>=3)=0/1
+    assert profile == pytest.approx([5 / 8, 3 / 5, 1 / 3, 0.0])
+    iid = np.random.default_rng(0).random(200_000) < 0.7
+    assert greedy_position_profile([iid], 6) == pytest.approx([0.7] * 6, abs=0.01)
+    # too few long runs: the last reliable rate is repeated
+    assert greedy_position_profile([agree], 4, min_count=3) == pytest.approx([5 / 8, 3 / 5, 1 / 3, 1 / 3])
