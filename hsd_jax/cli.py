@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_export_parser(sub)
     except ImportError:
         pass
+    from hsd_jax.validate import add_validate_parser
+    add_validate_parser(sub)
 
     p = sub.add_parser("bench", help="tokens/s of ar, sd, hsd, hf-ar, hf-assisted side by side (with --plan), "
                                      "or our AR vs transformers and the memory roofline (with --model)")
@@ -193,6 +195,10 @@ def _generate(args) -> int:
         return 0
     print(text)
     print(f"\n[{n} tokens in {seconds:.2f}s, {n / seconds:.1f} tokens/s; {hierarchy}]", file=sys.stderr)
+    if args.compare_ar and not hierarchy.depth:
+        print("\n== report (compile excluded)")
+        print(f"  hierarchy       the target alone: plain AR at {n / seconds:.1f} tokens/s")
+        print("  (the plan found no hierarchy faster than AR with the profiled costs and acceptances)")
     if "ar" in result:
         ar = result["ar"]
         print("\n== report (same process, compile excluded)")
@@ -233,7 +239,7 @@ def _load_hierarchy(args):
         plan = Plan.from_json(Path(args.plan).read_text())
         hierarchy = hierarchy_from_plan(plan)
         if args.model is None:
-            args.model = plan.chain[-1]["source"]
+            args.model = plan.sources[-1]
         return hierarchy
     if args.model is None:
         raise ValueError("give the target with --model DIR, or a plan with --plan plan.json")
@@ -326,10 +332,16 @@ def _bench(args) -> int:
     return 0
 
 
+def _validate(args) -> int:
+    from hsd_jax.validate import run_validate
+
+    return run_validate(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"convert": _convert, "generate": _generate, "bench": _bench, "distill": _distill,
-               "profile": _profile, "plan": _plan, "export-hf": _export}[args.command]
+               "profile": _profile, "plan": _plan, "export-hf": _export, "validate-plan": _validate}[args.command]
     try:
         return handler(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:

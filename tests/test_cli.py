@@ -63,3 +63,46 @@ def test_convert_refuses_unknown_source(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "nothing"), str(tmp_path / "out")]) == 2
     assert "error" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_validate_plan_measures_and_compares(model_dir, tmp_path, capsys):
+    """`validate-plan` runs each hierarchy for real (greedy: all token-identical) and reports the
+    planner's prediction beside the measured decode latency."""
+    kmax = 8
+    stats = {"version": 1, "hardware": "test", "dtype": "float32", "batch_size": 1, "temperature": 0.0,
+             "versions": {}, "target": "tiny",
+             "models": [{"name": "ngram3", "source": "ngram:3", "params": 0, "cost_s": [1e-5] * kmax},
+                        {"name": "tiny", "source": str(model_dir), "params": 10_000,
+                         "cost_s": [1e-3 * (1 + 0.1 * k) for k in range(kmax)]}],
+             "acceptance": {"greedy": {"ngram3": {"tiny": 0.3}}}}
+    stats_path, prompts, out = tmp_path / "stats.json", tmp_path / "p.jsonl", tmp_path / "v.json"
+    stats_path.write_text(json.dumps(stats))
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ("Count to five.", "Name a colour.")))
+    assert main(["validate-plan", "--stats", str(stats_path), "--prompts", str(prompts), "--grid", "--top", "2",
+                 "--num-prompts", "2", "--max-new-tokens", "8", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    labels = [r["label"] for r in report["rows"]]
+    assert {"tiny", "ngram3[2] > tiny", "ngram3[4] > tiny", "ngram3[8] > tiny"} <= set(labels)
+    assert len(labels) == len(set(labels))
+    for row in report["rows"]:
+        assert row["identical_to_first"], row["label"]
+        assert row["measured_s"] > 0 and row["predicted_iid_s"] > 0
+        assert row["error_iid"] == pytest.approx(row["predicted_iid_s"] / row["measured_s"] - 1)
+    assert report["summary"]["hierarchies"] == len(labels)
+    assert "ms/token" in capsys.readouterr().out
+
+
+def test_generate_with_a_plan_reports_against_ar(model_dir, tmp_path, capsys):
+    plan = {"version": 1, "chain": [{"name": "ngram3", "source": "ngram:3"}, {"name": "tiny", "source": str(model_dir)}],
+            "buffers": [3], "verifier": "tokenwise", "mode": "greedy", "predicted_latency_s": 1e-3,
+            "ar_latency_s": 1e-3}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    result = _generate(capsys, "--plan", str(path), "--prompt-ids", "1,2,3,4,5", "--max-new-tokens", "12",
+                       "--compare-ar")
+    assert result["ar"]["identical"] and result["num_tokens"] == 12
+    assert result["stats"]["target_rounds"] >= 1
+    assert main(["generate", "--plan", str(path), "--prompt-ids", "1,2,3", "--max-new-tokens", "6",
+                 "--compare-ar"]) == 0
+    printed = capsys.readouterr().out
+    assert "speed-up" in printed and "level 1 accepts" in printed and "identical to AR: True" in printed

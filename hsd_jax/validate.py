@@ -1,0 +1,211 @@
+"""Check the planner against measurement: run hierarchies for real and compare the measured
+seconds per committed token with `planner.expected_latency` (issue: prediction within 15%, and
+the chosen plan within 5% of the best measured over a grid of small hierarchies).
+
+    hsd-jax validate-plan --stats stats.json --prompts eval.jsonl [--plan plan.json] [--grid]
+        [--num-prompts 6] [--max-new-tokens 48] [--json out.json] [--plot out.png]
+
+Decode latency excludes prefill: every model of a hierarchy first runs one forward over the
+(padded) prompt, whose time is measured per model and subtracted from each run, so that the
+measured figure is the per-token cost the latency model describes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from hsd_jax.planner import Stats, acceptance_mode, expected_latency, load_plan, load_stats, plan_label
+
+GRID_BUFFERS_K1 = (2, 4, 8)
+GRID_BUFFERS_K2 = ((2, 4), (4, 8))
+
+
+def grid(stats: Stats, k1_buffers: Sequence[int] = GRID_BUFFERS_K1,
+         k2_buffers: Sequence[tuple[int, int]] = GRID_BUFFERS_K2) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
+    """Small hierarchies over the profiled family: the target alone, every single draft with each
+    of `k1_buffers`, and every two-draft chain (ordered by c(1)) with each of `k2_buffers`."""
+    names = [m.name for m in stats.candidates()]
+    target, drafts = names[-1], names[:-1]
+    out: list[tuple[tuple[str, ...], tuple[int, ...]]] = [((target,), ())]
+    out += [((d, target), (n,)) for d in drafts for n in k1_buffers]
+    out += [((a, b, target), bufs) for a, b in itertools.combinations(drafts, 2) for bufs in k2_buffers]
+    return out
+
+
+def predict(stats: Stats, chain: Sequence[str], buffers: Sequence[int], mode: str, position_profiles: bool) -> float:
+    return expected_latency(*stats.chain_inputs(list(chain), mode, position_profiles), list(buffers))
+
+
+def measure(stats: Stats, hierarchies: Sequence[tuple[Sequence[str], Sequence[int]]], prompts_file: str, *,
+            num_prompts: int = 6, max_new_tokens: int = 48, verifier: str = "tokenwise",
+            progress: bool = True) -> list[dict[str, Any]]:
+    """Greedy, batch 1: per hierarchy the median over prompts of decode seconds per committed token
+    (prefill excluded), with every prediction beside it."""
+    from hsd_jax.bench import _pad_prompts, _time_jax_method
+    from hsd_jax.checkpoint import encode_prompt, load_tokenizer
+    from hsd_jax.data import load_prompts
+    from hsd_jax.hsd import Hierarchy, hsd_generate
+    from hsd_jax.model import Model, forward
+    from hsd_jax.profile import load_level
+
+    mode = acceptance_mode(0.0)
+    target_source = stats.model(stats.target).source
+    target = load_level(target_source)
+    levels = {stats.target: target}
+    tokenizer = load_tokenizer(target_source.split(":", 1)[-1])
+    texts = load_prompts(prompts_file)[:num_prompts or None]
+    prompts, lengths = _pad_prompts([encode_prompt(tokenizer, t) for t in texts])
+    prefill: dict[str, float] = {}
+
+    def level(name: str):
+        if name not in levels:
+            levels[name] = load_level(stats.model(name).source, vocab_size=target.vocab_size)
+        return levels[name]
+
+    def prefill_seconds(name: str) -> float:
+        """One forward over the padded prompt (what `hsd_generate` runs per model before decoding)."""
+        if name not in prefill:
+            model = level(name)
+            if not isinstance(model, Model):
+                prefill[name] = 0.0
+            else:
+                cache_size = prompts.shape[1] + max_new_tokens + 64
+                run = jax.jit(lambda p, t: forward(p, model.config, t, model.init_cache(1, cache_size))[0])
+                jax.block_until_ready(run(model.params, prompts[:1]))
+                times = []
+                for _ in range(5):
+                    start = time.perf_counter()
+                    jax.block_until_ready(run(model.params, prompts[:1]))
+                    times.append(time.perf_counter() - start)
+                prefill[name] = statistics.median(times)
+        return prefill[name]
+
+    rows = []
+    key = jax.random.PRNGKey(0)
+    reference = None
+    for number, (chain, buffers) in enumerate(hierarchies):
+        chain, buffers = tuple(chain), tuple(buffers)
+        label = plan_label(chain, buffers)
+        if progress:
+            print(f"[{number + 1}/{len(hierarchies)}] {label}", flush=True)
+        hierarchy = Hierarchy([level(n) for n in chain], buffers, verifier)
+        run = jax.jit(lambda h, p, l: hsd_generate(h, p, l, key, max_new_tokens=max_new_tokens))
+        timed = _time_jax_method(lambda p, l: run(hierarchy, p, l), prompts, lengths)
+        overhead = sum(prefill_seconds(n) for n in chain)
+        per_token = [max(s - overhead, 0.0) / len(t) for s, t, _ in timed]
+        tokens = [t for _, t, _ in timed]
+        reference = reference or tokens
+        rows.append({"label": label, "chain": list(chain), "buffers": list(buffers),
+                     "measured_s": statistics.median(per_token),
+                     "predicted_iid_s": predict(stats, chain, buffers, mode, False),
+                     "predicted_profile_s": predict(stats, chain, buffers, mode, True),
+                     "tokens_per_target_call": float(np.mean([np.asarray(st.tokens_per_target_call)[0]
+                                                               for _, _, st in timed])),
+                     "identical_to_first": tokens == reference})
+    return rows
+
+
+def summarise(rows: Sequence[dict[str, Any]], chosen: str | None) -> dict[str, Any]:
+    """Prediction errors per row and, for the chosen plan, its distance from the best measured."""
+    for r in rows:
+        for kind in ("iid", "profile"):
+            r[f"error_{kind}"] = r[f"predicted_{kind}_s"] / r["measured_s"] - 1
+    best = min(rows, key=lambda r: r["measured_s"])
+    out: dict[str, Any] = {"best_measured": best["label"], "best_measured_s": best["measured_s"],
+                           "within_15pct_profile": sum(abs(r["error_profile"]) <= 0.15 for r in rows),
+                           "within_15pct_iid": sum(abs(r["error_iid"]) <= 0.15 for r in rows),
+                           "hierarchies": len(rows)}
+    hit = [r for r in rows if r["label"] == chosen]
+    if hit:
+        out["chosen"] = chosen
+        out["chosen_over_best"] = hit[0]["measured_s"] / best["measured_s"]
+    return out
+
+
+def format_rows(rows: Sequence[dict[str, Any]]) -> str:
+    width = max(len(r["label"]) for r in rows)
+    lines = [f"{'hierarchy':<{width}}  measured  pred(iid)  err    pred(prof)  err    tok/target-call",
+             f"{'':<{width}}  ms/token  ms/token          ms/token"]
+    for r in sorted(rows, key=lambda r: r["measured_s"]):
+        lines.append(f"{r['label']:<{width}}  {1e3 * r['measured_s']:8.2f}  {1e3 * r['predicted_iid_s']:9.2f}"
+                     f"  {100 * r['error_iid']:+5.1f}%  {1e3 * r['predicted_profile_s']:9.2f}"
+                     f"  {100 * r['error_profile']:+5.1f}%  {r['tokens_per_target_call']:6.2f}")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: r["measured_s"])
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(8, 0.5 * len(rows)), 5))
+    ax.bar(x - 0.2, [1e3 * r["measured_s"] for r in rows], 0.4, label="measured")
+    ax.bar(x + 0.2, [1e3 * r["predicted_profile_s"] for r in rows], 0.4, label="predicted")
+    ax.set_xticks(x, [r["label"] for r in rows], rotation=70, ha="right", fontsize=7)
+    ax.set_ylabel("ms per committed token (decode, batch 1, greedy)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def add_validate_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("validate-plan", help="measure hierarchies and compare with the planner's predictions")
+    p.add_argument("--stats", required=True, help="stats.json written by `hsd-jax profile`")
+    p.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field per line")
+    p.add_argument("--plan", help="plan.json: measured too, and checked against the best measured")
+    p.add_argument("--grid", action="store_true", help="measure the grid of small hierarchies (see `grid`)")
+    p.add_argument("--top", type=int, default=6, help="also measure the planner's N best plans")
+    p.add_argument("--num-prompts", type=int, default=6)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--json", dest="json_out")
+    p.add_argument("--plot")
+    return p
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars as Python numbers for json."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from hsd_jax.planner import solve
+
+    stats = load_stats(args.stats)
+    hierarchies: list[tuple[tuple[str, ...], tuple[int, ...]]] = []
+    chosen = None
+    if args.plan:
+        plan = load_plan(args.plan)
+        chosen = plan.label
+        hierarchies.append((plan.chain, plan.buffers))
+    if args.top:
+        hierarchies += [(p.chain, p.buffers) for p in solve(stats, mode="greedy", top=args.top)]
+    if args.grid:
+        hierarchies += grid(stats)
+    unique = list(dict.fromkeys((tuple(c), tuple(b)) for c, b in hierarchies))
+    if not unique:
+        raise ValueError("nothing to measure: give --plan, --top N or --grid")
+    rows = measure(stats, unique, args.prompts, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens)
+    summary = summarise(rows, chosen)
+    print(format_rows(rows))
+    print(json.dumps(summary, indent=1, default=_plain))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"summary": summary, "rows": rows, "stats": args.stats,
+                                                   "hardware": stats.hardware}, indent=1, default=_plain))
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
