@@ -186,7 +186,8 @@ METHODS = ("ar", "sd", "hsd", "hf-ar", "hf-assisted")
 
 
 def best_single_draft(stats, mode: str, n_max: int = 16) -> tuple[str, int, float]:
-    """(drafter, buffer, predicted s/token) of the best K = 1 hierarchy by the exact model."""
+    """(drafter, buffer, predicted s/token) of the best K = 1 hierarchy by the exact model (i.i.d.
+    acceptance, as `planner.solve` by default)."""
     from hsd_jax.planner import expected_latency
 
     best = None
@@ -226,9 +227,10 @@ def _time_jax_method(generate, prompts: np.ndarray, lengths: np.ndarray) -> list
 
 def run_methods(plan_path: str, stats_path: str, prompts_file: str, *, methods=METHODS, max_new_tokens: int = 64,
                 temperature: float = 0.0, num_prompts: int = 0, hf_draft_dir: str | None = None,
-                seed: int = 0, progress: bool = True) -> dict[str, Any]:
+                seed: int = 0, mesh: Any = None, progress: bool = True) -> dict[str, Any]:
     """Every method on the same prompts in one process: tokens/s (median over prompts), per-prompt
-    seconds and tokens, speed-up over our AR and, at temperature 0, token identity with our AR."""
+    seconds and tokens, speed-up over our AR and, at temperature 0, token identity with our AR.
+    With a `mesh` our methods run on it (`sharding.family_rules`); transformers' stay on the CPU."""
     from hsd_jax.checkpoint import encode_prompt, load_tokenizer
     from hsd_jax.data import load_prompts as load_prompt_file
     from hsd_jax.hsd import Hierarchy, hsd_generate
@@ -251,11 +253,18 @@ def run_methods(plan_path: str, stats_path: str, prompts_file: str, *, methods=M
     key = jax.random.PRNGKey(seed)
 
     def hierarchical(h):
+        if mesh is not None:
+            from hsd_jax.sharding import shard_batch, shard_hierarchy
+
+            h = shard_hierarchy(h, mesh, rule=None)
+            return lambda p, l: hsd_generate(h, *shard_batch(mesh, p, l), key, max_new_tokens=max_new_tokens,
+                                             temperature=temperature)
         return lambda p, l: hsd_generate(h, p, l, key, max_new_tokens=max_new_tokens, temperature=temperature)
 
     results: dict[str, Any] = {"machine": machine_name(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
                                "backend": jax.default_backend(), "batch": 1, "temperature": temperature,
                                "max_new_tokens": max_new_tokens, "prompts": len(texts), "prompts_file": prompts_file,
+                               "mesh": None if mesh is None else dict(mesh.shape),
                                "plan": plan.label, "sd": f"{sd_name}[{sd_buffer}] > {plan.chain[-1]}",
                                "methods": {}}
     runs: dict[str, list] = {}

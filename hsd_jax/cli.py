@@ -85,10 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
     p.add_argument("--out", required=True)
     p.add_argument("--temperature", type=float, default=1.0, help="for the sampling acceptance sum min(p, q)")
-    p.add_argument("--max-k", type=int, default=16)
+    p.add_argument("--max-k", type=int, default=16, help="measure c(k) for every k up to this")
+    p.add_argument("--sparse-k", type=_int_list, default=[],
+                   help="larger k to measure too, e.g. 16,24,32,48 (the k between are interpolated)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--cache-size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=7)
+    add_mesh_argument(p)
 
     try:
         from hsd_jax.planner import add_plan_parser
@@ -117,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="(AR-only bench) timed repeats per prompt")
     p.add_argument("--json", dest="json_out", help="write the results to this JSON file")
     p.add_argument("--plot", help="write a bar chart of tokens/s to this PNG")
+    add_mesh_argument(p)
     return parser
 
 
@@ -224,9 +228,19 @@ def _hierarchy_from_args(args):
         from hsd_jax.sharding import parse_mesh, shard_hierarchy
 
         distributed.initialize()
-        rules = ["replicated"] * hierarchy.depth + ["tensor"]
-        hierarchy = shard_hierarchy(hierarchy, parse_mesh(args.mesh), rules)
+        hierarchy = shard_hierarchy(hierarchy, parse_mesh(args.mesh), rule=None)
     return hierarchy
+
+
+def _mesh(args):
+    """The `--mesh` of a command (None without one), after multi-process start-up."""
+    if not getattr(args, "mesh", None):
+        return None
+    from hsd_jax import distributed
+    from hsd_jax.sharding import parse_mesh
+
+    distributed.initialize()
+    return parse_mesh(args.mesh)
 
 
 def _load_hierarchy(args):
@@ -281,7 +295,8 @@ def _profile(args) -> int:
         sources.insert(0, f"ngram:{args.ngram}")
     prompts = load_prompts(args.prompts)[:args.num_prompts or None]
     stats = profile_family(sources, prompts, temperature=args.temperature, max_k=args.max_k,
-                           max_new_tokens=args.max_new_tokens, cache_size=args.cache_size, repeats=args.repeats)
+                           sparse_ks=args.sparse_k, max_new_tokens=args.max_new_tokens,
+                           cache_size=args.cache_size, repeats=args.repeats, mesh=_mesh(args))
     write_json(stats, args.out)
     for m in stats["models"]:
         print(f"{m['name']:>28}: c(1) = {m['cost_s'][0] * 1e3:7.2f} ms, c(8) = {m['cost_s'][min(7, len(m['cost_s']) - 1)] * 1e3:7.2f} ms")
@@ -309,7 +324,7 @@ def _bench(args) -> int:
             raise ValueError("bench --plan needs --stats stats.json and --prompts FILE.jsonl")
         results = run_methods(args.plan, args.stats, args.prompts, methods=tuple(args.methods.split(",")),
                               max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              num_prompts=args.num_prompts, hf_draft_dir=args.hf_draft)
+                              num_prompts=args.num_prompts, hf_draft_dir=args.hf_draft, mesh=_mesh(args))
         print(f"{results['machine']}; batch 1, temperature {args.temperature}, {results['prompts']} prompts, "
               f"{args.max_new_tokens} new tokens")
         for name, entry in results["methods"].items():
@@ -323,6 +338,8 @@ def _bench(args) -> int:
         if args.plot:
             plot_methods(results, args.plot)
     elif args.model:
+        if args.mesh:
+            raise ValueError("--mesh applies to `bench --plan`; the AR-only `bench --model` runs on one device")
         results = run_bench(args.model, prompts_file=args.prompts, max_new_tokens=args.max_new_tokens,
                             repeats=args.repeats)
     else:

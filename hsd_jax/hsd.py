@@ -99,6 +99,14 @@ class Hierarchy:
     def _set(self, models, buffers, verifiers, vocab_size):
         self.models, self.buffers, self.verifiers, self.vocab_size = models, buffers, verifiers, vocab_size
 
+    @classmethod
+    def from_plan(cls, plan, **kwargs) -> "Hierarchy":
+        """The hierarchy of a plan (a `planner.Plan`, its dict, or a plan.json path); keyword
+        arguments as `planner.hierarchy_from_plan` (base_dir, dtype, shared_vocab_size)."""
+        from hsd_jax.planner import hierarchy_from_plan
+
+        return hierarchy_from_plan(plan, **kwargs)
+
     @property
     def depth(self) -> int:
         """K: the number of levels above M_0."""

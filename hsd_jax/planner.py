@@ -651,14 +651,16 @@ def gsp_candidates(costs: Sequence[Sequence[float]], alpha: np.ndarray, n_max: i
 
 
 def solve(stats: Stats, n_max: int = 32, mode: str | None = None, top: int = 5, *, keep: int = 32,
-          position_profiles: bool = True) -> list[Plan]:
+          position_profiles: bool = False, min_drafts: int = 0) -> list[Plan]:
     """The best hierarchies for `stats`, best first (at most `top`, plus "target alone" at the end
     when it is not among them, as the no-drafts baseline).
 
     Candidates: every profiled model no costlier than the target, chains increasing in c(1) and
     ending at the target, buffers 1..n_max. `gsp_candidates` finds the `keep` best chains under
-    the surrogate objective (exactly); they are re-ranked by the exact `expected_latency`, using
-    the per-position acceptance profiles when the stats have them and `position_profiles` is set.
+    the surrogate objective (exactly); with every single-draft plan they are re-ranked by the exact
+    `expected_latency`, with one i.i.d. acceptance per pair or, when `position_profiles` is set,
+    the stats' per-position profiles (opt-in: on the default family the i.i.d. rate predicted
+    tokens per target call within a few percent, the profiles did worse; see README).
     Each Plan carries both latencies; the first plan's `runner_up` lists the others.
 
     Why re-rank: the surrogate ignores overshoot and the cap-wide verify widths, and its optimum
@@ -666,6 +668,9 @@ def solve(stats: Stats, n_max: int = 32, mode: str | None = None, top: int = 5, 
     re-ranked best equalled the brute-force exact optimum on all of 91 random instances of 2-5
     models with n_max 5-8 (tests/test_planner.py::test_dp_matches_brute_force checks 6 of them);
     keep = 8 missed it by up to 3.3%.
+
+    `min_drafts` > 0 keeps only hierarchies with at least that many drafts (to run HSD where the
+    plain target would win, e.g. to measure it); then "target alone" is not appended.
     """
     if n_max < 1 or top < 1 or keep < 1:
         raise ValueError(f"n_max, top and keep must be >= 1, got {n_max}, {top}, {keep}")
@@ -678,16 +683,31 @@ def solve(stats: Stats, n_max: int = 32, mode: str | None = None, top: int = 5, 
         alpha[index[drafter], index[verifier]] = stats.alpha(drafter, verifier, mode)
     ar = models[-1].step_cost
     info = {"hardware": stats.hardware, "dtype": stats.dtype, "temperature": stats.temperature}
+    candidates = {(c.chain, c.buffers): c.surrogate
+                  for c in gsp_candidates([m.cost_s for m in models], alpha, n_max=n_max, keep=keep)}
+    # Every single-draft plan too (|models| * n_max of them): the surrogate is i.i.d., and a
+    # drafter whose acceptance comes in long runs (the n-gram's copies) is best at buffers the
+    # surrogate ranks far down.
+    for k in range(len(models) - 1):
+        for n in range(1, n_max + 1):
+            candidates.setdefault(((k, len(models) - 1), (n,)), None)
     plans = []
-    for cand in gsp_candidates([m.cost_s for m in models], alpha, n_max=n_max, keep=keep):
-        names = [models[k].name for k in cand.chain]
-        latency = expected_latency(*stats.chain_inputs(names, mode, position_profiles), cand.buffers)
-        plans.append(Plan(chain=tuple(names), sources=tuple(models[k].source for k in cand.chain),
-                          buffers=cand.buffers, predicted_latency_s=latency, ar_latency_s=ar, mode=mode,
-                          surrogate_latency_s=cand.surrogate, stats=info))
+    for (chain, buffers), surrogate in candidates.items():
+        names = [models[k].name for k in chain]
+        latency = expected_latency(*stats.chain_inputs(names, mode, position_profiles), buffers)
+        if surrogate is None:
+            surrogate = surrogate_latency(*stats.chain_inputs(names, mode), buffers)
+        plans.append(Plan(chain=tuple(names), sources=tuple(models[k].source for k in chain),
+                          buffers=buffers, predicted_latency_s=latency, ar_latency_s=ar, mode=mode,
+                          surrogate_latency_s=surrogate, stats=info))
     plans.sort(key=lambda p: p.predicted_latency_s)
+    if min_drafts:
+        plans = [p for p in plans if len(p.chain) - 1 >= min_drafts]
+        if not plans:
+            raise ValueError(f"no hierarchy with at least {min_drafts} drafts among the {len(models)} candidate "
+                             "models; lower --min-drafts")
     chosen = plans[:top]
-    if not any(len(p.chain) == 1 for p in chosen):
+    if not min_drafts and not any(len(p.chain) == 1 for p in chosen):
         chosen.append(next(p for p in plans if len(p.chain) == 1))
     chosen[0].runner_up = [p.summary() for p in chosen[1:]]
     return chosen
@@ -733,7 +753,11 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                    help="acceptance table to use (default: greedy if the stats' temperature is 0, else sampled)")
     p.add_argument("--measure", help='JSON {"<plan label>": measured seconds per token} to compare and plot')
     p.add_argument("--top", type=int, default=5, help="how many plans to report (default 5)")
-    p.add_argument("--iid", action="store_true", help="ignore per-position acceptance profiles")
+    p.add_argument("--position-profiles", action="store_true",
+                   help="use the stats' per-position acceptance profiles instead of one i.i.d. rate per pair "
+                        "(on the default family the i.i.d. rate predicted measured latency better)")
+    p.add_argument("--min-drafts", type=int, default=0,
+                   help="only hierarchies with at least this many drafts (default 0: the target alone may win)")
     return p
 
 
@@ -796,7 +820,7 @@ def run_plan(args: argparse.Namespace) -> int:
     """`hsd-jax plan`: solve, print the chosen hierarchy and runner-ups, write plan.json (and the plot)."""
     stats = load_stats(args.stats)
     plans = solve(stats, n_max=args.n_max, mode=args.temperature_mode, top=getattr(args, "top", 5),
-                  position_profiles=not getattr(args, "iid", False))
+                  position_profiles=getattr(args, "position_profiles", False), min_drafts=getattr(args, "min_drafts", 0))
     measured = _load_measured(args.measure)
     best = plans[0]
     print(f"chosen: {best.label}")

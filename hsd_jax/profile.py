@@ -72,11 +72,20 @@ def _timed(fn, *args, repeats: int) -> float:
 
 
 def measure_costs(level: Level, max_k: int, *, cache_size: int = 256, context: int = 128,
-                  batch: int = 1, repeats: int = 7) -> list[float]:
-    """c(k) for k = 1..max_k: median seconds of one k-token forward (n-gram: its lookup) with
-    `context` tokens already cached in a cache of `cache_size` positions."""
+                  batch: int = 1, repeats: int = 7, sparse_ks: Sequence[int] = ()) -> list[float]:
+    """c(k) for k = 1..max(max_k, *sparse_ks): median seconds of one k-token forward (n-gram: its
+    lookup) with `context` tokens already cached in a cache of `cache_size` positions. Every k up
+    to `max_k` is measured; beyond it only `sparse_ks` are, and the k between them are linearly
+    interpolated (a table the planner reads densely, without one compile per k)."""
+    ks = sorted(set(range(1, max_k + 1)) | {int(k) for k in sparse_ks if k > max_k})
+    measured = _measure_each(level, ks, cache_size=cache_size, context=context, batch=batch, repeats=repeats)
+    return np.interp(np.arange(1, ks[-1] + 1), ks, measured).tolist()
+
+
+def _measure_each(level: Level, ks: Sequence[int], *, cache_size: int, context: int, batch: int,
+                  repeats: int) -> list[float]:
     costs = []
-    for k in range(1, max_k + 1):
+    for k in ks:
         if isinstance(level, NGramDrafter):
             seq = jnp.ones((batch, cache_size), jnp.int32)
             ends = jnp.full((batch, k), context, jnp.int32) + jnp.arange(k)[None]
@@ -133,16 +142,22 @@ def greedy_position_profile(agreements: Sequence[np.ndarray], length: int, min_c
     """P(draft position j accepted | positions 1..j-1 accepted), j = 1..length, for greedy drafts.
 
     At temperature 0 a draft block starting at answer position s is accepted exactly as long as
-    the drafter's argmax agrees with the target's along the target's own continuation, so with
-    r_s the run of agreements from s, position j's rate is #{r_s >= j} / #{r_s >= j - 1} over
-    every start s. Real agreement comes in runs (easy spans: code, lists, copies), which an i.i.d.
-    rate misses. A rate backed by fewer than `min_count` runs repeats the last reliable one."""
+    the drafter's argmax agrees with the target's along the target's own continuation: r_s, the
+    run of agreements from s. Blocks do not start everywhere, though: the first starts at the
+    answer's first position and each later one right after the position the verifier corrected,
+    i.e. after a disagreement (a long buffer's walk). Over those starts position j's rate is
+    #{r_s >= j} / #{r_s >= j - 1}. Real agreement comes in runs (easy spans: code, lists,
+    copies), which one i.i.d. rate misses. A rate backed by fewer than `min_count` blocks repeats
+    the last reliable one."""
     counts = np.zeros(length + 1)
     for agree in agreements:
-        run = 0
-        for a in agree[::-1].astype(bool):  # runs[s] = agree[s] * (1 + runs[s + 1])
-            run = run + 1 if a else 0
-            counts[:min(run, length) + 1] += 1
+        agree = np.asarray(agree, bool)
+        runs = np.zeros(agree.size + 1, np.int64)
+        for s in range(agree.size - 1, -1, -1):
+            runs[s] = runs[s + 1] + 1 if agree[s] else 0
+        starts = np.concatenate([[0], np.flatnonzero(~agree) + 1])
+        for s in starts[starts < agree.size]:
+            counts[:min(runs[s], length) + 1] += 1
     profile: list[float] = []
     for j in range(1, length + 1):
         if counts[j - 1] < min_count:
@@ -165,9 +180,11 @@ def _versions() -> dict[str, str]:
 
 
 def profile_family(sources: Sequence[str], prompts: Sequence[str], *, names: Sequence[str] | None = None,
-                   temperature: float = 1.0, max_k: int = 16, max_new_tokens: int = 64,
-                   cache_size: int = 256, repeats: int = 7, progress: bool = True) -> dict[str, Any]:
-    """Profile every source (the last is the target) into the planner's stats dict."""
+                   temperature: float = 1.0, max_k: int = 16, sparse_ks: Sequence[int] = (),
+                   max_new_tokens: int = 64, cache_size: int = 256, repeats: int = 7,
+                   mesh: Any = None, progress: bool = True) -> dict[str, Any]:
+    """Profile every source (the last is the target) into the planner's stats dict; with a
+    `mesh`, on it (`sharding.family_rules`: drafts replicated, the target tensor-parallel)."""
     from hsd_jax.bench import machine_name
     from hsd_jax.checkpoint import encode_prompt, load_tokenizer
     from hsd_jax.generate import ar_generate
@@ -178,6 +195,11 @@ def profile_family(sources: Sequence[str], prompts: Sequence[str], *, names: Seq
     target = load_model(target_source)
     vocab = target.vocab_size
     levels = [load_level(s, vocab_size=vocab) for s in sources[:-1]] + [target]
+    if mesh is not None:
+        from hsd_jax.sharding import shard_levels
+
+        levels = shard_levels(levels, mesh)
+        target = levels[-1]
     names = list(names) if names else [default_name(s) for s in sources]
     tokenizer = load_tokenizer(target_source)
     sequences, starts = [], []
@@ -190,13 +212,14 @@ def profile_family(sources: Sequence[str], prompts: Sequence[str], *, names: Seq
         sequences.append(np.array(ids + answer, np.int32))
         starts.append(len(ids))
     acceptance = measure_acceptance(levels, sequences, starts, temperature=temperature, vocab=vocab,
-                                    max_positions=max_k, progress=progress)
+                                    max_positions=max([max_k, *sparse_ks]), progress=progress)
     models = []
     for name, source, level in zip(names, sources, levels):
         if progress:
             print(f"timing {name} for k = 1..{max_k}", flush=True)
         models.append({"name": name, "source": source, "params": num_params(level),
-                       "cost_s": measure_costs(level, max_k, cache_size=cache_size, repeats=repeats)})
+                       "cost_s": measure_costs(level, max_k, cache_size=cache_size, repeats=repeats,
+                                               sparse_ks=sparse_ks)})
 
     def profile_pairs(profiles):  # agreement is symmetric: both orders share a profile
         out: dict[str, dict[str, list[float]]] = {}
@@ -212,7 +235,9 @@ def profile_family(sources: Sequence[str], prompts: Sequence[str], *, names: Seq
 
     return {"version": 1, "hardware": machine_name(), "dtype": str(target.dtype), "batch_size": 1,
             "temperature": float(temperature), "versions": _versions(), "target": names[-1],
-            "cache_size": cache_size, "prompts": len(prompts), "answer_positions": acceptance["positions"],
+            "mesh": None if mesh is None else dict(mesh.shape),
+            "cache_size": cache_size, "measured_k": sorted(set(range(1, max_k + 1)) | set(sparse_ks)),
+            "prompts": len(prompts), "answer_positions": acceptance["positions"],
             "models": models, "acceptance": {"greedy": pairs(acceptance["greedy"]),
                                              "sampled": pairs(acceptance["sampled"])},
             "position_acceptance": {"greedy": profile_pairs(acceptance["greedy_profiles"])}}

@@ -272,16 +272,28 @@ def shard_model(model: Model, mesh: Mesh, rule: Rule = "tensor") -> Model:
     return model.replace(params=jax.device_put(params, shardings), sharding=sharding)
 
 
-def shard_hierarchy(hierarchy, mesh: Mesh, rule: Rule | Sequence[Rule] = "tensor"):
-    """A `Hierarchy` with every neural model on `mesh`: one rule for all, or one per model
-    (smallest first; e.g. ("replicated", "tensor", "tensor")). The n-gram drafter has no weights."""
-    from hsd_jax.hsd import Hierarchy
+def family_rules(count: int) -> list[str]:
+    """The command line's rules for `count` models, target last: the drafts replicated (small,
+    so no collectives) and the target tensor-parallel."""
+    return ["replicated"] * (count - 1) + ["tensor"]
 
-    models = hierarchy.models
-    rules = [rule] * len(models) if isinstance(rule, (str, Mapping)) else list(rule)
+
+def shard_levels(models: Sequence[Any], mesh: Mesh, rule: Rule | Sequence[Rule] | None = None) -> list[Any]:
+    """Every neural model of `models` (smallest first) on `mesh`: one rule for all, one per model,
+    or None for `family_rules`. The n-gram drafter has no weights and is returned as is."""
+    rules = (family_rules(len(models)) if rule is None else
+             [rule] * len(models) if isinstance(rule, (str, Mapping)) else list(rule))
     if len(rules) != len(models):
         raise ValueError(f"give one sharding rule for all models or one per model ({len(models)}), got {len(rules)}")
-    sharded = tuple(shard_model(m, mesh, r) if isinstance(m, Model) else m for m, r in zip(models, rules))
+    return [shard_model(m, mesh, r) if isinstance(m, Model) else m for m, r in zip(models, rules)]
+
+
+def shard_hierarchy(hierarchy, mesh: Mesh, rule: Rule | Sequence[Rule] | None = "tensor"):
+    """A `Hierarchy` with every neural model on `mesh`: one rule for all, one per model (smallest
+    first; e.g. ("replicated", "tensor", "tensor")), or None for `family_rules`."""
+    from hsd_jax.hsd import Hierarchy
+
+    sharded = tuple(shard_levels(hierarchy.models, mesh, rule))
     return Hierarchy.tree_unflatten(hierarchy.tree_flatten()[1], (sharded,))
 
 

@@ -5,9 +5,10 @@ the chosen plan within 5% of the best measured over a grid of small hierarchies)
     hsd-jax validate-plan --stats stats.json --prompts eval.jsonl [--plan plan.json] [--grid]
         [--num-prompts 6] [--max-new-tokens 48] [--json out.json] [--plot out.png]
 
-Decode latency excludes prefill: every model of a hierarchy first runs one forward over the
-(padded) prompt, whose time is measured per model and subtracted from each run, so that the
-measured figure is the per-token cost the latency model describes.
+Decode latency excludes prefill: every model of a hierarchy first runs `generate.prefill` over
+the (padded) prompt, whose time is measured per model and subtracted from each run (plain AR's
+first token comes from that prefill, so its rest is divided by the tokens after it). The
+measured figure is then the per-token cost the latency model describes.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def measure(stats: Stats, hierarchies: Sequence[tuple[Sequence[str], Sequence[in
     from hsd_jax.checkpoint import encode_prompt, load_tokenizer
     from hsd_jax.data import load_prompts
     from hsd_jax.hsd import Hierarchy, hsd_generate
-    from hsd_jax.model import Model, forward
+    from hsd_jax.generate import prefill
+    from hsd_jax.model import Model
     from hsd_jax.profile import load_level
 
     mode = acceptance_mode(0.0)
@@ -64,7 +66,7 @@ def measure(stats: Stats, hierarchies: Sequence[tuple[Sequence[str], Sequence[in
     tokenizer = load_tokenizer(target_source.split(":", 1)[-1])
     texts = load_prompts(prompts_file)[:num_prompts or None]
     prompts, lengths = _pad_prompts([encode_prompt(tokenizer, t) for t in texts])
-    prefill: dict[str, float] = {}
+    prefill_s: dict[str, float] = {}
 
     def level(name: str):
         if name not in levels:
@@ -72,22 +74,22 @@ def measure(stats: Stats, hierarchies: Sequence[tuple[Sequence[str], Sequence[in
         return levels[name]
 
     def prefill_seconds(name: str) -> float:
-        """One forward over the padded prompt (what `hsd_generate` runs per model before decoding)."""
-        if name not in prefill:
+        """`generate.prefill` of the padded prompt: what `hsd_generate` runs per model before decoding."""
+        if name not in prefill_s:
             model = level(name)
             if not isinstance(model, Model):
-                prefill[name] = 0.0
+                prefill_s[name] = 0.0
             else:
                 cache_size = prompts.shape[1] + max_new_tokens + 64
-                run = jax.jit(lambda p, t: forward(p, model.config, t, model.init_cache(1, cache_size))[0])
-                jax.block_until_ready(run(model.params, prompts[:1]))
+                run = jax.jit(lambda m, t, n: prefill(m, t, n, m.init_cache(1, cache_size))[0])
+                jax.block_until_ready(run(model, prompts[:1], lengths[:1]))
                 times = []
                 for _ in range(5):
                     start = time.perf_counter()
-                    jax.block_until_ready(run(model.params, prompts[:1]))
+                    jax.block_until_ready(run(model, prompts[:1], lengths[:1]))
                     times.append(time.perf_counter() - start)
-                prefill[name] = statistics.median(times)
-        return prefill[name]
+                prefill_s[name] = statistics.median(times)
+        return prefill_s[name]
 
     rows = []
     key = jax.random.PRNGKey(0)
@@ -101,7 +103,9 @@ def measure(stats: Stats, hierarchies: Sequence[tuple[Sequence[str], Sequence[in
         run = jax.jit(lambda h, p, l: hsd_generate(h, p, l, key, max_new_tokens=max_new_tokens))
         timed = _time_jax_method(lambda p, l: run(hierarchy, p, l), prompts, lengths)
         overhead = sum(prefill_seconds(n) for n in chain)
-        per_token = [max(s - overhead, 0.0) / len(t) for s, t, _ in timed]
+        # AR's first token comes from its prefill; a hierarchy's prefill only caches the prompt
+        first_from_prefill = 1 if len(chain) == 1 else 0
+        per_token = [max(s - overhead, 0.0) / max(len(t) - first_from_prefill, 1) for s, t, _ in timed]
         tokens = [t for _, t, _ in timed]
         reference = reference or tokens
         rows.append({"label": label, "chain": list(chain), "buffers": list(buffers),

@@ -54,7 +54,7 @@ median of repeats after compilation) and on the held-out prompts in `hsd_jax/dat
 | greedy agreement with the target | {greedy:.3f} |
 | sampling acceptance sum min(p, q) at temperature {stats['temperature']} | {sampled:.3f} |
 
-{_goals(draft_dir.name, ratio(1), greedy)}
+{_goals(draft_dir.name, ratio(1), greedy, summary['steps'])}
 Re-create it with:
 
 ```
@@ -67,14 +67,14 @@ about 33 minutes on this machine).
 """
 
 
-def _goals(name: str, cost_ratio: float, greedy: float) -> str:
+def _goals(name: str, cost_ratio: float, greedy: float, steps: int) -> str:
     if name not in GOALS:
         return ""
     role, max_cost, min_accept = GOALS[name]
     verdict = lambda ok: "met" if ok else "**not met**"
     return (f"Against the family's goals for the {role}: cost <= {max_cost:.2f} of the target's: {cost_ratio:.3f}, "
             f"{verdict(cost_ratio <= max_cost)}; greedy acceptance >= {min_accept:.2f}: {greedy:.3f}, "
-            f"{verdict(greedy >= min_accept)}. It is under-trained: a few hundred steps over a 58k-token corpus "
+            f"{verdict(greedy >= min_accept)}. It is under-trained: {steps} steps over a 58k-token corpus "
             "on a 2-core CPU, the only hardware it had (no accelerator was available to train it longer).\n")
 
 

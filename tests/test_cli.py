@@ -13,6 +13,16 @@ from hsd_jax.convert import convert
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, smollm2_dir):
     """A tiny random Llama that borrows SmolLM2's converted tokenizer (same 49152-token vocab)."""
+    return _tiny_llama(tmp_path_factory, smollm2_dir, heads=4, kv_heads=2)
+
+
+@pytest.fixture(scope="module")
+def model_dir_8_heads(tmp_path_factory, smollm2_dir):
+    """The same with 8 heads and 8 kv heads: it splits over all 8 fake CPU devices."""
+    return _tiny_llama(tmp_path_factory, smollm2_dir, heads=8, kv_heads=8)
+
+
+def _tiny_llama(tmp_path_factory, smollm2_dir, heads: int, kv_heads: int):
     import shutil
 
     import torch
@@ -20,8 +30,9 @@ def model_dir(tmp_path_factory, smollm2_dir):
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+                                      num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                      max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=1,
+                                      eos_token_id=2)
     hf_dir = tmp_path_factory.mktemp("tiny_hf")
     transformers.LlamaForCausalLM(config).save_pretrained(hf_dir)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -106,3 +117,28 @@ def test_generate_with_a_plan_reports_against_ar(model_dir, tmp_path, capsys):
                  "--compare-ar"]) == 0
     printed = capsys.readouterr().out
     assert "speed-up" in printed and "level 1 accepts" in printed and "identical to AR: True" in printed
+
+
+def test_profile_and_bench_on_a_mesh(model_dir_8_heads, tmp_path, capsys):
+    """`--mesh` on profile and bench: the family sharded (drafts replicated, the target
+    tensor-parallel over the 8 fake CPU devices), the same greedy tokens as plain AR."""
+    model_dir = model_dir_8_heads
+    prompts, stats_path, plan_path, bench_path = (tmp_path / n for n in ("p.jsonl", "s.json", "plan.json", "b.json"))
+    prompts.write_text(json.dumps({"prompt": "Count to five."}) + "\n")
+    assert main(["profile", "--models", str(model_dir), "--ngram", "3", "--prompts", str(prompts), "--max-k", "2",
+                 "--max-new-tokens", "6", "--repeats", "1", "--temperature", "0", "--mesh", "model=8",
+                 "--out", str(stats_path)]) == 0
+    stats = json.loads(stats_path.read_text())
+    assert stats["mesh"] == {"data": 1, "model": 8}
+    assert [m["name"] for m in stats["models"]] == ["ngram3", "model"] and len(stats["models"][1]["cost_s"]) == 2
+    assert 0 <= stats["acceptance"]["greedy"]["ngram3"]["model"] <= 1
+    plan = {"version": 1, "chain": [{"name": "ngram3", "source": "ngram:3"}, {"name": "model", "source": str(model_dir)}],
+            "buffers": [2], "verifier": "tokenwise", "mode": "greedy", "predicted_latency_s": 1e-3, "ar_latency_s": 1e-3}
+    plan_path.write_text(json.dumps(plan))
+    assert main(["bench", "--plan", str(plan_path), "--stats", str(stats_path), "--prompts", str(prompts),
+                 "--methods", "ar,hsd", "--max-new-tokens", "6", "--mesh", "model=8", "--json", str(bench_path)]) == 0
+    results = json.loads(bench_path.read_text())
+    assert results["mesh"] == {"data": 1, "model": 8}
+    assert results["methods"]["hsd"]["identical_to_ar"] is True
+    assert main(["bench", "--model", str(model_dir), "--mesh", "model=8"]) == 2
+    assert "--mesh applies to `bench --plan`" in capsys.readouterr().err

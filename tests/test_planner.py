@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from hsd_jax.planner import (Plan, add_plan_parser, expected_latency, forward_cost, gsp_candidates,
-                             hierarchy_from_plan, load_plan, load_stats, plan_label, run_plan, simulate, solve,
-                             surrogate_latency)
+                             hierarchy_from_plan, load_plan, load_stats, plan_label, run_plan, save_plan, simulate,
+                             solve, surrogate_latency)
 
 
 def _cost_table(rng: np.random.Generator, base: float, kmax: int = 16) -> list[float]:
@@ -140,6 +140,13 @@ def test_target_alone_when_drafts_are_poor():
     plans = solve(load_stats(_stats(names, tables, np.full((4, 4), 0.05))), n_max=16)
     assert plans[0].chain == ("target",) and plans[0].buffers == ()
     assert plans[0].predicted_speedup == pytest.approx(1.0)
+    # asked for drafts anyway: the best hierarchies that have them, still ranked by the exact model
+    forced = solve(load_stats(_stats(names, tables, np.full((4, 4), 0.05))), n_max=16, min_drafts=2)
+    assert forced and all(len(p.chain) >= 3 for p in forced)
+    assert [p.predicted_latency_s for p in forced] == sorted(p.predicted_latency_s for p in forced)
+    assert forced[0].predicted_latency_s > plans[0].predicted_latency_s
+    with pytest.raises(ValueError, match="at least 4 drafts"):
+        solve(load_stats(_stats(names, tables, np.full((4, 4), 0.05))), n_max=16, min_drafts=4)
     # and with good drafts it does speculate
     good = solve(load_stats(_stats(names, tables, np.full((4, 4), 0.9))), n_max=16)
     assert len(good[0].chain) > 1 and good[0].predicted_speedup > 1.5
@@ -151,7 +158,7 @@ def test_position_profiles_change_the_prediction():
     data = _stats(names, [_cost_table(rng, 1e-3), _cost_table(rng, 10e-3)], np.full((2, 2), 0.8))
     data["position_acceptance"] = {"greedy": {"small": {"target": [0.95, 0.5]}}}
     stats = load_stats(data)
-    with_profile = solve(stats, n_max=8)[0]
+    with_profile = solve(stats, n_max=8, position_profiles=True)[0]
     iid = solve(stats, n_max=8, position_profiles=False)[0]
     chain = with_profile.chain
     costs, _ = stats.chain_inputs(chain, "greedy")
@@ -265,3 +272,8 @@ def test_hierarchy_from_plan(tmp_path):
     assert isinstance(hierarchy.models[0], NGramDrafter) and hierarchy.models[0].n == 3
     assert hierarchy.models[0].vocab_size == 32 and hierarchy.models[1].config.num_layers == 1
     assert hasattr(hierarchy.models[2].params["lm_head"], "in_dims")  # int8
+    from hsd_jax import Hierarchy
+
+    save_plan(plan, tmp_path / "plan.json")
+    again = Hierarchy.from_plan(tmp_path / "plan.json", base_dir=tmp_path / "base", dtype="float32")
+    assert again.buffers == hierarchy.buffers and [type(m) for m in again.models] == [type(m) for m in hierarchy.models]

@@ -24,6 +24,22 @@ def test_costs_are_positive_per_k(models):
     assert len(measure_costs(NGramDrafter(2, VOCAB), 2, cache_size=32, context=8, repeats=2)) == 2
 
 
+def test_sparse_costs_are_interpolated(models, monkeypatch):
+    import hsd_jax.profile as profile
+
+    seen = []
+
+    def fake(level, ks, **kwargs):
+        seen.extend(ks)
+        return [float(k) ** 2 for k in ks]
+
+    monkeypatch.setattr(profile, "_measure_each", fake)
+    costs = measure_costs(models[0], 3, sparse_ks=[2, 5, 9], repeats=1)
+    assert seen == [1, 2, 3, 5, 9]  # every k to max_k, then only the sparse ones beyond it
+    assert costs[:3] == [1.0, 4.0, 9.0] and costs[4] == 25.0 and costs[8] == 81.0 and len(costs) == 9
+    assert costs[3] == pytest.approx((9 + 25) / 2) and costs[6] == pytest.approx((25 + 81) / 2)
+
+
 def test_acceptance_matches_a_direct_count(models):
     rng = np.random.default_rng(0)
     sequences = [rng.integers(0, VOCAB, 20).astype(np.int32) for _ in range(3)]
@@ -57,11 +73,12 @@ def test_sources_and_names(tmp_path):
 def test_greedy_position_profile_counts_runs():
     from hsd_jax.profile import greedy_position_profile
 
-    agree = np.array([1, 1, 0, 1, 1, 1, 0, 0], bool)  # runs from each start: 2 1 0 3 2 1 0 0
+    agree = np.array([1, 1, 0, 1, 1, 1, 0, 0, 1, 0], bool)
+    # blocks start at 0 and after each disagreement (3, 7, 8, 10: past the end): runs 2, 3, 0, 1
     profile = greedy_position_profile([agree], 4, min_count=1)
-    # P(r>=1)=5/8; P(r>=2 | r>=1)=3/5; P(r>=3 | r>=2)=1/3; P(r>=4 | r>=3)=0/1
-    assert profile == pytest.approx([5 / 8, 3 / 5, 1 / 3, 0.0])
+    # P(r>=1)=3/4; P(r>=2 | r>=1)=2/3; P(r>=3 | r>=2)=1/2; P(r>=4 | r>=3)=0/1
+    assert profile == pytest.approx([3 / 4, 2 / 3, 1 / 2, 0.0])
     iid = np.random.default_rng(0).random(200_000) < 0.7
     assert greedy_position_profile([iid], 6) == pytest.approx([0.7] * 6, abs=0.01)
-    # too few long runs: the last reliable rate is repeated
-    assert greedy_position_profile([agree], 4, min_count=3) == pytest.approx([5 / 8, 3 / 5, 1 / 3, 1 / 3])
+    # too few blocks behind a rate: the last reliable rate is repeated
+    assert greedy_position_profile([agree], 4, min_count=3) == pytest.approx([3 / 4, 2 / 3, 2 / 3, 2 / 3])

@@ -1,0 +1,76 @@
+"""Where one HSD round's time goes: measured seconds per target round, split by level.
+
+    .venv/bin/python scripts/round_profile.py [--plan checkpoints/plan-hsd.json] [--stats checkpoints/stats.json]
+
+Greedy, batch 1, on held-out prompts. Per prompt it measures the decode time (prefill
+subtracted, as `hsd-jax validate-plan`) and the per-level forward-pass counts from
+`hsd_generate`'s stats. Each level's share is its passes per round times its profiled cost c(k)
+at the width it runs (M_0: one catch-up forward then 1-token steps; M_i: verification width
+cap_{i-1} + K - i + 1). What the costs do not explain is the recursion's own overhead
+(sampling, buffers, masks, loop control).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--plan", default="checkpoints/plan-hsd.json")
+    p.add_argument("--stats", default="checkpoints/stats.json")
+    p.add_argument("--prompts", default="hsd_jax/data/eval_prompts.jsonl")
+    p.add_argument("--num-prompts", type=int, default=6)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    args = p.parse_args(argv)
+
+    import hsd_jax.bench as bench
+    from hsd_jax.planner import forward_cost, load_plan, load_stats
+    from hsd_jax.validate import measure
+
+    stats, plan = load_stats(args.stats), load_plan(args.plan)
+    captured = {}
+    original = bench._time_jax_method
+
+    def keep_stats(generate, prompts, lengths):
+        rows = original(generate, prompts, lengths)
+        captured["rows"] = rows
+        return rows
+
+    bench._time_jax_method = keep_stats
+    row = measure(stats, [(plan.chain, plan.buffers)], args.prompts, num_prompts=args.num_prompts,
+                  max_new_tokens=args.max_new_tokens, progress=False)[0]
+    depth = len(plan.chain) - 1
+    caps = np.cumsum(plan.buffers).tolist()
+    passes = np.mean([np.asarray(st.forward_passes)[0] for _, _, st in captured["rows"]], axis=0)
+    rounds = np.mean([float(np.asarray(st.target_rounds)[0]) for _, _, st in captured["rows"]])
+    tokens = statistics.mean(len(t) for _, t, _ in captured["rows"])
+    per_round_ms = 1e3 * row["measured_s"] * tokens / rounds
+    print(f"{plan.label}: {tokens / rounds:.2f} tokens per round, {per_round_ms:.1f} ms per round measured "
+          f"({1e3 * row['measured_s']:.2f} ms/token; {args.num_prompts} prompts, {args.max_new_tokens} new tokens)")
+    explained = 0.0
+    for level, name in enumerate(plan.chain):
+        table = stats.model(name).cost_s
+        per_round = passes[level] / rounds
+        if level == 0:  # one catch-up forward of K + 1 tokens per batch, then 1-token steps
+            batches = per_round / plan.buffers[0] if depth else 0
+            ms = 1e3 * (batches * forward_cost(table, depth + 1) + max(per_round - batches, 0) * forward_cost(table, 1))
+            how = f"{per_round:.2f} drafting steps"
+        else:
+            width = caps[level - 1] + depth - level + 1
+            ms = 1e3 * per_round * forward_cost(table, width)
+            how = f"{per_round:.2f} passes of {width} tokens"
+        explained += ms
+        print(f"  level {level} {name:<28} {how:<26} {ms:7.1f} ms  ({100 * ms / per_round_ms:4.1f}%)")
+    rest = per_round_ms - explained
+    print(f"  not explained by c(k) (overhead of the recursion, cost-model error) {rest:7.1f} ms  "
+          f"({100 * rest / per_round_ms:4.1f}%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
