@@ -147,19 +147,21 @@ def format_rows(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """Horizontal bars of measured and predicted ms per token, fastest measured on top."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = sorted(rows, key=lambda r: r["measured_s"])
-    x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(8, 0.5 * len(rows)), 5))
-    ax.bar(x - 0.2, [1e3 * r["measured_s"] for r in rows], 0.4, label="measured")
-    ax.bar(x + 0.2, [1e3 * r["predicted_profile_s"] for r in rows], 0.4, label="predicted")
-    ax.set_xticks(x, [r["label"] for r in rows], rotation=70, ha="right", fontsize=7)
-    ax.set_ylabel("ms per committed token (decode, batch 1, greedy)")
-    ax.legend()
+    y = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.32 * len(rows)))
+    ax.barh(y - 0.2, [1e3 * r["measured_s"] for r in rows], 0.4, label="measured")
+    ax.barh(y + 0.2, [1e3 * r["predicted_iid_s"] for r in rows], 0.4, label="predicted")
+    ax.set_yticks(y, [r["label"] for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per committed token (decode, batch 1, greedy)")
+    ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -90,7 +90,8 @@ def test_validate_plan_measures_and_compares(model_dir, tmp_path, capsys):
     stats_path.write_text(json.dumps(stats))
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ("Count to five.", "Name a colour.")))
     assert main(["validate-plan", "--stats", str(stats_path), "--prompts", str(prompts), "--grid", "--top", "2",
-                 "--num-prompts", "2", "--max-new-tokens", "8", "--json", str(out)]) == 0
+                 "--num-prompts", "2", "--max-new-tokens", "8", "--json", str(out), "--plot", str(tmp_path / "v.png")]) == 0
+    assert (tmp_path / "v.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads(out.read_text())
     labels = [r["label"] for r in report["rows"]]
     assert {"tiny", "ngram3[2] > tiny", "ngram3[4] > tiny", "ngram3[8] > tiny"} <= set(labels)
