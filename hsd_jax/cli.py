@@ -223,12 +223,11 @@ def _hierarchy_from_args(args):
     """The hierarchy of `--plan`, or of --model/--draft/--ngram/--buffers/--verifier; with --mesh,
     the target tensor-parallel and the drafts replicated on that mesh."""
     hierarchy = _load_hierarchy(args)
-    if getattr(args, "mesh", None):
-        from hsd_jax import distributed
-        from hsd_jax.sharding import parse_mesh, shard_hierarchy
+    mesh = _mesh(args)
+    if mesh is not None:
+        from hsd_jax.sharding import shard_hierarchy
 
-        distributed.initialize()
-        hierarchy = shard_hierarchy(hierarchy, parse_mesh(args.mesh), rule=None)
+        hierarchy = shard_hierarchy(hierarchy, mesh, rule=None)
     return hierarchy
 
 

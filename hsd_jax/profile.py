@@ -77,9 +77,14 @@ def measure_costs(level: Level, max_k: int, *, cache_size: int = 256, context: i
     lookup) with `context` tokens already cached in a cache of `cache_size` positions. Every k up
     to `max_k` is measured; beyond it only `sparse_ks` are, and the k between them are linearly
     interpolated (a table the planner reads densely, without one compile per k)."""
-    ks = sorted(set(range(1, max_k + 1)) | {int(k) for k in sparse_ks if k > max_k})
+    ks = cost_ks(max_k, sparse_ks)
     measured = _measure_each(level, ks, cache_size=cache_size, context=context, batch=batch, repeats=repeats)
     return np.interp(np.arange(1, ks[-1] + 1), ks, measured).tolist()
+
+
+def cost_ks(max_k: int, sparse_ks: Sequence[int] = ()) -> list[int]:
+    """The k whose c(k) `measure_costs` times: 1..max_k, then the sparse ones beyond it."""
+    return sorted(set(range(1, max_k + 1)) | {int(k) for k in sparse_ks if k > max_k})
 
 
 def _measure_each(level: Level, ks: Sequence[int], *, cache_size: int, context: int, batch: int,
@@ -236,7 +241,7 @@ def profile_family(sources: Sequence[str], prompts: Sequence[str], *, names: Seq
     return {"version": 1, "hardware": machine_name(), "dtype": str(target.dtype), "batch_size": 1,
             "temperature": float(temperature), "versions": _versions(), "target": names[-1],
             "mesh": None if mesh is None else dict(mesh.shape),
-            "cache_size": cache_size, "measured_k": sorted(set(range(1, max_k + 1)) | set(sparse_ks)),
+            "cache_size": cache_size, "measured_k": cost_ks(max_k, sparse_ks),
             "prompts": len(prompts), "answer_positions": acceptance["positions"],
             "models": models, "acceptance": {"greedy": pairs(acceptance["greedy"]),
                                              "sampled": pairs(acceptance["sampled"])},

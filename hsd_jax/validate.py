@@ -17,7 +17,6 @@ import argparse
 import itertools
 import json
 import statistics
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -57,13 +56,13 @@ def measure(stats: Stats, hierarchies: Sequence[tuple[Sequence[str], Sequence[in
     from hsd_jax.hsd import Hierarchy, hsd_generate
     from hsd_jax.generate import prefill
     from hsd_jax.model import Model
-    from hsd_jax.profile import load_level
+    from hsd_jax.profile import _timed, load_level
 
     mode = acceptance_mode(0.0)
     target_source = stats.model(stats.target).source
     target = load_level(target_source)
     levels = {stats.target: target}
-    tokenizer = load_tokenizer(target_source.split(":", 1)[-1])
+    tokenizer = load_tokenizer(target_source)
     texts = load_prompts(prompts_file)[:num_prompts or None]
     prompts, lengths = _pad_prompts([encode_prompt(tokenizer, t) for t in texts])
     prefill_s: dict[str, float] = {}
@@ -82,13 +81,7 @@ def measure(stats: Stats, hierarchies: Sequence[tuple[Sequence[str], Sequence[in
             else:
                 cache_size = prompts.shape[1] + max_new_tokens + 64
                 run = jax.jit(lambda m, t, n: prefill(m, t, n, m.init_cache(1, cache_size))[0])
-                jax.block_until_ready(run(model, prompts[:1], lengths[:1]))
-                times = []
-                for _ in range(5):
-                    start = time.perf_counter()
-                    jax.block_until_ready(run(model, prompts[:1], lengths[:1]))
-                    times.append(time.perf_counter() - start)
-                prefill_s[name] = statistics.median(times)
+                prefill_s[name] = _timed(run, model, prompts[:1], lengths[:1], repeats=5)
         return prefill_s[name]
 
     rows = []
@@ -114,6 +107,12 @@ def measure(stats: Stats, hierarchies: Sequence[tuple[Sequence[str], Sequence[in
                      "predicted_profile_s": predict(stats, chain, buffers, mode, True),
                      "tokens_per_target_call": float(np.mean([np.asarray(st.tokens_per_target_call)[0]
                                                                for _, _, st in timed])),
+                     # per prompt, averaged: forward passes per level (M_0's drafting steps, then
+                     # verification passes of M_1..M_K), target rounds and committed tokens
+                     "forward_passes": np.mean([np.asarray(st.forward_passes)[0] for _, _, st in timed],
+                                               axis=0).tolist(),
+                     "target_rounds": float(np.mean([np.asarray(st.target_rounds)[0] for _, _, st in timed])),
+                     "tokens": float(np.mean([len(t) for t in tokens])),
                      "identical_to_first": tokens == reference})
     return rows
 

@@ -13,7 +13,6 @@ cap_{i-1} + K - i + 1). What the costs do not explain is the recursion's own ove
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 import numpy as np
@@ -28,27 +27,15 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     args = p.parse_args(argv)
 
-    import hsd_jax.bench as bench
     from hsd_jax.planner import forward_cost, load_plan, load_stats
     from hsd_jax.validate import measure
 
     stats, plan = load_stats(args.stats), load_plan(args.plan)
-    captured = {}
-    original = bench._time_jax_method
-
-    def keep_stats(generate, prompts, lengths):
-        rows = original(generate, prompts, lengths)
-        captured["rows"] = rows
-        return rows
-
-    bench._time_jax_method = keep_stats
     row = measure(stats, [(plan.chain, plan.buffers)], args.prompts, num_prompts=args.num_prompts,
                   max_new_tokens=args.max_new_tokens, progress=False)[0]
     depth = len(plan.chain) - 1
     caps = np.cumsum(plan.buffers).tolist()
-    passes = np.mean([np.asarray(st.forward_passes)[0] for _, _, st in captured["rows"]], axis=0)
-    rounds = np.mean([float(np.asarray(st.target_rounds)[0]) for _, _, st in captured["rows"]])
-    tokens = statistics.mean(len(t) for _, t, _ in captured["rows"])
+    passes, rounds, tokens = np.asarray(row["forward_passes"]), row["target_rounds"], row["tokens"]
     per_round_ms = 1e3 * row["measured_s"] * tokens / rounds
     print(f"{plan.label}: {tokens / rounds:.2f} tokens per round, {per_round_ms:.1f} ms per round measured "
           f"({1e3 * row['measured_s']:.2f} ms/token; {args.num_prompts} prompts, {args.max_new_tokens} new tokens)")

@@ -100,6 +100,8 @@ def test_validate_plan_measures_and_compares(model_dir, tmp_path, capsys):
         assert row["identical_to_first"], row["label"]
         assert row["measured_s"] > 0 and row["predicted_iid_s"] > 0
         assert row["error_iid"] == pytest.approx(row["predicted_iid_s"] / row["measured_s"] - 1)
+        assert len(row["forward_passes"]) == len(row["chain"]) and row["tokens"] == 8
+        assert row["tokens"] / row["target_rounds"] == pytest.approx(row["tokens_per_target_call"])
     assert report["summary"]["hierarchies"] == len(labels)
     assert "ms/token" in capsys.readouterr().out
 
