@@ -62,8 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--layers", required=True, help="target layers that initialise the draft, e.g. 0,29")
     p.add_argument("--head-vocab", type=int, default=8192, help="frequent-token head size (q = 0 elsewhere)")
-    p.add_argument("--data", default="distill/data.npz", help="cached answers + teacher top-k (made if absent)")
-    p.add_argument("--make-data", action="store_true", help="(re)make --data from the instruction set")
+    p.add_argument("--data", action="append",
+                   help="cached answers + teacher top-k, made if absent; repeat to train on several "
+                        "(default: distill/data.npz)")
+    p.add_argument("--answer-temperature", type=float, action="append",
+                   help="temperature of the answers in each --data file made here, in order (default 0: greedy)")
+    p.add_argument("--make-data", action="store_true", help="(re)make every --data file from the instruction set")
     p.add_argument("--instructions", help="JSONL instruction set (default: hsd_jax/data/instructions.jsonl)")
     p.add_argument("--answer-tokens", type=int, default=128)
     p.add_argument("--generate-batch", type=int, default=32)
@@ -271,14 +275,21 @@ def _distill(args) -> int:
     from hsd_jax.data import instructions_path, load_prompts
     from hsd_jax.distill import DraftSpec, TrainConfig, distill, make_dataset
 
-    if args.make_data or not Path(args.data).exists():
-        prompts = load_prompts(args.instructions or instructions_path())
-        make_dataset(args.target, prompts, args.data, max_new_tokens=args.answer_tokens,
-                     batch_size=args.generate_batch, top_k=args.top_k)
+    paths = args.data or ["distill/data.npz"]
+    temperatures = args.answer_temperature or []
+    if len(temperatures) > len(paths):
+        raise ValueError(f"{len(temperatures)} --answer-temperature values for {len(paths)} --data files; "
+                         "give at most one per file")
+    temperatures += [0.0] * (len(paths) - len(temperatures))
+    for index, (path, temperature) in enumerate(zip(paths, temperatures)):
+        if args.make_data or not Path(path).exists():
+            prompts = load_prompts(args.instructions or instructions_path())
+            make_dataset(args.target, prompts, path, max_new_tokens=args.answer_tokens,
+                         batch_size=args.generate_batch, top_k=args.top_k, temperature=temperature, seed=index)
     spec = DraftSpec.parse(args.layers, args.head_vocab)
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                         warmup_steps=args.warmup, checkpoint_every=args.checkpoint_every, seed=args.seed)
-    summary = distill(args.target, args.data, args.out_dir, spec, train, work_dir=args.work_dir,
+    summary = distill(args.target, paths, args.out_dir, spec, train, work_dir=args.work_dir,
                       overwrite=args.overwrite)
     print(f"wrote {args.out_dir}: {summary['steps']} steps, {summary['answer_tokens_seen']} answer tokens, "
           f"final loss {summary['loss'][-1][1]:.4f}, {summary['wall_s']:.0f}s")

@@ -44,9 +44,10 @@ def _pad(rows: Sequence[Sequence[int]], width: int) -> np.ndarray:
 
 
 def make_dataset(target_dir: str | Path, prompts: Sequence[str], out_path: str | Path, *,
-                 max_new_tokens: int = 128, batch_size: int = 32, top_k: int = 32,
-                 progress: bool = True) -> Path:
-    """The target's greedy answers to `prompts` and its cached top-k log-probabilities.
+                 max_new_tokens: int = 128, batch_size: int = 32, top_k: int = 32, temperature: float = 0.0,
+                 seed: int = 0, progress: bool = True) -> Path:
+    """The target's answers to `prompts` (greedy, or sampled at `temperature` for more varied
+    text) and its cached top-k log-probabilities.
 
     Writes an .npz with tokens [N, S] (prompt + answer), lengths [N], answer_start [N] and, for
     every position t, the target's top-k next-token ids and log-probabilities (teacher_ids,
@@ -60,13 +61,14 @@ def make_dataset(target_dir: str | Path, prompts: Sequence[str], out_path: str |
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     order = np.argsort([len(e) for e in encoded], kind="stable")
     sequences, starts = [None] * len(encoded), [0] * len(encoded)
+    key = jax.random.PRNGKey(seed)
     bar = tqdm(total=len(encoded), desc="target answers", unit="prompt", disable=not progress)
     for first in range(0, len(order), batch_size):
         batch = order[first:first + batch_size]
         rows = [encoded[i] for i in batch]
         width = max(len(r) for r in rows)
-        out = ar_generate(target, _pad(rows, width), np.array([len(r) for r in rows]), jax.random.PRNGKey(0),
-                          max_new_tokens=max_new_tokens, eos_token_id=eos)
+        out = ar_generate(target, _pad(rows, width), np.array([len(r) for r in rows]), jax.random.fold_in(key, first),
+                          max_new_tokens=max_new_tokens, temperature=temperature, eos_token_id=eos)
         tokens, counts = np.asarray(out.tokens), np.asarray(out.num_tokens)
         for j, i in enumerate(batch):
             sequences[i] = encoded[i] + tokens[j, :counts[j]].tolist()
@@ -82,7 +84,7 @@ def make_dataset(target_dir: str | Path, prompts: Sequence[str], out_path: str |
     tmp = out_path.with_suffix(".tmp.npz")
     np.savez_compressed(tmp, tokens=tokens, lengths=lengths, answer_start=np.array(starts, np.int32),
                         teacher_ids=teacher_ids, teacher_logp=teacher_logp.astype(np.float16),
-                        prompts=np.array(list(prompts)))
+                        prompts=np.array(list(prompts)), temperature=np.float32(temperature))
     tmp.replace(out_path)
     return out_path
 
@@ -131,11 +133,27 @@ def _answer_mask(data: dict[str, np.ndarray]) -> np.ndarray:
     return (pos >= data["answer_start"][:, None] - 1) & (pos < data["lengths"][:, None] - 1)
 
 
-def load_dataset(path: str | Path) -> dict[str, np.ndarray]:
+SEQUENCE_ARRAYS = ("tokens", "teacher_ids", "teacher_logp")  # [N, S, ...]: padded along S to concatenate
+
+
+def load_dataset(path: str | Path | Sequence[str | Path]) -> dict[str, np.ndarray]:
+    """One data file, or several (e.g. greedy and sampled answers) as one set of rows."""
+    if not isinstance(path, (str, Path)):
+        parts = [load_dataset(p) for p in path]
+        if not parts:
+            raise ValueError("no distillation data files given")
+        width = max(p["tokens"].shape[1] for p in parts)
+        pad = lambda x: np.pad(x, [(0, 0), (0, width - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+        return {k: np.concatenate([pad(p[k]) if k in SEQUENCE_ARRAYS else p[k] for p in parts])
+                for k in ("tokens", "lengths", "answer_start", "teacher_ids", "teacher_logp", "prompts",
+                          "temperature")}
     path = Path(path)
     try:
         with np.load(path) as f:
-            return {k: f[k] for k in f.files}
+            data = {k: f[k] for k in f.files}
+        # one answer temperature per row (files made before it was recorded hold greedy answers)
+        data["temperature"] = np.broadcast_to(data.get("temperature", np.float32(0.0)), data["lengths"].shape)
+        return data
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"cannot read distillation data {path}: {e}; re-create it with `hsd-jax distill "
                          "--make-data`") from e
@@ -227,13 +245,42 @@ class TrainConfig:
     seed: int = 0
 
 
+WIDTH_BUCKET = 32
+
+
+def _bucket_width(length: int, full_width: int) -> int:
+    """A batch's padded width: its longest row rounded up to WIDTH_BUCKET (few compiles)."""
+    return min(-(-length // WIDTH_BUCKET) * WIDTH_BUCKET, full_width)
+
+
+def length_bucketed_batches(lengths: np.ndarray, batch_size: int, steps: int, seed: int) -> np.ndarray:
+    """Row indices [steps, batch_size]: each epoch is shuffled, cut into pools of 16 batches, each
+    pool sorted by length and split into batches, and the batches shuffled, so a batch pads to
+    its own longest row rather than the corpus's. A function of the seed alone: a resumed run
+    continues with the same batches."""
+    rng = np.random.default_rng(seed)
+    n, pool = len(lengths), 16 * batch_size
+    batches: list[np.ndarray] = []
+    while len(batches) < steps:
+        order = rng.permutation(n)
+        epoch = []
+        for first in range(0, n - batch_size + 1, pool):
+            chunk = order[first:first + pool]
+            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+            epoch += [chunk[j:j + batch_size] for j in range(0, len(chunk) - batch_size + 1, batch_size)]
+        if not epoch:  # fewer rows than one batch: sample with replacement
+            epoch = [rng.choice(n, batch_size)]
+        batches += [epoch[j] for j in rng.permutation(len(epoch))]
+    return np.stack(batches[:steps])
+
+
 def _optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps, cfg.steps,
                                                   end_value=cfg.learning_rate * 0.05)
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=cfg.weight_decay))
 
 
-def distill(target_dir: str | Path, data_path: str | Path, out_dir: str | Path, spec: DraftSpec,
+def distill(target_dir: str | Path, data_path: str | Path | Sequence[str | Path], out_dir: str | Path, spec: DraftSpec,
             train: TrainConfig, *, work_dir: str | Path | None = None, progress: bool = True,
             overwrite: bool = False) -> dict[str, Any]:
     """Train a draft and save it as an hsd-jax model directory; resumes from `work_dir`.
@@ -270,14 +317,13 @@ def distill(target_dir: str | Path, data_path: str | Path, out_dir: str | Path, 
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
 
-    rng = np.random.default_rng(train.seed)
     n = data["tokens"].shape[0]
-    order = np.concatenate([rng.permutation(n) for _ in range(train.steps * train.batch_size // n + 2)])
+    batches = length_bucketed_batches(data["lengths"], train.batch_size, train.steps, train.seed)
     loss_history, tokens_seen, began = [], 0, time.perf_counter()
     bar = tqdm(range(start, train.steps), initial=start, total=train.steps, desc="distil", disable=not progress)
     for i in bar:
-        rows = order[i * train.batch_size:(i + 1) * train.batch_size]
-        width = data["tokens"].shape[1]  # one shape for every step: compiled once
+        rows = batches[i]
+        width = _bucket_width(int(data["lengths"][rows].max()), data["tokens"].shape[1])
         mask = mask_all[rows, :width]
         state, loss = step(state, frozen, jnp.asarray(data["tokens"][rows, :width]), jnp.asarray(mask),
                            jnp.asarray(data["teacher_ids"][rows, :width]), jnp.asarray(data["teacher_logp"][rows, :width]))
@@ -295,7 +341,10 @@ def distill(target_dir: str | Path, data_path: str | Path, out_dir: str | Path, 
     summary = {"steps": train.steps, "resumed_from": start, "answer_tokens_seen": tokens_seen,
                "wall_s": time.perf_counter() - began, "loss": loss_history,
                "layers": list(spec.layers), "head_vocab_size": spec.head_vocab_size,
-               "train": dataclasses.asdict(train), "data": str(data_path),
-               "data_answer_tokens": int(mask_all.sum()), "data_sequences": int(n)}
+               "train": dataclasses.asdict(train), "data": [str(p) for p in ([data_path] if isinstance(data_path, (str, Path)) else data_path)],
+               "data_answer_tokens": int(mask_all.sum()), "data_sequences": int(n),
+               "data_parts": [{"answer_temperature": float(t), "sequences": int(np.sum(data["temperature"] == t)),
+                               "answer_tokens": int(mask_all[data["temperature"] == t].sum())}
+                              for t in np.unique(data["temperature"])]}
     (out_dir / "distill_summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -56,9 +56,13 @@ def default_name(source: str) -> str:
 
 
 def num_params(level: Level) -> int:
+    """Distinct weights: the CPU layout's transposed head copy, and a tied head, count once."""
     if isinstance(level, NGramDrafter):
         return 0
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(level.params) if x.dtype != jnp.int32))
+    params = {k: v for k, v in level.params.items() if k != "lm_head_t"}
+    if level.config.tie_word_embeddings and "head_ids" not in params:
+        params.pop("lm_head", None)
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params) if x.dtype != jnp.int32))
 
 
 def _timed(fn, *args, repeats: int) -> float:

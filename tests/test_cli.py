@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
+from hsd_jax.checkpoint import load_model
 from hsd_jax.cli import main
 from hsd_jax.convert import convert
 
@@ -145,3 +147,23 @@ def test_profile_and_bench_on_a_mesh(model_dir_8_heads, tmp_path, capsys):
     assert results["methods"]["hsd"]["identical_to_ar"] is True
     assert main(["bench", "--model", str(model_dir), "--mesh", "model=8"]) == 2
     assert "--mesh applies to `bench --plan`" in capsys.readouterr().err
+
+
+def test_distill_makes_greedy_and_sampled_data_and_trains_on_both(model_dir, tmp_path, capsys):
+    instructions = tmp_path / "instructions.jsonl"
+    instructions.write_text("".join(json.dumps({"prompt": f"Name {n} colours."}) + "\n" for n in range(1, 7)))
+    greedy, sampled, out = tmp_path / "greedy.npz", tmp_path / "sampled.npz", tmp_path / "draft"
+    common = ["distill", "--target", str(model_dir), "--out-dir", str(out), "--layers", "1", "--head-vocab", "256",
+              "--instructions", str(instructions), "--answer-tokens", "6", "--steps", "3", "--batch-size", "2",
+              "--warmup", "1", "--checkpoint-every", "2", "--data", str(greedy), "--data", str(sampled)]
+    assert main(common + ["--answer-temperature", "0", "--answer-temperature", "1", "--answer-temperature", "2"]) == 2
+    assert "3 --answer-temperature values for 2 --data files" in capsys.readouterr().err
+    assert not greedy.exists() and not out.exists()
+
+    assert main(common + ["--answer-temperature", "0", "--answer-temperature", "1"]) == 0
+    with np.load(greedy) as g, np.load(sampled) as s:
+        assert float(g["temperature"]) == 0.0 and float(s["temperature"]) == 1.0
+        assert g["tokens"].shape[0] == s["tokens"].shape[0] == 6
+    summary = json.loads((out / "distill_summary.json").read_text())
+    assert summary["data"] == [str(greedy), str(sampled)] and summary["data_sequences"] == 12
+    assert load_model(out).config.head_vocab_size == 256

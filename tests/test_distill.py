@@ -110,3 +110,38 @@ def test_bad_layers_and_missing_embedding_source(target_dir, tmp_path):
         load_model(tmp_path / "lonely")
     with pytest.raises(ValueError, match="comma-separated"):
         DraftSpec.parse("a,b", 8)
+
+
+def test_length_bucketed_batches_cover_each_epoch_once_and_are_reproducible():
+    from hsd_jax.distill import _bucket_width, length_bucketed_batches
+
+    lengths = np.random.default_rng(1).integers(5, 200, 100)
+    batches = length_bucketed_batches(lengths, 4, 60, seed=3)
+    assert batches.shape == (60, 4)
+    np.testing.assert_array_equal(batches, length_bucketed_batches(lengths, 4, 60, seed=3))  # resume-safe
+    epoch = batches[:25].ravel()  # 100 rows, batch 4: the first epoch is 25 batches, each row once
+    np.testing.assert_array_equal(np.sort(epoch), np.arange(100))
+    # batches of length-sorted pools pad far less than random ones
+    padded = sum(_bucket_width(int(lengths[b].max()), 256) * len(b) for b in batches[:25])
+    shuffled = np.random.default_rng(0).permutation(100).reshape(25, 4)
+    padded_random = sum(_bucket_width(int(lengths[b].max()), 256) * len(b) for b in shuffled)
+    assert padded < 0.8 * padded_random
+    assert _bucket_width(33, 256) == 64 and _bucket_width(250, 240) == 240
+
+
+def test_several_data_files_train_as_one(data_path, tmp_path):
+    from hsd_jax.distill import load_dataset
+
+    one = dict(np.load(data_path))
+    narrow = {k: (v[:, :15] if k in ("tokens", "teacher_ids", "teacher_logp") else v) for k, v in one.items()}
+    narrow["lengths"] = np.minimum(one["lengths"], 15)
+    np.savez(tmp_path / "narrow.npz", **narrow)
+    both = load_dataset([data_path, tmp_path / "narrow.npz"])
+    n, width = one["tokens"].shape
+    assert both["tokens"].shape == (2 * n, width) and both["teacher_logp"].shape[:2] == (2 * n, width)
+    np.testing.assert_array_equal(both["tokens"][:n], one["tokens"])
+    np.testing.assert_array_equal(both["tokens"][n:, :15], narrow["tokens"])
+    assert not both["tokens"][n:, 15:].any()  # the narrower file is zero-padded
+    np.testing.assert_array_equal(both["lengths"][n:], narrow["lengths"])
+    with pytest.raises(ValueError, match="no distillation data"):
+        load_dataset([])

@@ -82,3 +82,22 @@ def test_greedy_position_profile_counts_runs():
     assert greedy_position_profile([iid], 6) == pytest.approx([0.7] * 6, abs=0.01)
     # too few blocks behind a rate: the last reliable rate is repeated
     assert greedy_position_profile([agree], 4, min_count=3) == pytest.approx([3 / 4, 2 / 3, 2 / 3, 2 / 3])
+
+
+def test_num_params_counts_each_weight_once(models):
+    import dataclasses
+
+    from hsd_jax.model import Model, param_shapes, unstack_layers
+    from hsd_jax.profile import num_params
+
+    def count(config):
+        return sum(int(np.prod(s)) for s in jax.tree.leaves(param_shapes(config), is_leaf=lambda x: isinstance(x, tuple)))
+
+    untied = models[-1]
+    assert num_params(untied) == count(untied.config)
+    config = dataclasses.replace(untied.config, tie_word_embeddings=True)
+    tied = Model({k: v for k, v in untied.params.items() if k != "lm_head"}, config)
+    assert num_params(tied) == count(config) == count(untied.config) - config.vocab_size * config.hidden_size
+    # the CPU decode layout adds a [D, V] head and a [V, D] copy of the tied embedding: same weights
+    cpu = Model(unstack_layers(tied.params), config)
+    assert {"lm_head", "lm_head_t"} <= set(cpu.params) and num_params(cpu) == count(config)
