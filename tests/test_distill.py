@@ -92,6 +92,12 @@ def test_distill_runs_resumes_lowers_the_loss_and_loads(target_dir, data_path, t
     got = hsd_generate(Hierarchy([draft, quantize_int8(target), target], (3, 4)), prompt, lengths,
                        jax.random.PRNGKey(0), max_new_tokens=16)
     np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    # an int8 copy of the subset-head draft is a family member too (`int8:DIR`)
+    draft8 = quantize_int8(draft)
+    logits8, _ = draft8.step(prompt, draft8.init_cache(1, 8))
+    assert float(jnp.max(jax.nn.softmax(logits8, -1)[..., np.setdiff1d(np.arange(VOCAB), draft.params["head_ids"])])) == 0
+    got8 = hsd_generate(Hierarchy([draft8, target], (3,)), prompt, lengths, jax.random.PRNGKey(0), max_new_tokens=16)
+    np.testing.assert_array_equal(np.asarray(got8.tokens), np.asarray(want.tokens))
 
 
 def test_frequent_ids_cover_the_answers_and_keep_eos(data_path):
