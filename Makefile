@@ -52,7 +52,7 @@ demo: $(TARGET_DIR)/hsd_config.json checkpoints/plan.json checkpoints/plan-hsd.j
 
 bench: $(TARGET_DIR)/hsd_config.json checkpoints/plan-hsd.json
 	$(BIN)/hsd-jax bench --plan checkpoints/plan-hsd.json --stats checkpoints/stats.json --prompts $(EVAL_PROMPTS) \
-		--num-prompts 8 --hf-draft checkpoints/smollm2-draft-5l --max-new-tokens 64 --json bench.json --plot bench.png
+		--num-prompts 8 --hf-draft checkpoints/smollm2-draft-2l --max-new-tokens 64 --json bench.json --plot bench.png
 
 clean:
 	rm -rf $(VENV)

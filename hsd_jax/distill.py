@@ -343,7 +343,7 @@ def distill(target_dir: str | Path, data_path: str | Path | Sequence[str | Path]
                "layers": list(spec.layers), "head_vocab_size": spec.head_vocab_size,
                "train": dataclasses.asdict(train), "data": [str(p) for p in ([data_path] if isinstance(data_path, (str, Path)) else data_path)],
                "data_answer_tokens": int(mask_all.sum()), "data_sequences": int(n),
-               "data_parts": [{"answer_temperature": float(t), "sequences": int(np.sum(data["temperature"] == t)),
+               "data_parts": [{"answer_temperature": round(float(t), 6), "sequences": int(np.sum(data["temperature"] == t)),
                                "answer_tokens": int(mask_all[data["temperature"] == t].sum())}
                               for t in np.unique(data["temperature"])]}
     (out_dir / "distill_summary.json").write_text(json.dumps(summary, indent=2))

@@ -56,13 +56,19 @@ def default_name(source: str) -> str:
 
 
 def num_params(level: Level) -> int:
-    """Distinct weights: the CPU layout's transposed head copy, and a tied head, count once."""
+    """Distinct weights: the CPU layout's transposed head copy, and a tied head, count once; an
+    int8 weight counts as its values (its scales are quantisation metadata), so an int8 copy has
+    as many parameters as its source."""
     if isinstance(level, NGramDrafter):
         return 0
     params = {k: v for k, v in level.params.items() if k != "lm_head_t"}
     if level.config.tie_word_embeddings and "head_ids" not in params:
         params.pop("lm_head", None)
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params) if x.dtype != jnp.int32))
+    from hsd_jax.quantize import Int8Weight
+
+    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Int8Weight))
+    return int(sum(np.prod((x.q if isinstance(x, Int8Weight) else x).shape) for x in leaves
+                   if isinstance(x, Int8Weight) or x.dtype != jnp.int32))
 
 
 def _timed(fn, *args, repeats: int) -> float:

@@ -60,7 +60,7 @@ target's cached top-32 next-token distributions over its own answers).
 | parameters | {me['params']:,} in use ({me['params'] - config.vocab_size * config.hidden_size:,} stored, bfloat16: {stored / 1e6:.1f} MB on disk; upcast to float32 on CPU load) |
 | training data | the target's answers (<= 128 tokens) to the {parts[0]['sequences']} instructions in `hsd_jax/data/instructions.jsonl`: {data}; {summary['data_answer_tokens']:,} answer tokens in all |
 | training | {summary['steps']} AdamW steps (batch {train['batch_size']} sequences, peak lr {train['learning_rate']}, {train['warmup_steps']} warmup steps, cosine decay, weight decay {train['weight_decay']}), {summary['answer_tokens_seen']:,} answer tokens seen, final loss {summary['loss'][-1][1]:.3f} |
-| wall time, hardware | {summary['wall_s'] / 60:.1f} min on {stats['hardware']} (2 cores) |
+| wall time, hardware | {summary['wall_s'] / 60:.1f} min on {stats['hardware']} (2 cores, shared for most of the run with the other draft's training or data generation) |
 
 Measured by `hsd-jax profile` ({stats['hardware']}, batch 1, cache {stats.get('cache_size')} positions,
 median of repeats after compilation) and on the held-out prompts in `hsd_jax/data/eval_prompts.jsonl`
