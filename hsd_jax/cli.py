@@ -281,9 +281,10 @@ def _distill(args) -> int:
         raise ValueError(f"{len(temperatures)} --answer-temperature values for {len(paths)} --data files; "
                          "give at most one per file")
     temperatures += [0.0] * (len(paths) - len(temperatures))
+    prompts = None
     for index, (path, temperature) in enumerate(zip(paths, temperatures)):
         if args.make_data or not Path(path).exists():
-            prompts = load_prompts(args.instructions or instructions_path())
+            prompts = prompts or load_prompts(args.instructions or instructions_path())
             make_dataset(args.target, prompts, path, max_new_tokens=args.answer_tokens,
                          batch_size=args.generate_batch, top_k=args.top_k, temperature=temperature, seed=index)
     spec = DraftSpec.parse(args.layers, args.head_vocab)

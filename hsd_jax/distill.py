@@ -291,7 +291,8 @@ def distill(target_dir: str | Path, data_path: str | Path | Sequence[str | Path]
 
     out_dir = Path(out_dir)
     work_dir = Path(work_dir) if work_dir is not None else out_dir.with_name(out_dir.name + ".work")
-    data = load_dataset(data_path)
+    data_paths = [data_path] if isinstance(data_path, (str, Path)) else list(data_path)
+    data = load_dataset(data_paths)
     target = load_model(target_dir, layout="stacked")
     head_ids = frequent_token_ids(data, spec.head_vocab_size, always=[target.config.eos_token_id or 0])
     draft = init_draft(target, spec, head_ids,
@@ -341,10 +342,10 @@ def distill(target_dir: str | Path, data_path: str | Path | Sequence[str | Path]
     summary = {"steps": train.steps, "resumed_from": start, "answer_tokens_seen": tokens_seen,
                "wall_s": time.perf_counter() - began, "loss": loss_history,
                "layers": list(spec.layers), "head_vocab_size": spec.head_vocab_size,
-               "train": dataclasses.asdict(train), "data": [str(p) for p in ([data_path] if isinstance(data_path, (str, Path)) else data_path)],
+               "train": dataclasses.asdict(train), "data": [str(p) for p in data_paths],
                "data_answer_tokens": int(mask_all.sum()), "data_sequences": int(n),
-               "data_parts": [{"answer_temperature": round(float(t), 6), "sequences": int(np.sum(data["temperature"] == t)),
-                               "answer_tokens": int(mask_all[data["temperature"] == t].sum())}
-                              for t in np.unique(data["temperature"])]}
+               "data_parts": [{"answer_temperature": round(float(t), 6), "sequences": int(np.sum(part)),
+                               "answer_tokens": int(mask_all[part].sum())}
+                              for t, part in ((t, data["temperature"] == t) for t in np.unique(data["temperature"]))]}
     (out_dir / "distill_summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -25,6 +25,7 @@ import numpy as np
 from hsd_jax.checkpoint import load_model
 from hsd_jax.model import Model, forward
 from hsd_jax.ngram import NGramDrafter
+from hsd_jax.quantize import Int8Weight, quantize_int8
 from hsd_jax.sampling import SamplingParams, distribution
 
 Level = Model | NGramDrafter
@@ -41,8 +42,6 @@ def load_level(source: str, *, vocab_size: int | None = None, base_dir: str | Pa
             raise ValueError(f"bad source {source!r}: expected ngram:N with an integer N >= 2") from None
         return NGramDrafter(n, vocab_size)
     if source.startswith("int8:"):
-        from hsd_jax.quantize import quantize_int8
-
         return quantize_int8(load_model(Path(base_dir) / source.split(":", 1)[1], dtype=dtype))
     return load_model(Path(base_dir) / source, dtype=dtype)
 
@@ -64,8 +63,6 @@ def num_params(level: Level) -> int:
     params = {k: v for k, v in level.params.items() if k != "lm_head_t"}
     if level.config.tie_word_embeddings and "head_ids" not in params:
         params.pop("lm_head", None)
-    from hsd_jax.quantize import Int8Weight
-
     leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Int8Weight))
     return int(sum(np.prod((x.q if isinstance(x, Int8Weight) else x).shape) for x in leaves
                    if isinstance(x, Int8Weight) or x.dtype != jnp.int32))
