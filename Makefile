@@ -27,7 +27,7 @@ $(TARGET_DIR)/hsd_config.json: $(STAMP)
 
 FAMILY := checkpoints/smollm2-draft-2l int8:checkpoints/smollm2-draft-2l checkpoints/smollm2-draft-10l \
 	int8:checkpoints/smollm2-draft-10l int8:$(TARGET_DIR) $(TARGET_DIR)
-EVAL_PROMPTS := hsd_jax/data/eval_prompts.jsonl
+EVAL_PROMPTS := hsd_jax/io/data/eval_prompts.jsonl
 
 # The shipped plans are used as they are; without them, profile the family and plan.
 checkpoints/stats.json: | $(TARGET_DIR)/hsd_config.json

@@ -11,16 +11,16 @@ Sharded over a device mesh (see `hsd_jax.sharding`; several hosts: `hsd_jax.dist
     model = hsd_jax.load_model("checkpoints/smollm2-135m-instruct", mesh=mesh)
 """
 
-from hsd_jax.cache import KVCache
-from hsd_jax.checkpoint import load_model, load_tokenizer, save_model
-from hsd_jax.config import ModelConfig, UnsupportedArchitectureError
-from hsd_jax.generate import GenerationOutput, ar_generate
-from hsd_jax.hsd import Hierarchy, HSDStats, hsd_generate
-from hsd_jax.model import Model, decode_step, forward, init_params, param_logical_axes
-from hsd_jax.ngram import NGramDrafter
-from hsd_jax.sampling import SamplingParams
-from hsd_jax.sharding import ModelSharding, parse_mesh, shard_batch, shard_hierarchy, shard_model
-from hsd_jax import distributed, sharding
+from hsd_jax.models.cache import KVCache
+from hsd_jax.io.checkpoint import load_model, load_tokenizer, save_model
+from hsd_jax.models.config import ModelConfig, UnsupportedArchitectureError
+from hsd_jax.decoding.ar import GenerationOutput, ar_generate
+from hsd_jax.decoding.hsd import Hierarchy, HSDStats, hsd_generate
+from hsd_jax.models.decoder import Model, decode_step, forward, init_params, param_logical_axes
+from hsd_jax.decoding.ngram import NGramDrafter
+from hsd_jax.decoding.sampling import SamplingParams
+from hsd_jax.parallel.sharding import ModelSharding, parse_mesh, shard_batch, shard_hierarchy, shard_model
+from hsd_jax.parallel import distributed, sharding
 
 __all__ = [
     "GenerationOutput", "HSDStats", "Hierarchy", "KVCache", "Model", "ModelConfig", "ModelSharding", "NGramDrafter",

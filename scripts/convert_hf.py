@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from hsd_jax.convert import DTYPES, convert
+from hsd_jax.io.convert import DTYPES, convert
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,7 @@ commands that made the shipped drafts.
 
 import sys
 
-from hsd_jax.cli import main
+from hsd_jax.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["distill", *sys.argv[1:]]))

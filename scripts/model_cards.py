@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from hsd_jax.config import ModelConfig
+from hsd_jax.models.config import ModelConfig
 
 # The family's goals (issue 4): (role, largest T=1 cost ratio, smallest greedy acceptance) per draft.
 GOALS = {"smollm2-draft-2l": ("cheapest trained draft", 0.10, 0.55),
@@ -58,12 +58,12 @@ target's cached top-32 next-token distributions over its own answers).
 | output head | the {config.head_vocab_size} token ids the target most often ranks in its top 32 on the training answers (EOS included); q = 0 elsewhere, which verification handles losslessly |
 | input embedding | shared with the target (`{config.embedding_source}`, pinned by sha256), not stored here |
 | parameters | {me['params']:,} in use ({me['params'] - config.vocab_size * config.hidden_size:,} stored, bfloat16: {stored / 1e6:.1f} MB on disk; upcast to float32 on CPU load) |
-| training data | the target's answers (<= 128 tokens) to the {parts[0]['sequences']} instructions in `hsd_jax/data/instructions.jsonl`: {data}; {summary['data_answer_tokens']:,} answer tokens in all |
+| training data | the target's answers (<= 128 tokens) to the {parts[0]['sequences']} instructions in `hsd_jax/io/data/instructions.jsonl`: {data}; {summary['data_answer_tokens']:,} answer tokens in all |
 | training | {summary['steps']} AdamW steps (batch {train['batch_size']} sequences, peak lr {train['learning_rate']}, {train['warmup_steps']} warmup steps, cosine decay, weight decay {train['weight_decay']}), {summary['answer_tokens_seen']:,} answer tokens seen, final loss {summary['loss'][-1][1]:.3f} |
 | wall time, hardware | {summary['wall_s'] / 60:.1f} min on {stats['hardware']} (2 cores, shared for most of the run with the other draft's training or data generation) |
 
 Measured by `hsd-jax profile` ({stats['hardware']}, batch 1, cache {stats.get('cache_size')} positions,
-median of repeats after compilation) and on the held-out prompts in `hsd_jax/data/eval_prompts.jsonl`
+median of repeats after compilation) and on the held-out prompts in `hsd_jax/io/data/eval_prompts.jsonl`
 ({stats.get('prompts')} prompts, {stats.get('answer_positions')} answer positions of the target's greedy
 continuations). The target's own forward costs {target['cost_s'][0] * 1e3:.2f} ms at T=1 and
 {target['cost_s'][7] * 1e3:.2f} ms at T=8. The int8 row is the same weights quantised at load time

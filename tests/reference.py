@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from hsd_jax.cache import KVCache
-from hsd_jax.model import Model, forward
+from hsd_jax.models.cache import KVCache
+from hsd_jax.models.decoder import Model, forward
 
 
 @functools.cache

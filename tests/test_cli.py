@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from hsd_jax.checkpoint import load_model
-from hsd_jax.cli import main
-from hsd_jax.convert import convert
+from hsd_jax.io.checkpoint import load_model
+from hsd_jax.cli.main import main
+from hsd_jax.io.convert import convert
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from families import family
-from hsd_jax.checkpoint import load_model, save_model
-from hsd_jax.distill import DraftSpec, TrainConfig, distill, distill_loss, frequent_token_ids, init_draft, teacher_top_k
-from hsd_jax.generate import ar_generate
-from hsd_jax.hsd import Hierarchy, hsd_generate
-from hsd_jax.quantize import quantize_int8
+from hsd_jax.io.checkpoint import load_model, save_model
+from hsd_jax.train.distill import DraftSpec, TrainConfig, distill, distill_loss, frequent_token_ids, init_draft, teacher_top_k
+from hsd_jax.decoding.ar import ar_generate
+from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
+from hsd_jax.models.quantize import quantize_int8
 
 VOCAB = 64
 
@@ -119,7 +119,7 @@ def test_bad_layers_and_missing_embedding_source(target_dir, tmp_path):
 
 
 def test_length_bucketed_batches_cover_each_epoch_once_and_are_reproducible():
-    from hsd_jax.distill import _bucket_width, length_bucketed_batches
+    from hsd_jax.train.distill import _bucket_width, length_bucketed_batches
 
     lengths = np.random.default_rng(1).integers(5, 200, 100)
     batches = length_bucketed_batches(lengths, 4, 60, seed=3)
@@ -136,7 +136,7 @@ def test_length_bucketed_batches_cover_each_epoch_once_and_are_reproducible():
 
 
 def test_several_data_files_train_as_one(data_path, tmp_path):
-    from hsd_jax.distill import load_dataset
+    from hsd_jax.train.distill import load_dataset
 
     one = dict(np.load(data_path))
     narrow = {k: (v[:, :15] if k in ("tokens", "teacher_ids", "teacher_logp") else v) for k, v in one.items()}

@@ -24,11 +24,11 @@ import pytest
 from scipy import stats
 
 from families import tiny_config
-from hsd_jax.hsd import Hierarchy, hsd_generate
-from hsd_jax.model import Model, forward, init_params
-from hsd_jax.ngram import NGramDrafter
-from hsd_jax.sampling import SamplingParams, distribution
-from hsd_jax.verify import LOSSLESS_RULES, RULES, outcome
+from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
+from hsd_jax.models.decoder import Model, forward, init_params
+from hsd_jax.decoding.ngram import NGramDrafter
+from hsd_jax.decoding.sampling import SamplingParams, distribution
+from hsd_jax.decoding.verify import LOSSLESS_RULES, RULES, outcome
 
 # =============================================================================================
 # 1. Rule level: exact enumeration

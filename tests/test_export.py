@@ -18,14 +18,14 @@ import transformers
 from safetensors import safe_open
 
 from families import layer_prefix, tiny_config
-from hsd_jax import export as export_mod
-from hsd_jax.checkpoint import PARAMS_DIR, save_model
-from hsd_jax.config import CONFIG_FILE, ModelConfig, UnsupportedArchitectureError, from_hf_dict
-from hsd_jax.convert import convert
-from hsd_jax.export import add_export_parser, export_hf, run_export
-from hsd_jax.generate import ar_generate
-from hsd_jax.hf_baseline import hf_generate_timed, load_hf_causal_lm
-from hsd_jax.model import Model, param_shapes
+from hsd_jax.io import export as export_mod
+from hsd_jax.io.checkpoint import PARAMS_DIR, save_model
+from hsd_jax.models.config import CONFIG_FILE, ModelConfig, UnsupportedArchitectureError, from_hf_dict
+from hsd_jax.io.convert import convert
+from hsd_jax.io.export import add_export_parser, export_hf, run_export
+from hsd_jax.decoding.ar import ar_generate
+from hsd_jax.bench.hf_baseline import hf_generate_timed, load_hf_causal_lm
+from hsd_jax.models.decoder import Model, param_shapes
 from test_convert import CASES, VOCAB, tiny_model
 
 TOL = 1e-4

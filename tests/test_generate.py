@@ -10,9 +10,9 @@ import pytest
 from scipy.stats import chisquare
 
 from families import family, tiny_config
-from hsd_jax.generate import ar_generate
-from hsd_jax.model import Model, forward, init_params
-from hsd_jax.sampling import SamplingParams, distribution, sample_logits
+from hsd_jax.decoding.ar import ar_generate
+from hsd_jax.models.decoder import Model, forward, init_params
+from hsd_jax.decoding.sampling import SamplingParams, distribution, sample_logits
 
 PROMPTS = np.array([[3, 1, 4, 1, 5], [9, 2, 6, 0, 0], [5, 0, 0, 0, 0]], np.int32)
 LENGTHS = np.array([5, 3, 1], np.int32)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from families import family, tiny_config
-from hsd_jax.generate import ar_generate
-from hsd_jax.hsd import Hierarchy, hsd_generate, _run_jit
-from hsd_jax.model import Model, init_params
-from hsd_jax.ngram import NGramDrafter
+from hsd_jax.decoding.ar import ar_generate
+from hsd_jax.decoding.hsd import Hierarchy, hsd_generate, _run_jit
+from hsd_jax.models.decoder import Model, init_params
+from hsd_jax.decoding.ngram import NGramDrafter
 
 VOCAB = 32
 PROMPTS = np.array([[1, 2, 3, 4, 1, 2, 3, 9], [5, 6, 5, 6, 0, 0, 0, 0], [7, 0, 0, 0, 0, 0, 0, 0]], np.int32)

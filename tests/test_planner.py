@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from hsd_jax.planner import (Plan, add_plan_parser, expected_latency, forward_cost, gsp_candidates,
+from hsd_jax.planning.planner import (Plan, add_plan_parser, expected_latency, forward_cost, gsp_candidates,
                              hierarchy_from_plan, load_plan, load_stats, plan_label, run_plan, save_plan, simulate,
                              solve, surrogate_latency)
 
@@ -257,9 +257,9 @@ def test_hierarchy_from_plan(tmp_path):
     import jax
 
     from families import tiny_config
-    from hsd_jax.checkpoint import save_model
-    from hsd_jax.model import Model, init_params
-    from hsd_jax.ngram import NGramDrafter
+    from hsd_jax.io.checkpoint import save_model
+    from hsd_jax.models.decoder import Model, init_params
+    from hsd_jax.decoding.ngram import NGramDrafter
 
     for name, layers in (("base/models/small", 1), ("abs/target", 2)):
         config = tiny_config(vocab=32, layers=layers)

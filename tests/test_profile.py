@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from families import family
-from hsd_jax.ngram import NGramDrafter
-from hsd_jax.profile import default_name, load_level, measure_acceptance, measure_costs
+from hsd_jax.decoding.ngram import NGramDrafter
+from hsd_jax.planning.profile import default_name, load_level, measure_acceptance, measure_costs
 
 VOCAB = 32
 
@@ -25,7 +25,7 @@ def test_costs_are_positive_per_k(models):
 
 
 def test_sparse_costs_are_interpolated(models, monkeypatch):
-    import hsd_jax.profile as profile
+    import hsd_jax.planning.profile as profile
 
     seen = []
 
@@ -71,7 +71,7 @@ def test_sources_and_names(tmp_path):
 
 
 def test_greedy_position_profile_counts_runs():
-    from hsd_jax.profile import greedy_position_profile
+    from hsd_jax.planning.profile import greedy_position_profile
 
     agree = np.array([1, 1, 0, 1, 1, 1, 0, 0, 1, 0], bool)
     # blocks start at 0 and after each disagreement (3, 7, 8, 10: past the end): runs 2, 3, 0, 1
@@ -87,8 +87,8 @@ def test_greedy_position_profile_counts_runs():
 def test_num_params_counts_each_weight_once(models):
     import dataclasses
 
-    from hsd_jax.model import Model, param_shapes, unstack_layers
-    from hsd_jax.profile import num_params
+    from hsd_jax.models.decoder import Model, param_shapes, unstack_layers
+    from hsd_jax.planning.profile import num_params
 
     def count(config):
         return sum(int(np.prod(s)) for s in jax.tree.leaves(param_shapes(config), is_leaf=lambda x: isinstance(x, tuple)))
@@ -101,6 +101,6 @@ def test_num_params_counts_each_weight_once(models):
     # the CPU decode layout adds a [D, V] head and a [V, D] copy of the tied embedding: same weights
     cpu = Model(unstack_layers(tied.params), config)
     assert {"lm_head", "lm_head_t"} <= set(cpu.params) and num_params(cpu) == count(config)
-    from hsd_jax.quantize import quantize_int8
+    from hsd_jax.models.quantize import quantize_int8
 
     assert num_params(quantize_int8(tied)) == count(config)  # the planner needs int8 copy <= target

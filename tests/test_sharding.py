@@ -25,13 +25,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from families import layer_prefix, tiny_config
 from hsd_jax import distributed
-from hsd_jax.checkpoint import load_model, save_model
-from hsd_jax.config import ModelConfig, from_hf_dict
-from hsd_jax.generate import ar_generate
-from hsd_jax.hsd import Hierarchy, hsd_generate
-from hsd_jax.model import Model, abstract_params, param_shapes
-from hsd_jax.ngram import NGramDrafter
-from hsd_jax.sharding import (RULES, ModelSharding, add_mesh_argument, make_mesh, parse_mesh, parse_mesh_spec,
+from hsd_jax.io.checkpoint import load_model, save_model
+from hsd_jax.models.config import ModelConfig, from_hf_dict
+from hsd_jax.decoding.ar import ar_generate
+from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
+from hsd_jax.models.decoder import Model, abstract_params, param_shapes
+from hsd_jax.decoding.ngram import NGramDrafter
+from hsd_jax.parallel.sharding import (RULES, ModelSharding, add_mesh_argument, make_mesh, parse_mesh, parse_mesh_spec,
                               per_device_bytes, shard_batch, shard_hierarchy, shard_model)
 
 VOCAB = 64
@@ -350,8 +350,8 @@ pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 assert distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
 import numpy as np
 from jax.experimental import multihost_utils
-from hsd_jax.generate import ar_generate
-from hsd_jax.sharding import parse_mesh, shard_model
+from hsd_jax.decoding.ar import ar_generate
+from hsd_jax.parallel.sharding import parse_mesh, shard_model
 from test_sharding import NEW, _prompts, _target
 mesh = parse_mesh("data=2,model=4")  # data spans the two processes, model the 4 devices of each
 model = shard_model(_target("llama"), mesh)

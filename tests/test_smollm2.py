@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hsd_jax.checkpoint import load_model, load_tokenizer
+from hsd_jax.io.checkpoint import load_model, load_tokenizer
 from reference import compare_with_torch
 
 pytestmark = pytest.mark.slow
@@ -53,8 +53,8 @@ def test_greedy_48_tokens_identical_to_transformers_generate(smollm2_dir, smollm
     import numpy as np
     import torch
 
-    from hsd_jax.checkpoint import encode_prompt
-    from hsd_jax.generate import ar_generate
+    from hsd_jax.io.checkpoint import encode_prompt
+    from hsd_jax.decoding.ar import ar_generate
 
     model, tokenizer = load_model(smollm2_dir), load_tokenizer(smollm2_dir)
     encoded = [encode_prompt(tokenizer, text, chat=True) for text in CHAT_PROMPTS]

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from hsd_jax.cache import KVCache
-from hsd_jax.config import ModelConfig, llama3_inv_freq
+from hsd_jax.models.cache import KVCache
+from hsd_jax.models.config import ModelConfig, llama3_inv_freq
 
 Params = dict[str, Any]
 
@@ -279,7 +279,7 @@ def _dense(x: jax.Array, lp: Params, name: str, spec: str) -> jax.Array:
 def _dense_t(x: jax.Array, w: Any) -> jax.Array:
     """x [B, T, in] times an out-major w [out, in], as (w @ x^T)^T; or a `quantize.Int8Weight`."""
     if hasattr(w, "in_dims"):
-        from hsd_jax.quantize import int8_matmul
+        from hsd_jax.models.quantize import int8_matmul
 
         return int8_matmul(x, w).astype(x.dtype)
     return jnp.einsum("oi,bti->bto", w, x)
@@ -361,7 +361,7 @@ def logits_from_hidden(params: Params, config: ModelConfig, x: jax.Array) -> jax
         return jnp.einsum("...d,vd->...v", x, params["embed"], preferred_element_type=jnp.float32)
     rows = math.prod(x.shape[:-1])
     if hasattr(params["lm_head"], "in_dims"):
-        from hsd_jax.quantize import int8_matmul
+        from hsd_jax.models.quantize import int8_matmul
 
         out = int8_matmul(x, params["lm_head"])
     elif rows > 1 and "lm_head_t" in params:  # several rows: the out-major [V, D] copy is faster

@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hsd_jax.checkpoint import load_model
-from hsd_jax.model import Model, forward
-from hsd_jax.ngram import NGramDrafter
-from hsd_jax.quantize import Int8Weight, quantize_int8
-from hsd_jax.sampling import SamplingParams, distribution
+from hsd_jax.io.checkpoint import load_model
+from hsd_jax.models.decoder import Model, forward
+from hsd_jax.decoding.ngram import NGramDrafter
+from hsd_jax.models.quantize import Int8Weight, quantize_int8
+from hsd_jax.decoding.sampling import SamplingParams, distribution
 
 Level = Model | NGramDrafter
 
@@ -197,9 +197,9 @@ def profile_family(sources: Sequence[str], prompts: Sequence[str], *, names: Seq
                    mesh: Any = None, progress: bool = True) -> dict[str, Any]:
     """Profile every source (the last is the target) into the planner's stats dict; with a
     `mesh`, on it (`sharding.family_rules`: drafts replicated, the target tensor-parallel)."""
-    from hsd_jax.bench import machine_name
-    from hsd_jax.checkpoint import encode_prompt, load_tokenizer
-    from hsd_jax.generate import ar_generate
+    from hsd_jax.bench.methods import machine_name
+    from hsd_jax.io.checkpoint import encode_prompt, load_tokenizer
+    from hsd_jax.decoding.ar import ar_generate
 
     target_source = sources[-1]
     if target_source.startswith(("ngram:", "int8:")):
@@ -208,7 +208,7 @@ def profile_family(sources: Sequence[str], prompts: Sequence[str], *, names: Seq
     vocab = target.vocab_size
     levels = [load_level(s, vocab_size=vocab) for s in sources[:-1]] + [target]
     if mesh is not None:
-        from hsd_jax.sharding import shard_levels
+        from hsd_jax.parallel.sharding import shard_levels
 
         levels = shard_levels(levels, mesh)
         target = levels[-1]

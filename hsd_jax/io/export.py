@@ -35,10 +35,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from hsd_jax.checkpoint import _corrupt, atomic_directory, copy_tokenizer_files, load_model
-from hsd_jax.config import CONFIG_FILE, ModelConfig, UnsupportedArchitectureError, from_hf_dict
-from hsd_jax.convert import TensorSource, _get_leaf, plan
-from hsd_jax.model import Params, stack_layers
+from hsd_jax.io.checkpoint import _corrupt, atomic_directory, copy_tokenizer_files, load_model
+from hsd_jax.models.config import CONFIG_FILE, ModelConfig, UnsupportedArchitectureError, from_hf_dict
+from hsd_jax.io.convert import TensorSource, _get_leaf, plan
+from hsd_jax.models.decoder import Params, stack_layers
 
 EXPORT_DTYPES = ("float32", "bfloat16")
 WEIGHTS_FILE = "model.safetensors"

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from hsd_jax.planner import Stats, acceptance_mode, expected_latency, load_plan, load_stats, plan_label
+from hsd_jax.planning.planner import Stats, acceptance_mode, expected_latency, load_plan, load_stats, plan_label
 
 GRID_BUFFERS_K1 = (2, 4, 8)
 GRID_BUFFERS_K2 = ((2, 4), (4, 8))
@@ -50,13 +50,13 @@ def measure(stats: Stats, hierarchies: Sequence[tuple[Sequence[str], Sequence[in
             progress: bool = True) -> list[dict[str, Any]]:
     """Greedy, batch 1: per hierarchy the median over prompts of decode seconds per committed token
     (prefill excluded), with every prediction beside it."""
-    from hsd_jax.bench import _pad_prompts, _time_jax_method
-    from hsd_jax.checkpoint import encode_prompt, load_tokenizer
-    from hsd_jax.data import load_prompts
-    from hsd_jax.hsd import Hierarchy, hsd_generate
-    from hsd_jax.generate import prefill
-    from hsd_jax.model import Model
-    from hsd_jax.profile import _timed, load_level
+    from hsd_jax.bench.methods import _pad_prompts, _time_jax_method
+    from hsd_jax.io.checkpoint import encode_prompt, load_tokenizer
+    from hsd_jax.io.prompts import load_prompts
+    from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
+    from hsd_jax.decoding.ar import prefill
+    from hsd_jax.models.decoder import Model
+    from hsd_jax.planning.profile import _timed, load_level
 
     mode = acceptance_mode(0.0)
     target_source = stats.model(stats.target).source
@@ -188,7 +188,7 @@ def _plain(value: Any) -> Any:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from hsd_jax.planner import solve
+    from hsd_jax.planning.planner import solve
 
     stats = load_stats(args.stats)
     hierarchies: list[tuple[tuple[str, ...], tuple[int, ...]]] = []

@@ -722,8 +722,8 @@ def hierarchy_from_plan(plan: Plan | Mapping | str | os.PathLike, *, base_dir: s
     relative directories are resolved against `base_dir`; `dtype` casts the weights) into an
     `hsd_jax.Hierarchy` with the plan's buffers and verifier. `shared_vocab_size` is passed on
     for models whose vocabularies differ only by padding (see `Hierarchy`)."""
-    from hsd_jax.hsd import Hierarchy
-    from hsd_jax.profile import load_level
+    from hsd_jax.decoding.hsd import Hierarchy
+    from hsd_jax.planning.profile import load_level
 
     if isinstance(plan, Mapping):
         plan = Plan.from_json(plan)

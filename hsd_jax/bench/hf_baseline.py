@@ -35,7 +35,7 @@ def load_hf_causal_lm(model_dir: str | Path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hsd_jax.config import CONFIG_FILE
+    from hsd_jax.models.config import CONFIG_FILE
 
     model_dir = Path(model_dir)
     if (model_dir / CONFIG_FILE).is_file() and not any(model_dir.glob("*.safetensors")):

@@ -20,7 +20,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from hsd_jax.sampling import sample
+from hsd_jax.decoding.sampling import sample
 
 LOSSLESS_RULES = ("tokenwise", "block")
 INEXACT_RULES = ("zhou",)

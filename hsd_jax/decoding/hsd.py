@@ -29,12 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from hsd_jax.cache import KVCache
-from hsd_jax.generate import GenerationOutput, OutputBuffer, ar_generate, default_cache_size, validate_request
-from hsd_jax.model import Model, hidden_states, logits_from_hidden, param_shapes
-from hsd_jax.ngram import NGramDrafter
-from hsd_jax.sampling import SamplingParams, distribution, sample
-from hsd_jax.verify import check_rule, verify
+from hsd_jax.models.cache import KVCache
+from hsd_jax.decoding.ar import GenerationOutput, OutputBuffer, ar_generate, default_cache_size, validate_request
+from hsd_jax.models.decoder import Model, hidden_states, logits_from_hidden, param_shapes
+from hsd_jax.decoding.ngram import NGramDrafter
+from hsd_jax.decoding.sampling import SamplingParams, distribution, sample
+from hsd_jax.decoding.verify import check_rule, verify
 
 Level = Model | NGramDrafter
 
@@ -103,7 +103,7 @@ class Hierarchy:
     def from_plan(cls, plan, **kwargs) -> "Hierarchy":
         """The hierarchy of a plan (a `planner.Plan`, its dict, or a plan.json path); keyword
         arguments as `planner.hierarchy_from_plan` (base_dir, dtype, shared_vocab_size)."""
-        from hsd_jax.planner import hierarchy_from_plan
+        from hsd_jax.planning.planner import hierarchy_from_plan
 
         return hierarchy_from_plan(plan, **kwargs)
 

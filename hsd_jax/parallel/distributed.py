@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from hsd_jax.sharding import DATA, check_batch
+from hsd_jax.parallel.sharding import DATA, check_batch
 
 
 def detected_cluster() -> tuple[str, int | None] | None:

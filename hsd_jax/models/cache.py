@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from hsd_jax.config import ModelConfig
+from hsd_jax.models.config import ModelConfig
 
 
 @struct.dataclass

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from hsd_jax.model import Model, Params, unstack_layers
+from hsd_jax.models.decoder import Model, Params, unstack_layers
 
 _OUT_MAJOR = ("wqkv_t", "wo_t", "w_gate_up_t", "w_up_t", "w_down_t")
 

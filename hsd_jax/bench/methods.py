@@ -73,7 +73,7 @@ def measure_bandwidth(megabytes: int = 512, repeats: int = 7) -> float:
 def _time_ours(model, prompt_ids: list[int], max_new_tokens: int, repeats: int) -> tuple[float, float, int, list[int]]:
     """Median seconds of a whole generation, median seconds per decode step (the generation
     minus a prefill-plus-one-token run with the same cache size), tokens, token ids."""
-    from hsd_jax.generate import ar_generate, default_cache_size
+    from hsd_jax.decoding.ar import ar_generate, default_cache_size
 
     prompt = np.asarray([prompt_ids], np.int32)
     lengths = np.asarray([len(prompt_ids)], np.int32)
@@ -123,7 +123,7 @@ def load_hf_reference(model_dir: str):
         from transformers import AutoModelForCausalLM
     except ImportError as err:
         raise ValueError("the transformers comparison needs torch: pip install 'hsd-jax[test]'") from err
-    from hsd_jax.convert import smollm2_gguf_path
+    from hsd_jax.io.convert import smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -133,15 +133,15 @@ def load_hf_reference(model_dir: str):
 
 def run_bench(model_dir: str, *, prompts_file: str | None = None, max_new_tokens: int = 64,
               repeats: int = 3) -> dict[str, Any]:
-    from hsd_jax.checkpoint import load_model, load_tokenizer
-    from hsd_jax.checkpoint import encode_prompt
+    from hsd_jax.io.checkpoint import load_model, load_tokenizer
+    from hsd_jax.io.checkpoint import encode_prompt
 
     model = load_model(model_dir)
     tokenizer = load_tokenizer(model_dir)
     prompts = [encode_prompt(tokenizer, text, chat=True) for text in load_prompts(prompts_file)]
     hf_model = load_hf_reference(model_dir)
 
-    from hsd_jax.model import param_shapes
+    from hsd_jax.models.decoder import param_shapes
 
     # bytes a decode step must read: every stored weight once (a tied embedding once, as the head)
     weight_bytes = model.dtype.itemsize * sum(
@@ -188,7 +188,7 @@ METHODS = ("ar", "sd", "hsd", "hf-ar", "hf-assisted")
 def best_single_draft(stats, mode: str, n_max: int = 16) -> tuple[str, int, float]:
     """(drafter, buffer, predicted s/token) of the best K = 1 hierarchy by the exact model (i.i.d.
     acceptance, as `planner.solve` by default)."""
-    from hsd_jax.planner import expected_latency
+    from hsd_jax.planning.planner import expected_latency
 
     best = None
     target = stats.target
@@ -231,11 +231,11 @@ def run_methods(plan_path: str, stats_path: str, prompts_file: str, *, methods=M
     """Every method on the same prompts in one process: tokens/s (median over prompts), per-prompt
     seconds and tokens, speed-up over our AR and, at temperature 0, token identity with our AR.
     With a `mesh` our methods run on it (`sharding.family_rules`); transformers' stay on the CPU."""
-    from hsd_jax.checkpoint import encode_prompt, load_tokenizer
-    from hsd_jax.data import load_prompts as load_prompt_file
-    from hsd_jax.hsd import Hierarchy, hsd_generate
-    from hsd_jax.planner import hierarchy_from_plan, load_plan, load_stats
-    from hsd_jax.profile import load_level
+    from hsd_jax.io.checkpoint import encode_prompt, load_tokenizer
+    from hsd_jax.io.prompts import load_prompts as load_prompt_file
+    from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
+    from hsd_jax.planning.planner import hierarchy_from_plan, load_plan, load_stats
+    from hsd_jax.planning.profile import load_level
 
     unknown = set(methods) - set(METHODS)
     if unknown:
@@ -254,7 +254,7 @@ def run_methods(plan_path: str, stats_path: str, prompts_file: str, *, methods=M
 
     def hierarchical(h):
         if mesh is not None:
-            from hsd_jax.sharding import shard_batch, shard_hierarchy
+            from hsd_jax.parallel.sharding import shard_batch, shard_hierarchy
 
             h = shard_hierarchy(h, mesh, rule=None)
             return lambda p, l: hsd_generate(h, *shard_batch(mesh, p, l), key, max_new_tokens=max_new_tokens,
@@ -309,8 +309,8 @@ def _time_hf_method(method: str, target_dir: str, hf_draft_dir: str | None, stat
     for assisted generation."""
     import tempfile
 
-    from hsd_jax.export import export_hf
-    from hsd_jax.hf_baseline import hf_generate_timed, load_hf_causal_lm
+    from hsd_jax.io.export import export_hf
+    from hsd_jax.bench.hf_baseline import hf_generate_timed, load_hf_causal_lm
 
     workdir = Path(tempfile.mkdtemp(prefix="hsd-bench-"))
     model = load_hf_causal_lm(export_hf(target_dir, workdir / "target"))

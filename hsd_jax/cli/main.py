@@ -28,7 +28,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hsd_jax.sharding import add_mesh_argument
+    from hsd_jax.parallel.sharding import add_mesh_argument
 
     parser = argparse.ArgumentParser(prog="hsd-jax", description="Hierarchical speculative decoding in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--answer-temperature", type=float, action="append",
                    help="temperature of the answers in each --data file made here, in order (default 0: greedy)")
     p.add_argument("--make-data", action="store_true", help="(re)make every --data file from the instruction set")
-    p.add_argument("--instructions", help="JSONL instruction set (default: hsd_jax/data/instructions.jsonl)")
+    p.add_argument("--instructions", help="JSONL instruction set (default: hsd_jax/io/data/instructions.jsonl)")
     p.add_argument("--answer-tokens", type=int, default=128)
     p.add_argument("--generate-batch", type=int, default=32)
     p.add_argument("--top-k", type=int, default=32, help="teacher log-probabilities cached per position")
@@ -98,16 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_mesh_argument(p)
 
     try:
-        from hsd_jax.planner import add_plan_parser
+        from hsd_jax.planning.planner import add_plan_parser
         add_plan_parser(sub)
     except ImportError:
         pass
     try:
-        from hsd_jax.export import add_export_parser
+        from hsd_jax.io.export import add_export_parser
         add_export_parser(sub)
     except ImportError:
         pass
-    from hsd_jax.validate import add_validate_parser
+    from hsd_jax.bench.validate import add_validate_parser
     add_validate_parser(sub)
 
     p = sub.add_parser("bench", help="tokens/s of ar, sd, hsd, hf-ar, hf-assisted side by side (with --plan), "
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _convert(args) -> int:
-    from hsd_jax.convert import convert
+    from hsd_jax.io.convert import convert
 
     out = convert(args.source, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {out}")
@@ -140,7 +140,7 @@ def _convert(args) -> int:
 
 
 def _check_same_tokenizer(target_dir: str, draft_dirs: Sequence[str]) -> None:
-    from hsd_jax.checkpoint import load_tokenizer
+    from hsd_jax.io.checkpoint import load_tokenizer
 
     reference = load_tokenizer(target_dir).get_vocab()
     for d in draft_dirs:
@@ -156,8 +156,8 @@ def _check_same_tokenizer(target_dir: str, draft_dirs: Sequence[str]) -> None:
 def _generate(args) -> int:
     import jax
 
-    from hsd_jax.checkpoint import encode_prompt, load_tokenizer
-    from hsd_jax.hsd import Hierarchy, hsd_generate
+    from hsd_jax.io.checkpoint import encode_prompt, load_tokenizer
+    from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
 
     hierarchy = _hierarchy_from_args(args)
     target = hierarchy.target
@@ -229,7 +229,7 @@ def _hierarchy_from_args(args):
     hierarchy = _load_hierarchy(args)
     mesh = _mesh(args)
     if mesh is not None:
-        from hsd_jax.sharding import shard_hierarchy
+        from hsd_jax.parallel.sharding import shard_hierarchy
 
         hierarchy = shard_hierarchy(hierarchy, mesh, rule=None)
     return hierarchy
@@ -240,18 +240,18 @@ def _mesh(args):
     if not getattr(args, "mesh", None):
         return None
     from hsd_jax import distributed
-    from hsd_jax.sharding import parse_mesh
+    from hsd_jax.parallel.sharding import parse_mesh
 
     distributed.initialize()
     return parse_mesh(args.mesh)
 
 
 def _load_hierarchy(args):
-    from hsd_jax.hsd import Hierarchy
-    from hsd_jax.profile import load_level
+    from hsd_jax.decoding.hsd import Hierarchy
+    from hsd_jax.planning.profile import load_level
 
     if getattr(args, "plan", None):
-        from hsd_jax.planner import Plan, hierarchy_from_plan
+        from hsd_jax.planning.planner import Plan, hierarchy_from_plan
 
         plan = Plan.from_json(Path(args.plan).read_text())
         hierarchy = hierarchy_from_plan(plan)
@@ -272,8 +272,8 @@ def _load_hierarchy(args):
 
 
 def _distill(args) -> int:
-    from hsd_jax.data import instructions_path, load_prompts
-    from hsd_jax.distill import DraftSpec, TrainConfig, distill, make_dataset
+    from hsd_jax.io.prompts import instructions_path, load_prompts
+    from hsd_jax.train.distill import DraftSpec, TrainConfig, distill, make_dataset
 
     paths = args.data or ["distill/data.npz"]
     temperatures = args.answer_temperature or []
@@ -298,8 +298,8 @@ def _distill(args) -> int:
 
 
 def _profile(args) -> int:
-    from hsd_jax.data import load_prompts
-    from hsd_jax.profile import profile_family, write_json
+    from hsd_jax.io.prompts import load_prompts
+    from hsd_jax.planning.profile import profile_family, write_json
 
     sources = list(args.models)
     if args.ngram:
@@ -316,19 +316,19 @@ def _profile(args) -> int:
 
 
 def _plan(args) -> int:
-    from hsd_jax.planner import run_plan
+    from hsd_jax.planning.planner import run_plan
 
     return run_plan(args)
 
 
 def _export(args) -> int:
-    from hsd_jax.export import run_export
+    from hsd_jax.io.export import run_export
 
     return run_export(args)
 
 
 def _bench(args) -> int:
-    from hsd_jax.bench import plot_methods, run_bench, run_methods
+    from hsd_jax.bench.methods import plot_methods, run_bench, run_methods
 
     if args.plan:
         if not (args.stats and args.prompts):
@@ -361,7 +361,7 @@ def _bench(args) -> int:
 
 
 def _validate(args) -> int:
-    from hsd_jax.validate import run_validate
+    from hsd_jax.bench.validate import run_validate
 
     return run_validate(args)
 

@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from hsd_jax.config import CONFIG_FILE, ModelConfig
-from hsd_jax.model import Model, Params, abstract_params, stack_layers, with_layout
-from hsd_jax.sharding import ModelSharding, Rule
+from hsd_jax.models.config import CONFIG_FILE, ModelConfig
+from hsd_jax.models.decoder import Model, Params, abstract_params, stack_layers, with_layout
+from hsd_jax.parallel.sharding import ModelSharding, Rule
 
 PARAMS_DIR = "params"
 TOKENIZER_FILES = (

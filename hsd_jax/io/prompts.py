@@ -15,7 +15,7 @@ from pathlib import Path
 
 __all__ = ["CATEGORIES", "eval_prompts_path", "instructions_path", "load_prompts", "load_records"]
 
-_DIR = Path(__file__).resolve().parent
+_DIR = Path(__file__).resolve().parent / "data"
 
 CATEGORIES = ("code", "explanation", "stories", "lists", "math", "writing", "chat")
 

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from hsd_jax.cache import KVCache
-from hsd_jax.model import Model, hidden_states, logits_from_hidden
-from hsd_jax.sampling import SamplingParams, sample_logits
+from hsd_jax.models.cache import KVCache
+from hsd_jax.models.decoder import Model, hidden_states, logits_from_hidden
+from hsd_jax.decoding.sampling import SamplingParams, sample_logits
 
 
 @struct.dataclass
