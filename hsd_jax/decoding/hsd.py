@@ -38,6 +38,14 @@ from hsd_jax.decoding.verify import check_rule, verify
 
 Level = Model | NGramDrafter
 
+_PLAN_LOADER: Callable[..., "Hierarchy"] | None = None
+
+
+def register_plan_loader(loader: Callable[..., "Hierarchy"]) -> None:
+    """`planning` registers how a plan becomes a Hierarchy, so this module need not import it."""
+    global _PLAN_LOADER
+    _PLAN_LOADER = loader
+
 
 # ------------------------------------------------------------------------------------ API
 
@@ -101,11 +109,12 @@ class Hierarchy:
 
     @classmethod
     def from_plan(cls, plan, **kwargs) -> "Hierarchy":
-        """The hierarchy of a plan (a `planner.Plan`, its dict, or a plan.json path); keyword
-        arguments as `planner.hierarchy_from_plan` (base_dir, dtype, shared_vocab_size)."""
-        from hsd_jax.planning.planner import hierarchy_from_plan
-
-        return hierarchy_from_plan(plan, **kwargs)
+        """The hierarchy of a plan (a `planning.Plan`, its dict, or a plan.json path); keyword
+        arguments as `planning.hierarchy_from_plan` (dtype, shared_vocab_size). Relative sources
+        resolve against the plan file's directory."""
+        if _PLAN_LOADER is None:
+            raise RuntimeError("no plan loader is registered: import hsd_jax (or hsd_jax.planning) first")
+        return _PLAN_LOADER(plan, **kwargs)
 
     @property
     def depth(self) -> int:

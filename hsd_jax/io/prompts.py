@@ -11,9 +11,12 @@ Both files hold one JSON object per line: ``{"prompt": "...", "category": "..."}
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["CATEGORIES", "eval_prompts_path", "instructions_path", "load_prompts", "load_records"]
+import numpy as np
+
+__all__ = ["CATEGORIES", "eval_prompts_path", "instructions_path", "load_prompts", "load_records", "pad_prompts"]
 
 _DIR = Path(__file__).resolve().parent / "data"
 
@@ -59,3 +62,22 @@ def load_records(path: str | Path) -> list[dict]:
 def load_prompts(path: str | Path) -> list[str]:
     """The "prompt" field of every line of a JSONL file (see `load_records` for errors)."""
     return [rec["prompt"] for rec in load_records(path)]
+
+
+PROMPT_BUCKET = 16
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0,
+                bucket: int = PROMPT_BUCKET) -> tuple[np.ndarray, np.ndarray]:
+    """Token-id prompts as one int32 batch [N, W] (W rounded up to `bucket`, so that nearby widths
+    share one compiled program) and their lengths [N]."""
+    if not prompts:
+        raise ValueError("no prompts to pad: the prompt list is empty")
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    if lengths.min() < 1:
+        raise ValueError("a prompt has no tokens; every prompt needs at least one")
+    width = -(-int(lengths.max()) // bucket) * bucket
+    out = np.full((len(prompts), width), pad_id, np.int32)
+    for i, p in enumerate(prompts):
+        out[i, :len(p)] = p
+    return out, lengths

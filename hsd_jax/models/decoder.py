@@ -221,6 +221,19 @@ class Model:
     def step(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         return forward(self.params, self.config, tokens, cache)
 
+    @property
+    def num_params(self) -> int:
+        """Distinct weights: the CPU layout's transposed head copy, and a tied head, count once; an
+        int8 weight counts its values, not its scales; index arrays (head_ids) do not count."""
+        from hsd_jax.models.quantize import Int8Weight
+
+        params = {k: v for k, v in self.params.items() if k != "lm_head_t"}
+        if self.config.tie_word_embeddings and "head_ids" not in params:
+            params.pop("lm_head", None)
+        leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Int8Weight))
+        return int(sum(np.prod((x.q if isinstance(x, Int8Weight) else x).shape) for x in leaves
+                       if isinstance(x, Int8Weight) or x.dtype != jnp.int32))
+
 
 # ---------------------------------------------------------------------------- layers
 
