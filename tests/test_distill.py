@@ -15,7 +15,7 @@ from hsd_jax.io.checkpoint import load_model, save_model
 from hsd_jax.train.distill import DraftSpec, TrainConfig, distill, distill_loss, frequent_token_ids, init_draft, teacher_top_k
 from hsd_jax.decoding.ar import ar_generate
 from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
-from hsd_jax.models.quantize import quantize_int8
+from hsd_jax.models.layouts import quantize_int8
 
 VOCAB = 64
 

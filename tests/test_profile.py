@@ -101,6 +101,6 @@ def test_num_params_counts_each_weight_once(models):
     # the CPU decode layout adds a [D, V] head and a [V, D] copy of the tied embedding: same weights
     cpu = Model(unstack_layers(tied.params), config)
     assert {"lm_head", "lm_head_t"} <= set(cpu.params) and num_params(cpu) == count(config)
-    from hsd_jax.models.quantize import quantize_int8
+    from hsd_jax.models.layouts import quantize_int8
 
     assert num_params(quantize_int8(tied)) == count(config)  # the planner needs int8 copy <= target

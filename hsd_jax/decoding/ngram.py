@@ -12,14 +12,17 @@ import jax.numpy as jnp
 from flax import struct
 
 
+MAX_NGRAM = 16  # its lookup unrolls n * (n + 1) / 2 comparisons: larger n compiles for minutes
+
+
 @struct.dataclass
 class NGramDrafter:
     n: int = struct.field(pytree_node=False)
     vocab_size: int = struct.field(pytree_node=False)
 
     def __post_init__(self):
-        if not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"the n-gram drafter needs n >= 1, got {self.n!r}")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= MAX_NGRAM:
+            raise ValueError(f"the n-gram drafter needs an integer n in [1, {MAX_NGRAM}], got {self.n!r}")
 
     @property
     def num_params(self) -> int:

@@ -18,10 +18,6 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from hsd_jax.models.decoder import Model, Params, unstack_layers
-
-_OUT_MAJOR = ("wqkv_t", "wo_t", "w_gate_up_t", "w_up_t", "w_down_t")
-
 
 @struct.dataclass
 class Int8Weight:
@@ -58,20 +54,3 @@ def int8_matmul(x: jax.Array, w: Int8Weight) -> jax.Array:
     acc = jax.lax.dot(xq, wq, preferred_element_type=jnp.int32)
     out = acc[:n].astype(jnp.float32) * x_scale[:n] * w.scale.reshape(-1)
     return out.reshape(*lead, *out_shape)
-
-
-def _quantize_layer(layer: Params) -> Params:
-    out = dict(layer)
-    for name in _OUT_MAJOR:
-        if name in out:
-            out[name] = Int8Weight.quantize(out[name].T, in_dims=1)
-    return out
-
-
-def quantize_int8(model: Model) -> Model:
-    """An int8 weight copy of `model` (CPU decode layout: per-layer trees and an explicit head)."""
-    params = unstack_layers(model.params)
-    params = {**params, "layers": tuple(_quantize_layer(layer) for layer in params["layers"]),
-              "lm_head": Int8Weight.quantize(params["lm_head"], in_dims=1)}
-    params.pop("lm_head_t", None)
-    return model.replace(params=params)

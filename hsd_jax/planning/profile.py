@@ -25,7 +25,8 @@ import numpy as np
 from hsd_jax.io.checkpoint import load_model
 from hsd_jax.models.decoder import Model, forward
 from hsd_jax.decoding.ngram import NGramDrafter
-from hsd_jax.models.quantize import Int8Weight, quantize_int8
+from hsd_jax.models.quantize import Int8Weight
+from hsd_jax.models.layouts import quantize_int8
 from hsd_jax.decoding.sampling import SamplingParams, distribution
 
 Level = Model | NGramDrafter
