@@ -9,22 +9,27 @@ Sharded over a device mesh (see `hsd_jax.sharding`; several hosts: `hsd_jax.dist
 
     mesh = hsd_jax.parse_mesh("data=2,model=4")
     model = hsd_jax.load_model("checkpoints/smollm2-135m-instruct", mesh=mesh)
+
+The subpackages, lowest first: `models`, `decoding`, `parallel`, `io`, `planning`, `train`,
+`bench`, `cli` (README, "Architecture").
 """
 
-from hsd_jax.models.cache import KVCache
-from hsd_jax.io.checkpoint import load_model, load_tokenizer, save_model
-from hsd_jax.models.config import ModelConfig, UnsupportedArchitectureError
+from hsd_jax import planning  # registers how a plan becomes a Hierarchy (Hierarchy.from_plan)
 from hsd_jax.decoding.ar import GenerationOutput, ar_generate
+from hsd_jax.decoding.drafter import Drafter
 from hsd_jax.decoding.hsd import Hierarchy, HSDStats, hsd_generate
-from hsd_jax.models.decoder import Model, decode_step, forward, init_params, param_logical_axes
 from hsd_jax.decoding.ngram import NGramDrafter
 from hsd_jax.decoding.sampling import SamplingParams
-from hsd_jax.parallel.sharding import ModelSharding, parse_mesh, shard_batch, shard_hierarchy, shard_model
+from hsd_jax.io.checkpoint import load_model, load_tokenizer, save_model
+from hsd_jax.io.sources import from_source
+from hsd_jax.models import (KVCache, Model, ModelConfig, UnsupportedArchitectureError, decode_step, forward,
+                            init_params, param_logical_axes)
 from hsd_jax.parallel import distributed, sharding
+from hsd_jax.parallel.sharding import ModelSharding, parse_mesh, shard_batch, shard_hierarchy, shard_model
 
 __all__ = [
-    "GenerationOutput", "HSDStats", "Hierarchy", "KVCache", "Model", "ModelConfig", "ModelSharding", "NGramDrafter",
-    "SamplingParams", "UnsupportedArchitectureError", "ar_generate", "decode_step", "distributed", "forward",
-    "hsd_generate", "init_params", "load_model", "load_tokenizer", "param_logical_axes", "parse_mesh", "save_model",
-    "shard_batch", "shard_hierarchy", "shard_model", "sharding",
+    "Drafter", "GenerationOutput", "HSDStats", "Hierarchy", "KVCache", "Model", "ModelConfig", "ModelSharding",
+    "NGramDrafter", "SamplingParams", "UnsupportedArchitectureError", "ar_generate", "decode_step", "distributed",
+    "forward", "from_source", "hsd_generate", "init_params", "load_model", "load_tokenizer", "param_logical_axes",
+    "parse_mesh", "planning", "save_model", "shard_batch", "shard_hierarchy", "shard_model", "sharding",
 ]

@@ -31,9 +31,9 @@ def main(argv=None) -> int:
     import jax
 
     from hsd_jax.models.config import ModelConfig
-    from hsd_jax.models.decoder import Model, init_params
+    from hsd_jax.models import Model, init_params
     from hsd_jax.decoding.ngram import NGramDrafter
-    from hsd_jax.parallel.sharding import bench_meshes, format_bench
+    from hsd_jax.bench.meshes import bench_meshes, format_bench
 
     config = ModelConfig(model_type="llama", vocab_size=2048, hidden_size=256, intermediate_size=1024, num_layers=4,
                          num_heads=8, num_kv_heads=8, head_dim=32, max_position_embeddings=512)

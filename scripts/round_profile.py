@@ -5,9 +5,9 @@
 Greedy, batch 1, on held-out prompts. Per prompt it measures the decode time (prefill
 subtracted, as `hsd-jax validate-plan`) and the per-level forward-pass counts from
 `hsd_generate`'s stats. Each level's share is its passes per round times its profiled cost c(k)
-at the width it runs (M_0: one catch-up forward then 1-token steps; M_i: verification width
-cap_{i-1} + K - i + 1). What the costs do not explain is the recursion's own overhead
-(sampling, buffers, masks, loop control).
+at the width it runs (`decoding.schedule`: M_0 one catch-up forward then 1-token steps per
+batch; M_i its fixed verify width). What the costs do not explain is the recursion's own
+overhead (sampling, buffers, masks, loop control).
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ import argparse
 import sys
 
 import numpy as np
+
+from hsd_jax.bench.validate import measure
+from hsd_jax.decoding.schedule import Schedule
+from hsd_jax.planning import forward_cost, load_plan, load_stats
 
 
 def main(argv=None) -> int:
@@ -27,14 +31,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     args = p.parse_args(argv)
 
-    from hsd_jax.planning.planner import forward_cost, load_plan, load_stats
-    from hsd_jax.bench.validate import measure
-
     stats, plan = load_stats(args.stats), load_plan(args.plan)
     row = measure(stats, [(plan.chain, plan.buffers)], args.prompts, num_prompts=args.num_prompts,
                   max_new_tokens=args.max_new_tokens, progress=False)[0]
     depth = len(plan.chain) - 1
-    caps = np.cumsum(plan.buffers).tolist()
+    schedule = Schedule.of(plan.buffers)
     passes, rounds, tokens = np.asarray(row["forward_passes"]), row["target_rounds"], row["tokens"]
     per_round_ms = 1e3 * row["measured_s"] * tokens / rounds
     print(f"{plan.label}: {tokens / rounds:.2f} tokens per round, {per_round_ms:.1f} ms per round measured "
@@ -43,12 +44,15 @@ def main(argv=None) -> int:
     for level, name in enumerate(plan.chain):
         table = stats.model(name).cost_s
         per_round = passes[level] / rounds
-        if level == 0:  # one catch-up forward of K + 1 tokens per batch, then 1-token steps
-            batches = per_round / plan.buffers[0] if depth else 0
-            ms = 1e3 * (batches * forward_cost(table, depth + 1) + max(per_round - batches, 0) * forward_cost(table, 1))
+        if level == 0 and depth:  # per batch of T_0 drafts: one catch-up forward, then 1-token steps
+            widths = schedule.draft_widths()
+            ms = 1e3 * per_round / len(widths) * sum(forward_cost(table, w) for w in widths)
             how = f"{per_round:.2f} drafting steps"
+        elif level == 0:  # the target alone: 1-token steps
+            ms = 1e3 * per_round * forward_cost(table, 1)
+            how = f"{per_round:.2f} decoding steps"
         else:
-            width = caps[level - 1] + depth - level + 1
+            width = schedule.verify_width(level)
             ms = 1e3 * per_round * forward_cost(table, width)
             how = f"{per_round:.2f} passes of {width} tokens"
         explained += ms

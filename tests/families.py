@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from hsd_jax.models.config import ModelConfig
-from hsd_jax.models.decoder import Model, init_params
+from hsd_jax.models import Model, init_params
 
 
 def tiny_config(vocab: int = 32, layers: int = 4, hidden: int = 32, **overrides) -> ModelConfig:
@@ -33,6 +33,7 @@ def family(vocab: int = 32, seed: int = 0, layers: int = 4, later_scale: float =
     params = init_params(config, jax.random.PRNGKey(seed), scale=0.5)
     damp = jnp.asarray([1.0] + [later_scale] * (layers - 1))
     for name in ("wo", "w_down"):
-        params["layers"][name] = params["layers"][name] * damp[:, None, None, *([None] * (params["layers"][name].ndim - 3))]
+        weight = params["layers"][name]
+        params["layers"][name] = weight * damp.reshape(-1, *([1] * (weight.ndim - 1)))
     target = Model(params, config)
     return [layer_prefix(target, n) for n in range(1, layers)] + [target]

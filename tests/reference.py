@@ -10,16 +10,16 @@ import numpy as np
 import torch
 
 from hsd_jax.models.cache import KVCache
-from hsd_jax.models.decoder import Model, forward
+from hsd_jax.models import Model, forward
 
 
 @functools.cache
 def _jitted_forward():
-    return jax.jit(forward, static_argnums=1)
+    return jax.jit(forward, static_argnums=(1, 4))
 
 
 def _step(model: Model, tokens: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
-    logits, cache = _jitted_forward()(model.params, model.config, jnp.asarray(tokens, jnp.int32), cache)
+    logits, cache = _jitted_forward()(model.params, model.config, jnp.asarray(tokens, jnp.int32), cache, model.layout)
     return np.asarray(logits), cache
 
 

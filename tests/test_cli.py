@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -25,8 +26,6 @@ def model_dir_8_heads(tmp_path_factory, smollm2_dir):
 
 
 def _tiny_llama(tmp_path_factory, smollm2_dir, heads: int, kv_heads: int):
-    import shutil
-
     import torch
     import transformers
 
@@ -70,6 +69,24 @@ def test_generate_prompt_ids_and_errors(model_dir, capsys):
     assert main(["generate", "--model", str(model_dir), "--prompt-ids", "1", "--ngram", "2",
                  "--buffers", "2,2"]) == 2
     assert "need 1 buffer targets" in capsys.readouterr().err
+
+
+def test_generate_refuses_an_int8_draft_with_another_tokenizer(model_dir, tmp_path, capsys):
+    """`int8:DIR` drafts are checked against the target's tokenizer like plain ones (n-gram drafts,
+    which have none, are not)."""
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other)
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    a, b = sorted(vocab)[:2]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two ids swapped: same size, another tokenizer
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    common = ["generate", "--model", str(model_dir), "--prompt-ids", "1,2,3", "--max-new-tokens", "2"]
+    for draft in (str(other), f"int8:{other}"):
+        assert main(common + ["--draft", draft]) == 2
+        err = capsys.readouterr().err
+        assert f"hsd-jax generate: error: draft {draft} has a different tokenizer" in err
+    assert main(common + ["--draft", "ngram:2", "--draft", f"int8:{model_dir}", "--buffers", "2,2"]) == 0
 
 
 def test_convert_refuses_unknown_source(tmp_path, capsys):

@@ -17,7 +17,7 @@ from hsd_jax.io import convert as convert_mod
 from hsd_jax.io.checkpoint import PARAMS_DIR, load_model, save_model
 from hsd_jax.models.config import CONFIG_FILE, UnsupportedArchitectureError
 from hsd_jax.io.convert import convert
-from hsd_jax.models.decoder import Model, abstract_params
+from hsd_jax.models import Model, abstract_params
 from reference import compare_with_torch
 
 VOCAB = 96

@@ -25,7 +25,7 @@ from scipy import stats
 
 from families import tiny_config
 from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
-from hsd_jax.models.decoder import Model, forward, init_params
+from hsd_jax.models import Model, forward, init_params
 from hsd_jax.decoding.ngram import NGramDrafter
 from hsd_jax.decoding.sampling import SamplingParams, distribution
 from hsd_jax.decoding.verify import LOSSLESS_RULES, RULES, outcome

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import jax
@@ -22,10 +23,12 @@ from hsd_jax.io import export as export_mod
 from hsd_jax.io.checkpoint import PARAMS_DIR, save_model
 from hsd_jax.models.config import CONFIG_FILE, ModelConfig, UnsupportedArchitectureError, from_hf_dict
 from hsd_jax.io.convert import convert
-from hsd_jax.io.export import add_export_parser, export_hf, run_export
+from hsd_jax.cli.export import add_parser as add_export_parser, run as run_export
+from hsd_jax.io.export import export_hf
 from hsd_jax.decoding.ar import ar_generate
 from hsd_jax.bench.hf_baseline import hf_generate_timed, load_hf_causal_lm
-from hsd_jax.models.decoder import Model, param_shapes
+from hsd_jax.bench.methods import load_hf_reference
+from hsd_jax.models import Model, param_shapes
 from test_convert import CASES, VOCAB, tiny_model
 
 TOL = 1e-4
@@ -241,6 +244,22 @@ def test_hf_sampling_is_seeded_and_full_length(exported_family):
 def test_load_hf_causal_lm_refuses_hsd_directory(tmp_path: Path):
     with pytest.raises(ValueError, match="export-hf"):
         load_hf_causal_lm(_random_hsd(tmp_path / "hsd"))
+
+
+def test_load_hf_reference_is_the_given_model(tmp_path: Path, monkeypatch):
+    """The bench's transformers reference for DIR runs DIR's own weights (whatever model DIR
+    holds, not a fixed one), exported to a temporary directory that is removed again."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    prompt = [3, 1, 4, 1, 5]
+    for seed, vocab in ((0, 32), (1, 40)):
+        model = random_model(tiny_config(vocab=vocab, layers=2), seed=seed)
+        hf = load_hf_reference(save_model(tmp_path / f"hsd{seed}", model))
+        assert hf.config.vocab_size == vocab
+        ours = ar_generate(model, np.asarray([prompt], np.int32), np.asarray([len(prompt)], np.int32),
+                           jax.random.PRNGKey(0), max_new_tokens=8)
+        assert hf_generate_timed(hf, prompt, 8)[1] == np.asarray(ours.tokens[0]).tolist()
+    assert not any((tmp_path / "tmp").iterdir())
 
 
 def test_cli_pieces(tmp_path: Path, capsys):

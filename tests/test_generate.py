@@ -11,7 +11,7 @@ from scipy.stats import chisquare
 
 from families import family, tiny_config
 from hsd_jax.decoding.ar import ar_generate
-from hsd_jax.models.decoder import Model, forward, init_params
+from hsd_jax.models import Model, forward, init_params
 from hsd_jax.decoding.sampling import SamplingParams, distribution, sample_logits
 
 PROMPTS = np.array([[3, 1, 4, 1, 5], [9, 2, 6, 0, 0], [5, 0, 0, 0, 0]], np.int32)

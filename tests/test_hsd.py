@@ -11,7 +11,7 @@ import pytest
 from families import family, tiny_config
 from hsd_jax.decoding.ar import ar_generate
 from hsd_jax.decoding.hsd import Hierarchy, hsd_generate, _run_jit
-from hsd_jax.models.decoder import Model, init_params
+from hsd_jax.models import Model, init_params
 from hsd_jax.decoding.ngram import NGramDrafter
 
 VOCAB = 32

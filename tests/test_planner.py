@@ -11,9 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from hsd_jax.planning.planner import (Plan, add_plan_parser, expected_latency, forward_cost, gsp_candidates,
-                             hierarchy_from_plan, load_plan, load_stats, plan_label, run_plan, save_plan, simulate,
-                             solve, surrogate_latency)
+from hsd_jax.cli.plan import add_parser as add_plan_parser, run as run_plan
+from hsd_jax.planning import (Plan, expected_latency, forward_cost, gsp_candidates, hierarchy_from_plan, load_plan,
+                              load_stats, plan_label, save_plan, simulate, solve, surrogate_latency)
 
 
 def _cost_table(rng: np.random.Generator, base: float, kmax: int = 16) -> list[float]:
@@ -258,7 +258,7 @@ def test_hierarchy_from_plan(tmp_path):
 
     from families import tiny_config
     from hsd_jax.io.checkpoint import save_model
-    from hsd_jax.models.decoder import Model, init_params
+    from hsd_jax.models import Model, init_params
     from hsd_jax.decoding.ngram import NGramDrafter
 
     for name, layers in (("base/models/small", 1), ("abs/target", 2)):
@@ -277,3 +277,52 @@ def test_hierarchy_from_plan(tmp_path):
     save_plan(plan, tmp_path / "plan.json")
     again = Hierarchy.from_plan(tmp_path / "plan.json", base_dir=tmp_path / "base", dtype="float32")
     assert again.buffers == hierarchy.buffers and [type(m) for m in again.models] == [type(m) for m in hierarchy.models]
+
+
+def test_plan_sources_resolve_against_the_plan_file(tmp_path, monkeypatch):
+    """A plan file's relative sources resolve against its own directory from any working
+    directory (a path, a Plan from `load_plan`, `Hierarchy.from_plan`); a plan dict resolves
+    against `base_dir` (default: the working directory); a non-string source is refused; and the
+    `plan` command writes sources relative to the plan file it writes."""
+    import jax
+
+    from families import tiny_config
+    from hsd_jax import Hierarchy
+    from hsd_jax.io.checkpoint import save_model
+    from hsd_jax.models import Model, init_params
+
+    plans = tmp_path / "plans"
+    config = tiny_config(vocab=32, layers=1)
+    save_model(plans / "tiny", Model(init_params(config, jax.random.PRNGKey(0)), config))
+    plan = Plan(chain=("ngram3", "tiny"), sources=("ngram:3", "tiny"), buffers=(2,), predicted_latency_s=0.01,
+                ar_latency_s=0.02)
+    save_plan(plan, plans / "plan.json")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    path = plans / "plan.json"
+    for hierarchy in (hierarchy_from_plan(path), hierarchy_from_plan(str(path)), hierarchy_from_plan(load_plan(path)),
+                      Hierarchy.from_plan(path, dtype="float32")):
+        assert hierarchy.buffers == (2,) and hierarchy.models[1].config.num_layers == 1
+    assert load_plan(path).directory() == plans / "tiny"
+    with pytest.raises(ValueError, match="tiny"):  # a dict resolves against the working directory
+        hierarchy_from_plan(plan.to_json())
+    assert hierarchy_from_plan(plan.to_json(), base_dir=plans).buffers == (2,)
+    bad = plan.to_json()
+    bad["chain"][1]["source"] = ["tiny"]
+    with pytest.raises(ValueError, match="source must be a string"):
+        hierarchy_from_plan(bad)
+    bad["chain"] = "tiny"
+    with pytest.raises(ValueError, match="chain"):
+        Plan.from_json(bad)
+
+    # `hsd-jax plan`: the stats' sources are relative to the working directory; plan.json's to itself
+    stats_path, out = tmp_path / "stats.json", tmp_path / "out" / "plan.json"
+    stats_path.write_text(json.dumps(_valid()))
+    out.parent.mkdir()
+    parser = argparse.ArgumentParser()
+    add_plan_parser(parser.add_subparsers(dest="command"))
+    assert run_plan(parser.parse_args(["plan", "--stats", str(stats_path), "--out", str(out), "--n-max", "4"])) == 0
+    written = load_plan(out)
+    assert written.sources[-1] == "../elsewhere/models/target"
+    assert written.directory().resolve() == (elsewhere / "models/target").resolve()

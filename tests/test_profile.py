@@ -8,7 +8,8 @@ import pytest
 
 from families import family
 from hsd_jax.decoding.ngram import NGramDrafter
-from hsd_jax.planning.profile import default_name, load_level, measure_acceptance, measure_costs
+from hsd_jax.io.sources import from_source, source_name
+from hsd_jax.planning.profile import measure_acceptance, measure_costs
 
 VOCAB = 32
 
@@ -62,12 +63,12 @@ def test_acceptance_matches_a_direct_count(models):
 
 
 def test_sources_and_names(tmp_path):
-    assert default_name("ngram:3") == "ngram3" and default_name("int8:checkpoints/t") == "t-int8"
-    assert isinstance(load_level("ngram:2", vocab_size=VOCAB), NGramDrafter)
+    assert source_name("ngram:3") == "ngram3" and source_name("int8:checkpoints/t") == "t-int8"
+    assert isinstance(from_source("ngram:2", vocab_size=VOCAB), NGramDrafter)
     with pytest.raises(ValueError, match="ngram:N"):
-        load_level("ngram:x", vocab_size=VOCAB)
+        from_source("ngram:x", vocab_size=VOCAB)
     with pytest.raises(ValueError, match="vocab_size"):
-        load_level("ngram:2")
+        from_source("ngram:2")
 
 
 def test_greedy_position_profile_counts_runs():
@@ -87,20 +88,26 @@ def test_greedy_position_profile_counts_runs():
 def test_num_params_counts_each_weight_once(models):
     import dataclasses
 
-    from hsd_jax.models.decoder import Model, param_shapes, unstack_layers
-    from hsd_jax.planning.profile import num_params
+    from hsd_jax.models import Model, param_shapes
 
     def count(config):
         return sum(int(np.prod(s)) for s in jax.tree.leaves(param_shapes(config), is_leaf=lambda x: isinstance(x, tuple)))
 
     untied = models[-1]
-    assert num_params(untied) == count(untied.config)
+    assert untied.num_params == count(untied.config)
     config = dataclasses.replace(untied.config, tie_word_embeddings=True)
     tied = Model({k: v for k, v in untied.params.items() if k != "lm_head"}, config)
-    assert num_params(tied) == count(config) == count(untied.config) - config.vocab_size * config.hidden_size
-    # the CPU decode layout adds a [D, V] head and a [V, D] copy of the tied embedding: same weights
-    cpu = Model(unstack_layers(tied.params), config)
-    assert {"lm_head", "lm_head_t"} <= set(cpu.params) and num_params(cpu) == count(config)
+    assert tied.num_params == count(config) == count(untied.config) - config.vocab_size * config.hidden_size
+    # the CPU decode layout materialises the tied embedding as a [D, V] head: the same weights
+    cpu = tied.with_layout("unstacked")
+    assert "lm_head" in cpu.params and cpu.num_params == count(config)
     from hsd_jax.models.layouts import quantize_int8
 
-    assert num_params(quantize_int8(tied)) == count(config)  # the planner needs int8 copy <= target
+    assert quantize_int8(tied).num_params == count(config)  # the planner needs int8 copy <= target
+
+
+def test_profile_needs_prompts():
+    from hsd_jax.planning.profile import profile_family
+
+    with pytest.raises(ValueError, match="at least one prompt"):
+        profile_family(["ngram:2", "models/target"], [])

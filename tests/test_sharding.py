@@ -29,10 +29,11 @@ from hsd_jax.io.checkpoint import load_model, save_model
 from hsd_jax.models.config import ModelConfig, from_hf_dict
 from hsd_jax.decoding.ar import ar_generate
 from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
-from hsd_jax.models.decoder import Model, abstract_params, param_shapes
+from hsd_jax.models import Model, abstract_params, param_shapes
 from hsd_jax.decoding.ngram import NGramDrafter
-from hsd_jax.parallel.sharding import (RULES, ModelSharding, add_mesh_argument, make_mesh, parse_mesh, parse_mesh_spec,
-                              per_device_bytes, shard_batch, shard_hierarchy, shard_model)
+from hsd_jax.cli.common import add_mesh_argument
+from hsd_jax.parallel.sharding import (RULES, ModelSharding, make_mesh, parse_mesh, parse_mesh_spec, per_device_bytes,
+                                       shard_batch, shard_hierarchy, shard_model)
 
 VOCAB = 64
 BATCH = 8

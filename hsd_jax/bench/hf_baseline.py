@@ -4,7 +4,7 @@ Models are Hugging Face directories: originals, or hsd-jax models written out wi
 `hsd-jax export-hf` (`export.export_hf`), so that transformers runs exactly our weights.
 
 Every run generates exactly `max_new_tokens` tokens: EOS is disabled (`eos_token_id=None`, and
-`min_new_tokens` as a second guard) as in `bench._time_hf`, so timings of different methods
+`min_new_tokens` as a second guard), so timings of different methods
 cover the same work. Sampling parameters are passed explicitly (temperature only; top-k, top-p
 and repetition penalty off), so a `generation_config.json` shipped with the model cannot change
 the method being measured.
@@ -23,10 +23,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import statistics
-import time
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from hsd_jax.io.export import export_hf
+from hsd_jax.models.config import CONFIG_FILE
+from hsd_jax.planning.timing import timed_runs
 
 
 def load_hf_causal_lm(model_dir: str | Path):
@@ -34,8 +38,6 @@ def load_hf_causal_lm(model_dir: str | Path):
     default thread count is left as is)."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from hsd_jax.models.config import CONFIG_FILE
 
     model_dir = Path(model_dir)
     if (model_dir / CONFIG_FILE).is_file() and not any(model_dir.glob("*.safetensors")):
@@ -46,6 +48,14 @@ def load_hf_causal_lm(model_dir: str | Path):
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load {model_dir} with transformers: {e}") from e
     return model.eval()
+
+
+def load_hf_reference(model_dir: str | Path):
+    """transformers' model running exactly the weights of the hsd-jax model in `model_dir`: the
+    directory exported with `export_hf` into a temporary directory, loaded, and the temporary
+    directory removed (the loaded model holds its weights in memory)."""
+    with tempfile.TemporaryDirectory(prefix="hsd-jax-hf-") as tmp:
+        return load_hf_causal_lm(export_hf(model_dir, Path(tmp) / "model"))
 
 
 def _pad_token_id(model) -> int:
@@ -91,18 +101,17 @@ def _fixed_draft_length(assistant, num_assistant_tokens: int | None) -> Iterator
 
 def hf_generate_timed(model, prompt_ids: list[int], max_new_tokens: int, *, assistant=None,
                       temperature: float = 0.0, repeats: int = 1, seed: int = 0,
-                      num_assistant_tokens: int | None = None) -> tuple[float, list[int]]:
-    """(median seconds of `repeats` timed `model.generate` calls, the new token ids).
+                      num_assistant_tokens: int | None = None, warmup: int = 1) -> tuple[float, list[int]]:
+    """(median seconds of `repeats` timed `model.generate` calls, the new token ids), by the one
+    timing rule (`planning.timing.timed_runs`: `warmup` untimed calls first).
 
-    Batch 1 with an all-ones attention mask; one untimed warm-up call first. Greedy when
+    Batch 1 with an all-ones attention mask. Greedy when
     `temperature` is 0, else plain temperature sampling seeded with `seed` before every call
     (so every repeat draws the same tokens). `assistant` turns on transformers' assisted
     generation; `num_assistant_tokens` fixes its draft length (default: transformers' own
     heuristics)."""
     import torch
 
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
     input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
     kwargs = generate_kwargs(model, max_new_tokens, temperature)
     kwargs |= dict(attention_mask=torch.ones_like(input_ids))
@@ -113,11 +122,6 @@ def hf_generate_timed(model, prompt_ids: list[int], max_new_tokens: int, *, assi
         torch.manual_seed(seed)
         return model.generate(input_ids, **kwargs)
 
-    times = []
     with torch.inference_mode(), _fixed_draft_length(assistant, num_assistant_tokens):
-        run()
-        for _ in range(repeats):
-            start = time.perf_counter()
-            out = run()
-            times.append(time.perf_counter() - start)
+        times, out = timed_runs(run, repeats=repeats, warmup=warmup)
     return statistics.median(times), out[0, input_ids.shape[1]:].tolist()

@@ -5,6 +5,8 @@ the chosen plan within 5% of the best measured over a grid of small hierarchies)
     hsd-jax validate-plan --stats stats.json --prompts eval.jsonl [--plan plan.json] [--grid]
         [--num-prompts 6] [--max-new-tokens 48] [--json out.json] [--plot out.png]
 
+(the command is `cli/validate.py`; the chart `bench.plots.plot_validation`.)
+
 Decode latency excludes prefill: every model of a hierarchy first runs `generate.prefill` over
 the (padded) prompt, whose time is measured per model and subtracted from each run (plain AR's
 first token comes from that prefill, so its rest is divided by the tokens after it). The
@@ -13,17 +15,23 @@ measured figure is then the per-token cost the latency model describes.
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import statistics
-from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 
-from hsd_jax.planning.planner import Stats, acceptance_mode, expected_latency, load_plan, load_stats, plan_label
+from hsd_jax.bench.methods import time_jax_method
+from hsd_jax.decoding.ar import prefill
+from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
+from hsd_jax.io.checkpoint import encode_prompt, load_tokenizer
+from hsd_jax.io.prompts import load_prompts, pad_prompts
+from hsd_jax.io.sources import from_source, parse_source
+from hsd_jax.models import Model
+from hsd_jax.planning import Plan, Stats, acceptance_mode, expected_latency, plan_label, solve
+from hsd_jax.planning.timing import median_seconds
 
 GRID_BUFFERS_K1 = (2, 4, 8)
 GRID_BUFFERS_K2 = ((2, 4), (4, 8))
@@ -45,31 +53,41 @@ def predict(stats: Stats, chain: Sequence[str], buffers: Sequence[int], mode: st
     return expected_latency(*stats.chain_inputs(list(chain), mode, position_profiles), list(buffers))
 
 
+def candidates(stats: Stats, plan: Plan | None = None, top: int = 0,
+               use_grid: bool = False) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
+    """The hierarchies to measure, each once and in order: `plan`'s, the planner's `top` best
+    (greedy) and, with `use_grid`, the `grid`."""
+    hierarchies: list[tuple[Sequence[str], Sequence[int]]] = []
+    if plan is not None:
+        hierarchies.append((plan.chain, plan.buffers))
+    if top:
+        hierarchies += [(p.chain, p.buffers) for p in solve(stats, mode="greedy", top=top)]
+    if use_grid:
+        hierarchies += grid(stats)
+    unique = list(dict.fromkeys((tuple(c), tuple(b)) for c, b in hierarchies))
+    if not unique:
+        raise ValueError("nothing to measure: give --plan, --top N or --grid")
+    return unique
+
+
 def measure(stats: Stats, hierarchies: Sequence[tuple[Sequence[str], Sequence[int]]], prompts_file: str, *,
             num_prompts: int = 6, max_new_tokens: int = 48, verifier: str = "tokenwise",
-            progress: bool = True) -> list[dict[str, Any]]:
+            progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Greedy, batch 1: per hierarchy the median over prompts of decode seconds per committed token
-    (prefill excluded), with every prediction beside it."""
-    from hsd_jax.bench.methods import _pad_prompts, _time_jax_method
-    from hsd_jax.io.checkpoint import encode_prompt, load_tokenizer
-    from hsd_jax.io.prompts import load_prompts
-    from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
-    from hsd_jax.decoding.ar import prefill
-    from hsd_jax.models.decoder import Model
-    from hsd_jax.planning.profile import _timed, load_level
-
+    (prefill excluded), with every prediction beside it. `progress(message)` is called as each
+    hierarchy starts."""
     mode = acceptance_mode(0.0)
     target_source = stats.model(stats.target).source
-    target = load_level(target_source)
+    target = from_source(target_source)
     levels = {stats.target: target}
-    tokenizer = load_tokenizer(target_source)
+    tokenizer = load_tokenizer(parse_source(target_source).directory())
     texts = load_prompts(prompts_file)[:num_prompts or None]
-    prompts, lengths = _pad_prompts([encode_prompt(tokenizer, t) for t in texts])
+    prompts, lengths = pad_prompts([encode_prompt(tokenizer, t) for t in texts])
     prefill_s: dict[str, float] = {}
 
     def level(name: str):
         if name not in levels:
-            levels[name] = load_level(stats.model(name).source, vocab_size=target.vocab_size)
+            levels[name] = from_source(stats.model(name).source, vocab_size=target.vocab_size)
         return levels[name]
 
     def prefill_seconds(name: str) -> float:
@@ -81,7 +99,7 @@ def measure(stats: Stats, hierarchies: Sequence[tuple[Sequence[str], Sequence[in
             else:
                 cache_size = prompts.shape[1] + max_new_tokens + 64
                 run = jax.jit(lambda m, t, n: prefill(m, t, n, m.init_cache(1, cache_size))[0])
-                prefill_s[name] = _timed(run, model, prompts[:1], lengths[:1], repeats=5)
+                prefill_s[name] = median_seconds(run, model, prompts[:1], lengths[:1], repeats=5)
         return prefill_s[name]
 
     rows = []
@@ -91,10 +109,10 @@ def measure(stats: Stats, hierarchies: Sequence[tuple[Sequence[str], Sequence[in
         chain, buffers = tuple(chain), tuple(buffers)
         label = plan_label(chain, buffers)
         if progress:
-            print(f"[{number + 1}/{len(hierarchies)}] {label}", flush=True)
+            progress(f"[{number + 1}/{len(hierarchies)}] {label}")
         hierarchy = Hierarchy([level(n) for n in chain], buffers, verifier)
         run = jax.jit(lambda h, p, l: hsd_generate(h, p, l, key, max_new_tokens=max_new_tokens))
-        timed = _time_jax_method(lambda p, l: run(hierarchy, p, l), prompts, lengths)
+        timed = time_jax_method(lambda p, l: run(hierarchy, p, l), prompts, lengths)
         overhead = sum(prefill_seconds(n) for n in chain)
         # AR's first token comes from its prefill; a hierarchy's prefill only caches the prompt
         first_from_prefill = 1 if len(chain) == 1 else 0
@@ -143,74 +161,3 @@ def format_rows(rows: Sequence[dict[str, Any]]) -> str:
                      f"  {100 * r['error_iid']:+5.1f}%  {1e3 * r['predicted_profile_s']:9.2f}"
                      f"  {100 * r['error_profile']:+5.1f}%  {r['tokens_per_target_call']:6.2f}")
     return "\n".join(lines)
-
-
-def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
-    """Horizontal bars of measured and predicted ms per token, fastest measured on top."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = sorted(rows, key=lambda r: r["measured_s"])
-    y = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.32 * len(rows)))
-    ax.barh(y - 0.2, [1e3 * r["measured_s"] for r in rows], 0.4, label="measured")
-    ax.barh(y + 0.2, [1e3 * r["predicted_iid_s"] for r in rows], 0.4, label="predicted")
-    ax.set_yticks(y, [r["label"] for r in rows], fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("ms per committed token (decode, batch 1, greedy)")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def add_validate_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("validate-plan", help="measure hierarchies and compare with the planner's predictions")
-    p.add_argument("--stats", required=True, help="stats.json written by `hsd-jax profile`")
-    p.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field per line")
-    p.add_argument("--plan", help="plan.json: measured too, and checked against the best measured")
-    p.add_argument("--grid", action="store_true", help="measure the grid of small hierarchies (see `grid`)")
-    p.add_argument("--top", type=int, default=6, help="also measure the planner's N best plans")
-    p.add_argument("--num-prompts", type=int, default=6)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--json", dest="json_out")
-    p.add_argument("--plot")
-    return p
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars as Python numbers for json."""
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def run_validate(args: argparse.Namespace) -> int:
-    from hsd_jax.planning.planner import solve
-
-    stats = load_stats(args.stats)
-    hierarchies: list[tuple[tuple[str, ...], tuple[int, ...]]] = []
-    chosen = None
-    if args.plan:
-        plan = load_plan(args.plan)
-        chosen = plan.label
-        hierarchies.append((plan.chain, plan.buffers))
-    if args.top:
-        hierarchies += [(p.chain, p.buffers) for p in solve(stats, mode="greedy", top=args.top)]
-    if args.grid:
-        hierarchies += grid(stats)
-    unique = list(dict.fromkeys((tuple(c), tuple(b)) for c, b in hierarchies))
-    if not unique:
-        raise ValueError("nothing to measure: give --plan, --top N or --grid")
-    rows = measure(stats, unique, args.prompts, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens)
-    summary = summarise(rows, chosen)
-    print(format_rows(rows))
-    print(json.dumps(summary, indent=1, default=_plain))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"summary": summary, "rows": rows, "stats": args.stats,
-                                                   "hardware": stats.hardware}, indent=1, default=_plain))
-    if args.plot:
-        plot(rows, args.plot)
-    return 0

@@ -15,9 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from hsd_jax.models.cache import KVCache
-from hsd_jax.models.decoder import Model, hidden_states, logits_from_hidden
 from hsd_jax.decoding.sampling import SamplingParams, sample_logits
+from hsd_jax.models import KVCache, Model
 
 
 @struct.dataclass
@@ -125,9 +124,9 @@ def prefill(model: Model, prompt_tokens: jax.Array, prompt_lengths: jax.Array,
     """
     valid = jnp.arange(prompt_tokens.shape[1])[None, :] < prompt_lengths[:, None]
     tokens = jnp.where(valid, prompt_tokens, 0)
-    x, cache = hidden_states(model.params, model.config, tokens, cache.with_lengths(jnp.zeros_like(prompt_lengths)))
+    x, cache = model.hidden(tokens, cache.with_lengths(jnp.zeros_like(prompt_lengths)))
     last = jnp.take_along_axis(x, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
-    return logits_from_hidden(model.params, model.config, last), cache.with_lengths(prompt_lengths)
+    return model.logits(last), cache.with_lengths(prompt_lengths)
 
 
 @partial(jax.jit, static_argnames=("max_new_tokens", "sampling", "eos_token_id", "cache_size", "pad_id"))

@@ -29,14 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from hsd_jax.models.cache import KVCache
 from hsd_jax.decoding.ar import GenerationOutput, OutputBuffer, ar_generate, default_cache_size, validate_request
-from hsd_jax.models.decoder import Model, hidden_states, logits_from_hidden, param_shapes
-from hsd_jax.decoding.ngram import NGramDrafter
+from hsd_jax.decoding.drafter import Drafter, describe
 from hsd_jax.decoding.sampling import SamplingParams, distribution, sample
+from hsd_jax.decoding.schedule import Schedule
 from hsd_jax.decoding.verify import check_rule, verify
-
-Level = Model | NGramDrafter
+from hsd_jax.models import Model
 
 _PLAN_LOADER: Callable[..., "Hierarchy"] | None = None
 
@@ -50,31 +48,25 @@ def register_plan_loader(loader: Callable[..., "Hierarchy"]) -> None:
 # ------------------------------------------------------------------------------------ API
 
 
-def _num_params(model: Level) -> int:
-    if isinstance(model, NGramDrafter):
-        return 0
-    return sum(int(np.prod(shape)) for shape in jax.tree.leaves(param_shapes(model.config),
-                                                               is_leaf=lambda x: isinstance(x, tuple)))
-
-
 @jax.tree_util.register_pytree_node_class
 class Hierarchy:
     """A chain of models M_0 < ... < M_K (target last), buffer targets T_0..T_{K-1} and the
     verification rule each level M_1..M_K uses. A pytree: weights are leaves, the rest static."""
 
-    def __init__(self, models: Sequence[Level], buffers: Sequence[int] = (),
+    def __init__(self, models: Sequence[Drafter], buffers: Sequence[int] = (),
                  verifier: str | Sequence[str] = "tokenwise", *, shared_vocab_size: int | None = None,
                  allow_inexact: bool = False):
         models = tuple(models)
         if not models:
             raise ValueError("a Hierarchy needs at least the target model")
         for i, m in enumerate(models):
-            if not isinstance(m, (Model, NGramDrafter)):
-                raise TypeError(f"models[{i}] is a {type(m).__name__}; expected hsd_jax.Model or NGramDrafter")
-        if isinstance(models[-1], NGramDrafter):
-            raise ValueError("the target (the last model) must be a neural Model, not the n-gram drafter; "
+            if not isinstance(m, Drafter):
+                raise TypeError(f"models[{i}] is a {type(m).__name__}; expected hsd_jax.Model, NGramDrafter "
+                                "or another hsd_jax.decoding.drafter.Drafter")
+        if models[-1].init_state(1, 1) is None:
+            raise ValueError(f"the target (the last model) must be a model with a KV cache, not {describe(models[-1])}; "
                              "order models smallest (M_0) to target (M_K)")
-        sizes = [_num_params(m) for m in models]
+        sizes = [m.num_params for m in models]
         for i in range(len(models) - 1):
             if sizes[i] > sizes[-1]:
                 raise ValueError(
@@ -87,6 +79,7 @@ class Hierarchy:
         for i, t in enumerate(buffers):
             if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 1:
                 raise ValueError(f"buffer T_{i} must be an integer >= 1, got {t!r}")
+        schedule = Schedule.of(buffers)
         verifiers = (verifier,) * depth if isinstance(verifier, str) else tuple(verifier)
         if len(verifiers) != depth:
             raise ValueError(f"give one verifier for all levels or one per level M_1..M_K ({depth}), got {len(verifiers)}")
@@ -102,10 +95,11 @@ class Hierarchy:
         elif shared_vocab_size > min(vocab_sizes) or shared_vocab_size < 1:
             raise ValueError(f"shared_vocab_size={shared_vocab_size} must be in [1, {min(vocab_sizes)}] "
                              f"(the smallest model vocabulary of {vocab_sizes})")
-        self._set(models, tuple(int(t) for t in buffers), verifiers, int(shared_vocab_size))
+        self._set(models, schedule.buffers, verifiers, int(shared_vocab_size))
 
     def _set(self, models, buffers, verifiers, vocab_size):
         self.models, self.buffers, self.verifiers, self.vocab_size = models, buffers, verifiers, vocab_size
+        self.schedule = Schedule(buffers)
 
     @classmethod
     def from_plan(cls, plan, **kwargs) -> "Hierarchy":
@@ -128,10 +122,7 @@ class Hierarchy:
     @property
     def capacities(self) -> tuple[int, ...]:
         """Buffer size of each level < K: T_i plus the largest overshoot, cap_i = T_i + cap_{i-1}."""
-        caps: list[int] = []
-        for t in self.buffers:
-            caps.append(t + (caps[-1] if caps else 0))
-        return tuple(caps)
+        return self.schedule.capacities
 
     def tree_flatten(self):
         return (self.models,), (self.buffers, self.verifiers, self.vocab_size)
@@ -143,8 +134,7 @@ class Hierarchy:
         return obj
 
     def __repr__(self) -> str:
-        names = [f"ngram(n={m.n})" if isinstance(m, NGramDrafter) else
-                 f"{m.config.model_type}({_num_params(m) / 1e6:.1f}M)" for m in self.models]
+        names = [describe(m) for m in self.models]
         return f"Hierarchy({' < '.join(names)}, buffers={self.buffers}, verifiers={self.verifiers})"
 
 
@@ -163,7 +153,7 @@ class HSDStats:
 @struct.dataclass
 class _State:
     seq: jax.Array  # [B, S]
-    caches: tuple  # one KVCache per model level (None for the n-gram drafter)
+    caches: tuple  # one drafter state per level: a KVCache, or None for a stateless drafter
     counts: tuple  # per level < K: [B] tokens in its current buffer
     probs: tuple  # per level < K: [B, cap_i, V] its own probabilities for those tokens
     committed: jax.Array  # [B] committed context length (prompt included)
@@ -231,32 +221,26 @@ class _Plan:
     def depth(self) -> int:
         return self.hierarchy.depth
 
-    def catch_up(self, level: int) -> int:
-        """Largest number of tokens M_level may lack KV for before its next query: its own last
-        emitted token plus one correction/bonus from each level above it."""
-        return self.depth - level + 1
+    @property
+    def schedule(self) -> Schedule:
+        return self.hierarchy.schedule
 
 
 def _score(plan: _Plan, level: int, st: _State, first: jax.Array, count: int, window: int,
            rows: jax.Array) -> tuple[jax.Array, _State]:
     """M_level's processed distributions of the tokens at positions first..first+count-1.
 
-    A neural model feeds `window` tokens from its cache length on (catch-up, then the queried
-    tokens) in one forward pass; for the n-gram drafter no state changes.
+    A model with a cache feeds `window` tokens from its cache length on (catch-up, then the
+    queried tokens) in one forward pass, and keeps KV up to the last queried token's context.
     """
-    model = plan.hierarchy.models[level]
+    state = st.caches[level]
     ends = first[:, None] + jnp.arange(count)[None, :]
-    if isinstance(model, NGramDrafter):
-        return model.distributions(st.seq, ends)[..., :plan.hierarchy.vocab_size], st
-    cache: KVCache = st.caches[level]
-    start = cache.lengths
-    tokens = _gather(st.seq, start[:, None] + jnp.arange(window)[None, :])
-    x, cache_after = hidden_states(model.params, model.config, tokens, cache)
-    query = jnp.clip(ends - 1 - start[:, None], 0, window - 1)
-    x = jnp.take_along_axis(x, query[..., None], axis=1)
-    logits = logits_from_hidden(model.params, model.config, x)[..., :plan.hierarchy.vocab_size]
-    lengths = jnp.where(rows, first + count - 1, start)
-    return distribution(logits, plan.sampling), st.replace(caches=_set_tuple(st.caches, level, cache_after.with_lengths(lengths)))
+    logits, advanced = plan.hierarchy.models[level].score(state, st.seq, ends, window)
+    probs = distribution(logits[..., :plan.hierarchy.vocab_size], plan.sampling)
+    if state is None:
+        return probs, st
+    advanced = advanced.with_lengths(jnp.where(rows, first + count - 1, state.lengths))
+    return probs, st.replace(caches=_set_tuple(st.caches, level, advanced))
 
 
 def _draft(plan: _Plan, st: _State, base: jax.Array, rows: jax.Array) -> _State:
@@ -271,7 +255,7 @@ def _draft(plan: _Plan, st: _State, base: jax.Array, rows: jax.Array) -> _State:
         seq = st.seq.at[jnp.arange(batch), base + t].set(token, mode="drop")
         return st.replace(seq=seq, probs=_set_tuple(st.probs, 0, st.probs[0].at[:, t].set(probs[:, 0])))
 
-    st = draft_one(0, st, plan.catch_up(0))
+    st = draft_one(0, st, plan.schedule.draft_widths()[0])
     st = plan.loops.fori_loop(1, steps, lambda t, s: draft_one(t, s, 1), st)
     return st.replace(counts=_set_tuple(st.counts, 0, jnp.full((batch,), steps, jnp.int32)),
                       forward_passes=st.forward_passes.at[:, 0].add(steps * rows))
@@ -284,10 +268,11 @@ def _verify(plan: _Plan, level: int, st: _State, draft_base: jax.Array,
     Writes the correction/bonus token into `seq`, rolls back M_level and every model below it,
     and returns (state, τ, M_level's distributions at the draft positions and the one after).
     """
-    width = plan.hierarchy.capacities[level - 1]
+    schedule = plan.schedule
+    width = schedule.capacities[level - 1]
     draft_len = st.counts[level - 1]
     drafts = _gather(st.seq, draft_base[:, None] + jnp.arange(width)[None, :])
-    p, st = _score(plan, level, st, draft_base, width + 1, plan.catch_up(level) + width, rows)
+    p, st = _score(plan, level, st, draft_base, schedule.scored(level), schedule.verify_width(level), rows)
     st, key = st.next_key()
     tau, next_token = verify(plan.hierarchy.verifiers[level - 1], key, drafts, draft_len, st.probs[level - 1], p)
     accepted_end = draft_base + tau
@@ -338,20 +323,21 @@ def _round(plan: _Plan, st: _State) -> _State:
     top = plan.depth
     st = _fill(plan, top - 1, st, st.committed, rows)
     st, tau, _ = _verify(plan, top, st, st.committed, rows)
-    emitted = _gather(st.seq, st.committed[:, None] + jnp.arange(plan.hierarchy.capacities[-1] + 1)[None, :])
+    emitted = _gather(st.seq, st.committed[:, None] + jnp.arange(plan.schedule.committed_width())[None, :])
     counts = jnp.where(rows, tau + 1, 0)
     return st.replace(out=st.out.commit(emitted, counts, plan.eos_token_id),
                       committed=st.committed + counts, rounds=st.rounds + rows)
 
 
-def _prefill(model: Level, prompt: jax.Array, prompt_lengths: jax.Array, cache_size: int) -> KVCache | None:
+def _prefill(model: Drafter, prompt: jax.Array, prompt_lengths: jax.Array, cache_size: int) -> Any:
     """Cache the prompt, leaving its last token un-cached (every model's invariant)."""
-    if isinstance(model, NGramDrafter):
+    state = model.init_state(prompt.shape[0], cache_size)
+    if state is None:
         return None
-    cache = model.init_cache(prompt.shape[0], cache_size)
     valid = jnp.arange(prompt.shape[1])[None, :] < prompt_lengths[:, None]
-    _, cache = hidden_states(model.params, model.config, jnp.where(valid, prompt, 0), cache)
-    return cache.with_lengths(prompt_lengths - 1)
+    width = prompt.shape[1]
+    _, state = model.score(state, jnp.where(valid, prompt, 0), jnp.full((prompt.shape[0], 1), width), width)
+    return state.with_lengths(prompt_lengths - 1)
 
 
 def _generate(plan: _Plan, prompt: jax.Array, prompt_lengths: jax.Array, key: jax.Array,
@@ -415,7 +401,7 @@ def hsd_generate(hierarchy: Hierarchy, prompt_tokens, prompt_lengths, key: jax.A
         cache_size = default_cache_size(prompt_width, max_new_tokens if isinstance(max_new_tokens, int) else 0,
                                         headroom)
     learned = [m.config.max_position_embeddings for m in hierarchy.models
-               if isinstance(m, Model) and m.config.positions == "learned"]
+               if getattr(getattr(m, "config", None), "positions", None) == "learned"]
     sampling = validate_request(
         hierarchy.vocab_size, prompt_tokens, prompt_lengths, max_new_tokens=max_new_tokens,
         cache_size=cache_size, max_positions=min(learned) if learned else None,

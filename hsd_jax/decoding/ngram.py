@@ -50,3 +50,15 @@ class NGramDrafter:
 
     def distributions(self, seq: jax.Array, ends: jax.Array) -> jax.Array:
         return jax.nn.one_hot(self.predict(seq, ends), self.vocab_size, dtype=jnp.float32)
+
+    def describe(self) -> str:
+        return f"ngram(n={self.n})"
+
+    # The `decoding.drafter.Drafter` interface: no state; its logits are 0 on the predicted token
+    # and the float32 minimum elsewhere, so every sampling rule turns them into the same one-hot law.
+    def init_state(self, batch: int, size: int) -> None:
+        return None
+
+    def score(self, state: None, seq: jax.Array, ends: jax.Array, window: int) -> tuple[jax.Array, None]:
+        hit = jax.nn.one_hot(self.predict(seq, ends), self.vocab_size, dtype=bool)
+        return jnp.where(hit, 0.0, jnp.finfo(jnp.float32).min), None

@@ -8,12 +8,8 @@ nothing that loads.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
-import secrets
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from hsd_jax.models.config import CONFIG_FILE, ModelConfig
-from hsd_jax.models.decoder import Model, Params, abstract_params, stack_layers, with_layout
+from hsd_jax.io.files import atomic_directory
+from hsd_jax.models import Model, ModelConfig, Params, abstract_params, stack_layers
+from hsd_jax.models.config import CONFIG_FILE
 from hsd_jax.parallel.sharding import ModelSharding, Rule
 
 PARAMS_DIR = "params"
@@ -36,52 +33,19 @@ TOKENIZER_FILES = (
 Sharding = jax.sharding.Sharding | Any  # one Sharding for every leaf, or a tree of them
 
 
-@contextlib.contextmanager
-def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary sibling of `out_dir`; on success it replaces `out_dir`.
-
-    On any error (or interrupt) the temporary directory is removed and `out_dir` is untouched.
-    An existing non-empty `out_dir` is refused unless `overwrite`.
-    """
-    out = Path(out_dir).absolute()
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty (pass overwrite=True to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _fresh_sibling(out, "tmp")
-    try:
-        yield tmp
-        if out.exists():
-            old = _fresh_sibling(out, "tmp-old")
-            os.replace(out, old)  # `old` is an empty directory, so the rename is allowed
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _fresh_sibling(path: Path, tag: str) -> Path:
-    """Create a new empty directory `PATH.TAG-XXXXXXXX` next to `path` (honouring the umask)."""
-    while True:
-        candidate = path.with_name(f"{path.name}.{tag}-{secrets.token_hex(4)}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
-
-
 def copy_tokenizer_files(source_dir: str | Path, out_dir: str | Path) -> list[str]:
-    """Copy the tokenizer / chat-template files present in `source_dir`; return their names."""
+    """Copy the tokenizer / chat-template files present in `source_dir`; return their names.
+
+    A symbolic link is never followed: a tokenizer file that is a link is refused, so that a
+    model directory cannot make us copy a file from elsewhere on the machine."""
     copied = []
     for name in TOKENIZER_FILES:
         path = Path(source_dir, name)
+        if path.is_symlink():
+            raise ValueError(f"{path} is a symbolic link; tokenizer files must be regular files inside "
+                             f"{source_dir} (copy the file there instead of linking it)")
         if path.is_file():
-            shutil.copy2(path, Path(out_dir, name))
+            shutil.copyfile(path, Path(out_dir, name))
             copied.append(name)
     return copied
 
@@ -107,7 +71,7 @@ def save_model(directory: str | Path, model: Model, tokenizer_source_dir: str | 
     return Path(directory)
 
 
-def _corrupt(directory: Path, problem: str) -> ValueError:
+def corrupt_error(directory: Path, problem: str) -> ValueError:
     return ValueError(
         f"{directory} does not hold a readable hsd-jax checkpoint ({problem}); "
         "re-convert it with `hsd-jax convert SOURCE OUT_DIR --overwrite`"
@@ -130,22 +94,22 @@ def _stored_dtype(directory: Path, config: ModelConfig) -> jnp.dtype:
     """The dtype the weights were saved in; checks the stored tree against the config."""
     params_dir = directory / PARAMS_DIR
     if not params_dir.is_dir():
-        raise _corrupt(directory, f"{params_dir} is missing")
+        raise corrupt_error(directory, f"{params_dir} is missing")
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             metadata = checkpointer.metadata(params_dir.absolute()).item_metadata
     except Exception as e:  # orbax raises many kinds of errors for damaged directories
-        raise _corrupt(directory, f"cannot read {params_dir}: {_brief(e)}") from e
+        raise corrupt_error(directory, f"cannot read {params_dir}: {_brief(e)}") from e
     if metadata is None:
-        raise _corrupt(directory, f"the orbax metadata in {params_dir} is unreadable")
+        raise corrupt_error(directory, f"the orbax metadata in {params_dir} is unreadable")
     stored = metadata.tree
     stored, expected = _leaves_by_path(stored), _leaves_by_path(_stored_abstract(config, jnp.float32))
     if stored.keys() != expected.keys():
         diff = sorted(stored.keys() ^ expected.keys())
-        raise _corrupt(directory, f"stored weights do not match {CONFIG_FILE}: {diff}")
+        raise corrupt_error(directory, f"stored weights do not match {CONFIG_FILE}: {diff}")
     for name, want in expected.items():
         if tuple(stored[name].shape) != want.shape:
-            raise _corrupt(directory, f"weight {name} has shape {tuple(stored[name].shape)}, "
+            raise corrupt_error(directory, f"weight {name} has shape {tuple(stored[name].shape)}, "
                                       f"{CONFIG_FILE} implies {want.shape}")
     return jnp.dtype(stored["['final_norm']['scale']"].dtype)
 
@@ -197,7 +161,7 @@ def load_model(directory: str | Path, *, dtype: Any = None, sharding: Sharding |
     try:
         config = ModelConfig.load(directory)
     except (OSError, ValueError, TypeError) as e:
-        raise _corrupt(directory, f"cannot read {CONFIG_FILE}: {e}") from e
+        raise corrupt_error(directory, f"cannot read {CONFIG_FILE}: {e}") from e
     stored_dtype = _stored_dtype(directory, config)
     if dtype is None:  # as stored; but bfloat16 dots are ~10x slower than float32 on XLA:CPU
         cpu_upcast = stored_dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
@@ -216,19 +180,19 @@ def load_model(directory: str | Path, *, dtype: Any = None, sharding: Sharding |
         with ocp.StandardCheckpointer() as checkpointer:
             params = checkpointer.restore((directory / PARAMS_DIR).absolute(), abstract)
     except Exception as e:
-        raise _corrupt(directory, f"restoring {directory / PARAMS_DIR} failed: {_brief(e)}") from e
+        raise corrupt_error(directory, f"restoring {directory / PARAMS_DIR} failed: {_brief(e)}") from e
     if config.embedding_source:
         embed = _shared_embedding(directory, config, target)
         params = {**params, "embed": embed if placement is None else jax.device_put(embed, sharding["embed"])}
-    return Model(params=with_layout(params, config, layout), config=config, sharding=placement)
+    return Model(params=params, config=config, sharding=placement).with_layout(layout)
 
 
 def load_tokenizer(directory: str | Path):
     """The transformers tokenizer saved next to the weights (read offline)."""
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    try:  # never run code from a model directory
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise ValueError(f"no usable tokenizer in {directory}: {e}") from e
 

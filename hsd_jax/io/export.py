@@ -24,7 +24,6 @@ in transformers. Sampling from the exported head gives the missing ids a little 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -35,10 +34,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from hsd_jax.io.checkpoint import _corrupt, atomic_directory, copy_tokenizer_files, load_model
+from hsd_jax.io.checkpoint import copy_tokenizer_files, corrupt_error, load_model
 from hsd_jax.models.config import CONFIG_FILE, ModelConfig, UnsupportedArchitectureError, from_hf_dict
-from hsd_jax.io.convert import TensorSource, _get_leaf, plan
-from hsd_jax.models.decoder import Params, stack_layers
+from hsd_jax.io.convert import get_leaf, plan
+from hsd_jax.io.tensors import TensorSource
+from hsd_jax.io.files import atomic_directory
+from hsd_jax.models import Params, stack_layers
 
 EXPORT_DTYPES = ("float32", "bfloat16")
 WEIGHTS_FILE = "model.safetensors"
@@ -212,7 +213,7 @@ def hf_state_dict(params: Params, config: ModelConfig, hf_config) -> dict[str, n
     written = {name: np.zeros(len(flat), bool) for name, flat in out.items()}
     indices = functools.lru_cache(maxsize=1)(source.load)
     for entry in entries:
-        leaf = _get_leaf(params, entry.dest)
+        leaf = get_leaf(params, entry.dest)
         value = leaf[entry.layer] if entry.layer is not None else leaf
         where = entry.transform(indices(entry.source))
         if where.shape != value.shape or written[entry.source][where].any():
@@ -269,7 +270,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, *, dtype: str = "float
     try:
         config = ModelConfig.load(model_dir)
     except (OSError, ValueError, TypeError) as e:
-        raise _corrupt(model_dir, f"cannot read {CONFIG_FILE}: {e}") from e
+        raise corrupt_error(model_dir, f"cannot read {CONFIG_FILE}: {e}") from e
     source_json = model_dir / "config.json"
     source_hf = json.loads(source_json.read_text()) if source_json.is_file() else {}
     hf_config = transformers_config(config, dtype, source_hf)  # refuses before any weight is read
@@ -280,22 +281,3 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, *, dtype: str = "float
         hf_config.to_json_file(str(tmp / "config.json"))
         copy_tokenizer_files(model_dir, tmp)
     return Path(out_dir)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_export_parser(subparsers) -> argparse.ArgumentParser:
-    """The `export-hf DIR OUT [--dtype float32|bfloat16] [--overwrite]` subcommand."""
-    p = subparsers.add_parser("export-hf", help="write an hsd-jax model directory as a Hugging Face model")
-    p.add_argument("model_dir", metavar="DIR", help="hsd-jax model directory")
-    p.add_argument("out_dir", metavar="OUT", help="Hugging Face model directory to write")
-    p.add_argument("--dtype", default="float32", choices=list(EXPORT_DTYPES))
-    p.add_argument("--overwrite", action="store_true")
-    return p
-
-
-def run_export(args: argparse.Namespace) -> int:
-    out = export_hf(args.model_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
-    print(f"wrote {out}")
-    return 0

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from hsd_jax.decoding.drafter import Drafter
 from hsd_jax.decoding.ngram import MAX_NGRAM, NGramDrafter
 from hsd_jax.io.checkpoint import load_model
-from hsd_jax.models.layouts import quantize_int8
+from hsd_jax.models import quantize_int8
 
 NGRAM_PREFIX = "ngram:"
 INT8_PREFIX = "int8:"

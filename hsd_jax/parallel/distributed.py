@@ -20,17 +20,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hsd_jax.parallel.sharding import DATA, check_batch
 
+try:  # JAX's own launcher auto-detection; private, so guarded
+    from jax._src import clusters as _clusters
+except ImportError:  # pragma: no cover - a future JAX may move it
+    _clusters = None
+
 
 def detected_cluster() -> tuple[str, int | None] | None:
     """The multi-process launcher JAX recognises here (a Cloud TPU VM, Slurm, Open MPI,
     Kubernetes, ...; a JAX_COORDINATOR_ADDRESS in the environment counts as one) and its process
     count (None: unknown), or None outside any launcher."""
-    from jax._src import clusters  # JAX's own auto-detection; private, so guarded
-
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         return "JAX_COORDINATOR_ADDRESS", None
     try:
-        envs = [env for env in clusters.ClusterEnv._cluster_types if not env.opt_in_only_method]
+        envs = [env for env in _clusters.ClusterEnv._cluster_types if not env.opt_in_only_method]
         found = next((env for env in envs if env.is_env_present()), None)
         return None if found is None else (found.__name__, found.get_process_count())
     except Exception:  # detectors probe metadata servers and job variables: many ways to fail

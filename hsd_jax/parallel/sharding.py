@@ -36,10 +36,8 @@ splits, so it is refused under any rule that splits weights.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -48,9 +46,10 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from hsd_jax.decoding.hsd import Hierarchy
 from hsd_jax.models.cache import KVCache
 from hsd_jax.models.config import ModelConfig
-from hsd_jax.models.decoder import Model, Params, param_logical_axes, param_shapes, stack_layers
+from hsd_jax.models import Model, Params, param_logical_axes, param_shapes
 
 MESH_AXES = ("data", "model")
 DATA, MODEL = MESH_AXES
@@ -125,23 +124,6 @@ def parse_mesh(text: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
             f"mesh {text!r} (data={sizes[DATA]} x model={sizes[MODEL]}) needs {math.prod(sizes.values())} devices "
             f"but {count} are available ({jax.default_backend()}); give sizes whose product is {count}{hint}")
     return make_mesh(sizes[DATA], sizes[MODEL], devices)
-
-
-def add_mesh_argument(parser: argparse.ArgumentParser) -> None:
-    """Add `--mesh data=D,model=M`. It is only syntax-checked while parsing (before any device is
-    touched, so `distributed.initialize` can still run); build it with `parse_mesh(args.mesh)`."""
-
-    def spec(text: str) -> str:
-        try:
-            parse_mesh_spec(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-        return text
-
-    parser.add_argument("--mesh", type=spec, default=None, metavar="data=D,model=M",
-                        help="shard the models over a device mesh: D-way data parallel (batch rows) x M-way "
-                             "tensor parallel (heads, MLP, vocabulary); omitted axes are 1, one may be -1 "
-                             "(the remaining devices). Default: one device")
 
 
 def _check_mesh(mesh: Mesh) -> Mesh:
@@ -264,7 +246,8 @@ def shard_model(model: Model, mesh: Mesh, rule: Rule = "tensor") -> Model:
     if any(hasattr(w, "in_dims") for w in jax.tree.leaves(model.params, is_leaf=lambda x: hasattr(x, "in_dims"))):
         raise ValueError(f"int8-quantized weights cannot be split by rule {sharding.name!r}; shard such a draft "
                          "with rule='replicated'")
-    params = stack_layers(model.params, model.config)
+    model = model.with_layout("stacked")
+    params = model.params
     shardings = sharding.param_shardings(model.config)
     if jax.tree.structure(params) != jax.tree.structure(shardings):
         raise ValueError("the model's weights do not match param_logical_axes(config): "
@@ -291,8 +274,6 @@ def shard_levels(models: Sequence[Any], mesh: Mesh, rule: Rule | Sequence[Rule] 
 def shard_hierarchy(hierarchy, mesh: Mesh, rule: Rule | Sequence[Rule] | None = "tensor"):
     """A `Hierarchy` with every neural model on `mesh`: one rule for all, one per model (smallest
     first; e.g. ("replicated", "tensor", "tensor")), or None for `family_rules`."""
-    from hsd_jax.decoding.hsd import Hierarchy
-
     sharded = tuple(shard_levels(hierarchy.models, mesh, rule))
     return Hierarchy.tree_unflatten(hierarchy.tree_flatten()[1], (sharded,))
 
@@ -332,64 +313,3 @@ def per_device_bytes(params: Params) -> dict[jax.Device, int]:
         for shard in leaf.addressable_shards:
             held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
     return held
-
-
-# ----------------------------------------------------------------------------- benchmark
-
-
-def bench_meshes(target: Model, drafts: Sequence[Model] = (), buffers: Sequence[int] = (),
-                 meshes: Sequence[str] = ("data=1,model=8", "data=2,model=4", "data=4,model=2", "data=8,model=1"),
-                 draft_rule: Rule = "replicated", batch: int = 8, prompt_len: int = 16,
-                 max_new_tokens: int = 32, repeats: int = 3, seed: int = 0) -> list[dict[str, Any]]:
-    """Greedy tokens/s of `ar_generate(target)` and, with `drafts`, of `hsd_generate` over the
-    hierarchy drafts + [target], on one device and on each mesh (drafts under `draft_rule`).
-
-    Each entry: mesh, ar_tokens_per_s, hsd_tokens_per_s (None without drafts), and whether the
-    tokens equal the single-device run. Compilation is excluded (one warm-up call per mesh)."""
-    from hsd_jax.decoding.ar import ar_generate
-    from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
-
-    rng = np.random.default_rng(seed)
-    prompts = rng.integers(0, target.vocab_size, (batch, prompt_len), dtype=np.int32)
-    lengths = rng.integers(prompt_len // 2, prompt_len + 1, (batch,), dtype=np.int32)
-    key = jax.random.PRNGKey(seed)
-    run_ar = jax.jit(lambda m, p, n, k: ar_generate(m, p, n, k, max_new_tokens=max_new_tokens).tokens)
-    run_hsd = jax.jit(lambda h, p, n, k: hsd_generate(h, p, n, k, max_new_tokens=max_new_tokens).tokens)
-
-    def timed(fn, *args) -> tuple[float, np.ndarray]:
-        tokens = np.asarray(fn(*args))  # compile and warm up
-        start = time.perf_counter()
-        for _ in range(repeats):
-            jax.block_until_ready(fn(*args))
-        return batch * max_new_tokens * repeats / (time.perf_counter() - start), tokens
-
-    def measure(label: str, model: Model, hierarchy, p, n) -> dict[str, Any]:
-        ar_rate, ar_tokens = timed(run_ar, model, p, n, key)
-        row = {"mesh": label, "ar_tokens_per_s": ar_rate, "hsd_tokens_per_s": None, "tokens": [ar_tokens]}
-        if hierarchy is not None:
-            row["hsd_tokens_per_s"], hsd_tokens = timed(run_hsd, hierarchy, p, n, key)
-            row["tokens"].append(hsd_tokens)
-        return row
-
-    single = Model(stack_layers(target.params, target.config), target.config)
-    hierarchy = Hierarchy([*drafts, single], buffers) if drafts else None
-    rows = [measure("1 device", single, hierarchy, prompts, lengths)]
-    for text in meshes:
-        mesh = parse_mesh(text)
-        sharded = shard_model(single, mesh)
-        tree = shard_hierarchy(hierarchy, mesh, [draft_rule] * len(drafts) + ["tensor"]) if drafts else None
-        rows.append(measure(f"data={mesh.shape[DATA]} x model={mesh.shape[MODEL]}", sharded, tree,
-                            *shard_batch(mesh, prompts, lengths)))
-    reference = rows[0].pop("tokens")
-    for row in rows[1:]:
-        row["same_tokens"] = all(np.array_equal(a, b) for a, b in zip(row.pop("tokens"), reference))
-    rows[0]["same_tokens"] = True
-    return rows
-
-
-def format_bench(rows: Sequence[dict[str, Any]]) -> str:
-    lines = [f"{'mesh':<22}{'AR tok/s':>12}{'HSD tok/s':>12}  same tokens"]
-    for r in rows:
-        hsd = f"{r['hsd_tokens_per_s']:12.1f}" if r["hsd_tokens_per_s"] is not None else f"{'-':>12}"
-        lines.append(f"{r['mesh']:<22}{r['ar_tokens_per_s']:12.1f}{hsd}  {r['same_tokens']}")
-    return "\n".join(lines)

@@ -6,80 +6,50 @@
   continuations of held-out prompts (teacher-forced, so every model sees the same contexts).
   Both measures are symmetric in (i, j); they are recorded for every ordered pair.
 
-A family member is named by a *source*: a model directory, `ngram:N` (the n-gram drafter) or
-`int8:DIR` (an int8 copy of the model in DIR).
+A family member is named by a *source* (`io.sources`): a model directory, `ngram:N` (the n-gram
+drafter) or `int8:DIR` (an int8 copy of the model in DIR). The result is a `stats.Stats`.
 """
 
 from __future__ import annotations
 
-import json
+import importlib.metadata
 import platform
-import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hsd_jax.io.checkpoint import load_model
-from hsd_jax.models.decoder import Model, forward
+from hsd_jax.decoding.ar import ar_generate
+from hsd_jax.decoding.drafter import Drafter
 from hsd_jax.decoding.ngram import NGramDrafter
-from hsd_jax.models.quantize import Int8Weight
-from hsd_jax.models.layouts import quantize_int8
 from hsd_jax.decoding.sampling import SamplingParams, distribution
+from hsd_jax.io.checkpoint import encode_prompt, load_tokenizer
+from hsd_jax.io.prompts import pad_prompts
+from hsd_jax.io.sources import from_source, parse_source
+from hsd_jax.parallel.sharding import shard_levels
+from hsd_jax.planning.stats import ModelStats, Stats
+from hsd_jax.planning.timing import median_seconds
 
-Level = Model | NGramDrafter
+PROMPT_BUCKET = 32  # prompts are right-padded to a multiple of this: few recompiles, same tokens
 
-
-def load_level(source: str, *, vocab_size: int | None = None, base_dir: str | Path = ".", dtype=None) -> Level:
-    """The family member a source names: a model directory, `ngram:N` or `int8:DIR`."""
-    if source.startswith("ngram:"):
-        if vocab_size is None:
-            raise ValueError(f"{source}: the n-gram drafter needs the target's vocab_size")
-        try:
-            n = int(source.split(":", 1)[1])
-        except ValueError:
-            raise ValueError(f"bad source {source!r}: expected ngram:N with an integer N >= 2") from None
-        return NGramDrafter(n, vocab_size)
-    if source.startswith("int8:"):
-        return quantize_int8(load_model(Path(base_dir) / source.split(":", 1)[1], dtype=dtype))
-    return load_model(Path(base_dir) / source, dtype=dtype)
+Progress = Callable[[str], None] | None
+"""Called with a message as each long step starts (the CLI prints them); None: silent."""
 
 
-def default_name(source: str) -> str:
-    if source.startswith("ngram:"):
-        return f"ngram{source.split(':', 1)[1]}"
-    if source.startswith("int8:"):
-        return f"{Path(source.split(':', 1)[1]).name}-int8"
-    return Path(source).name
-
-
-def num_params(level: Level) -> int:
-    """Distinct weights: the CPU layout's transposed head copy, and a tied head, count once; an
-    int8 weight counts as its values (its scales are quantisation metadata), so an int8 copy has
-    as many parameters as its source."""
+def _scorer(level: Drafter, batch: int, size: int, context: int) -> tuple[Callable, Any]:
+    """`fn(level, seq [B, size], ends [B, C], state) -> logits [B, C, V]` of the tokens at positions
+    `ends` given `seq[:, :ends]`, and the state to call it with (`context` positions already
+    cached). A model runs one forward of the C tokens at `ends - 1` (`Model.step`); the n-gram
+    drafter has no state and looks them up (its one-hot law as logits 0 / -inf)."""
     if isinstance(level, NGramDrafter):
-        return 0
-    params = {k: v for k, v in level.params.items() if k != "lm_head_t"}
-    if level.config.tie_word_embeddings and "head_ids" not in params:
-        params.pop("lm_head", None)
-    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Int8Weight))
-    return int(sum(np.prod((x.q if isinstance(x, Int8Weight) else x).shape) for x in leaves
-                   if isinstance(x, Int8Weight) or x.dtype != jnp.int32))
+        return (lambda lv, seq, ends, _: jnp.log(lv.distributions(seq, ends))), None
+    cache = level.init_cache(batch, size).with_lengths(jnp.full((batch,), context, jnp.int32))
+    return (lambda lv, seq, ends, c: lv.step(jnp.take_along_axis(seq, ends - 1, axis=1), c)[0]), cache
 
 
-def _timed(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def measure_costs(level: Level, max_k: int, *, cache_size: int = 256, context: int = 128,
+def measure_costs(level: Drafter, max_k: int, *, cache_size: int = 256, context: int = 128,
                   batch: int = 1, repeats: int = 7, sparse_ks: Sequence[int] = ()) -> list[float]:
     """c(k) for k = 1..max(max_k, *sparse_ks): median seconds of one k-token forward (n-gram: its
     lookup) with `context` tokens already cached in a cache of `cache_size` positions. Every k up
@@ -95,59 +65,58 @@ def cost_ks(max_k: int, sparse_ks: Sequence[int] = ()) -> list[int]:
     return sorted(set(range(1, max_k + 1)) | {int(k) for k in sparse_ks if k > max_k})
 
 
-def _measure_each(level: Level, ks: Sequence[int], *, cache_size: int, context: int, batch: int,
+def _measure_each(level: Drafter, ks: Sequence[int], *, cache_size: int, context: int, batch: int,
                   repeats: int) -> list[float]:
+    fn, state = _scorer(level, batch, cache_size, context)
+    fn = jax.jit(fn)  # one compile per k
+    seq = jnp.ones((batch, cache_size), jnp.int32)
     costs = []
     for k in ks:
-        if isinstance(level, NGramDrafter):
-            seq = jnp.ones((batch, cache_size), jnp.int32)
-            ends = jnp.full((batch, k), context, jnp.int32) + jnp.arange(k)[None]
-            fn = jax.jit(lambda s, e: level.distributions(s, e))
-            costs.append(_timed(fn, seq, ends, repeats=repeats))
-        else:
-            cache = level.init_cache(batch, cache_size).with_lengths(jnp.full((batch,), context, jnp.int32))
-            tokens = jnp.ones((batch, k), jnp.int32)
-            fn = jax.jit(lambda p, t, c: forward(p, level.config, t, c)[0])
-            costs.append(_timed(fn, level.params, tokens, cache, repeats=repeats))
+        ends = jnp.broadcast_to(context + 1 + jnp.arange(k, dtype=jnp.int32), (batch, k))
+        costs.append(median_seconds(fn, level, seq, ends, state, repeats=repeats))
     return costs
 
 
-def _teacher_forced(level: Level, tokens: np.ndarray, sampling: SamplingParams, vocab: int) -> np.ndarray:
-    """Processed next-token distributions [S, V] of one sequence, at every position."""
+def _teacher_forced(level: Drafter, tokens: np.ndarray, vocab: int) -> jax.Array:
+    """Next-token logits [S, vocab] of one sequence, at every position (run eagerly: the
+    sequences differ in length, so a compiled forward would recompile for each)."""
     seq = jnp.asarray(tokens, jnp.int32)[None]
-    if isinstance(level, NGramDrafter):
-        return level.distributions(seq, jnp.arange(1, seq.shape[1] + 1)[None])[0, :, :vocab]
-    logits, _ = forward(level.params, level.config, seq, level.init_cache(1, seq.shape[1]))
-    return distribution(logits[0, :, :vocab], sampling)
+    fn, state = _scorer(level, 1, seq.shape[1], 0)
+    return fn(level, seq, jnp.arange(1, seq.shape[1] + 1, dtype=jnp.int32)[None], state)[0, :, :vocab]
 
 
-def measure_acceptance(levels: Sequence[Level], sequences: Sequence[np.ndarray], starts: Sequence[int], *,
+def measure_acceptance(levels: Sequence[Drafter], sequences: Sequence[np.ndarray], starts: Sequence[int], *,
                        temperature: float, vocab: int, max_positions: int = 16,
-                       progress: bool = True) -> dict[str, Any]:
+                       progress: Progress = None) -> dict[str, Any]:
     """alpha[i][j] for i < j (greedy agreement and sum min(p_i, p_j)) over answer positions, and
-    the greedy per-position profiles of `greedy_position_profile` for every pair."""
-    from tqdm import tqdm
-
+    the greedy per-position profiles of `greedy_position_profile` for every pair. A ValueError
+    when the sequences hold no answer position (nothing to average)."""
     n = len(levels)
     greedy = np.zeros((n, n))
     sampled = np.zeros((n, n))
     agreements: dict[tuple[int, int], list[np.ndarray]] = {}
     total = 0
     greedy_sampling, hot = SamplingParams(), SamplingParams(temperature=temperature or 1.0)
-    for seq, start in tqdm(list(zip(sequences, starts)), desc="acceptance", disable=not progress):
+    for number, (seq, start) in enumerate(zip(sequences, starts), 1):
+        if progress:
+            progress(f"acceptance: sequence {number}/{len(sequences)}")
         answer = slice(start - 1, len(seq) - 1)
         tops, probs = [], []
         for level in levels:
-            tops.append(np.asarray(jnp.argmax(_teacher_forced(level, seq, greedy_sampling, vocab)[answer], -1)))
-            probs.append(_teacher_forced(level, seq, hot, vocab)[answer])
+            logits = _teacher_forced(level, seq, vocab)[answer]
+            tops.append(np.asarray(jnp.argmax(distribution(logits, greedy_sampling), -1)))
+            probs.append(distribution(logits, hot))
         for i in range(n):
             for j in range(i + 1, n):
                 greedy[i, j] += np.sum(tops[i] == tops[j])
                 agreements.setdefault((i, j), []).append(tops[i] == tops[j])
                 sampled[i, j] += float(jnp.sum(jnp.minimum(probs[i], probs[j])))
         total += len(seq) - start
+    if total <= 0:
+        raise ValueError(f"no answer positions to measure acceptance on ({len(sequences)} sequences); "
+                         "give prompts whose continuations are not empty")
     profiles = {pair: greedy_position_profile(runs, max_positions) for pair, runs in agreements.items()}
-    return {"greedy": greedy / max(total, 1), "sampled": sampled / max(total, 1), "positions": total,
+    return {"greedy": greedy / total, "sampled": sampled / total, "positions": total,
             "greedy_profiles": profiles}
 
 
@@ -180,46 +149,76 @@ def greedy_position_profile(agreements: Sequence[np.ndarray], length: int, min_c
     return profile
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
+def machine_name() -> str:
+    """CPU model and architecture, e.g. 'AMD EPYC (x86_64)'."""
+    model = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model} ({platform.machine()})"
 
+
+def package_versions() -> dict[str, str]:
+    """Python's version and the installed jax, jaxlib, flax and hsd-jax versions."""
     out = {"python": platform.python_version()}
     for pkg in ("jax", "jaxlib", "flax", "hsd-jax"):
         try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
             pass
+    return out
+
+
+def _symmetric_pairs(names: Sequence[str], matrix: np.ndarray) -> dict[str, dict[str, float]]:
+    """drafter -> verifier -> rate for every ordered pair, from the upper triangle of `matrix`."""
+    full = matrix + matrix.T
+    return {names[i]: {names[j]: float(full[i, j]) for j in range(len(names)) if j != i}
+            for i in range(len(names))}
+
+
+def _symmetric_profiles(names: Sequence[str], profiles: dict) -> dict[str, dict[str, list[float]]]:
+    """Agreement is symmetric: both orders of a pair share its profile."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for (i, j), profile in profiles.items():
+        out.setdefault(names[i], {})[names[j]] = profile
+        out.setdefault(names[j], {})[names[i]] = profile
     return out
 
 
 def profile_family(sources: Sequence[str], prompts: Sequence[str], *, names: Sequence[str] | None = None,
                    temperature: float = 1.0, max_k: int = 16, sparse_ks: Sequence[int] = (),
                    max_new_tokens: int = 64, cache_size: int = 256, repeats: int = 7,
-                   mesh: Any = None, progress: bool = True) -> dict[str, Any]:
-    """Profile every source (the last is the target) into the planner's stats dict; with a
-    `mesh`, on it (`sharding.family_rules`: drafts replicated, the target tensor-parallel)."""
-    from hsd_jax.bench.methods import machine_name
-    from hsd_jax.io.checkpoint import encode_prompt, load_tokenizer
-    from hsd_jax.decoding.ar import ar_generate
-
-    target_source = sources[-1]
-    if target_source.startswith(("ngram:", "int8:")):
-        raise ValueError(f"the last model must be the target's directory, got {target_source!r}")
-    target = load_model(target_source)
+                   mesh: Any = None, progress: Progress = None) -> dict[str, Any]:
+    """Profile every source (the last is the target) into the planner's stats JSON (built as a
+    `Stats`, returned as its `to_json()`; `io.files.write_json` writes it, `load_stats` reads it);
+    with a `mesh`, on it (`sharding.family_rules`: drafts replicated, the target tensor-parallel).
+    `progress(message)` is called as each long step starts."""
+    if not prompts:
+        raise ValueError("profiling needs at least one prompt: the acceptances are measured on the "
+                         "target's continuations of the prompts, and the prompt list is empty")
+    parsed = [parse_source(s) for s in sources]
+    if not parsed or parsed[-1].kind != "model":
+        raise ValueError(f"the last model must be the target's directory, got {sources[-1] if sources else None!r}")
+    names = list(names) if names else [s.name for s in parsed]
+    if len(names) != len(parsed):
+        raise ValueError(f"{len(names)} names for {len(parsed)} sources; give one name per source")
+    target = from_source(parsed[-1])
     vocab = target.vocab_size
-    levels = [load_level(s, vocab_size=vocab) for s in sources[:-1]] + [target]
+    levels = [from_source(s, vocab_size=vocab) for s in parsed[:-1]] + [target]
     if mesh is not None:
-        from hsd_jax.parallel.sharding import shard_levels
-
         levels = shard_levels(levels, mesh)
         target = levels[-1]
-    names = list(names) if names else [default_name(s) for s in sources]
-    tokenizer = load_tokenizer(target_source)
+    tokenizer = load_tokenizer(parsed[-1].directory())
     sequences, starts = [], []
+    if progress:
+        progress(f"target continuations of {len(prompts)} prompts")
     for text in prompts:
         ids = encode_prompt(tokenizer, text)
-        width = -(-len(ids) // 32) * 32  # right-padded to a bucket: few recompiles, same tokens
-        out = ar_generate(target, np.array([ids + [0] * (width - len(ids))]), np.array([len(ids)]), jax.random.PRNGKey(0),
+        padded, lengths = pad_prompts([ids], bucket=PROMPT_BUCKET)
+        out = ar_generate(target, padded, lengths, jax.random.PRNGKey(0),
                           max_new_tokens=max_new_tokens, eos_token_id=target.config.eos_token_id)
         answer = np.asarray(out.tokens[0, :int(out.num_tokens[0])]).tolist()
         sequences.append(np.array(ids + answer, np.int32))
@@ -229,37 +228,15 @@ def profile_family(sources: Sequence[str], prompts: Sequence[str], *, names: Seq
     models = []
     for name, source, level in zip(names, sources, levels):
         if progress:
-            print(f"timing {name} for k = 1..{max_k}", flush=True)
-        models.append({"name": name, "source": source, "params": num_params(level),
-                       "cost_s": measure_costs(level, max_k, cache_size=cache_size, repeats=repeats,
-                                               sparse_ks=sparse_ks)})
-
-    def profile_pairs(profiles):  # agreement is symmetric: both orders share a profile
-        out: dict[str, dict[str, list[float]]] = {}
-        for (i, j), profile in profiles.items():
-            out.setdefault(names[i], {})[names[j]] = profile
-            out.setdefault(names[j], {})[names[i]] = profile
-        return out
-
-    def pairs(matrix):
-        full = matrix + matrix.T
-        return {names[i]: {names[j]: float(full[i, j]) for j in range(len(names)) if j != i}
-                for i in range(len(names))}
-
-    return {"version": 1, "hardware": machine_name(), "dtype": str(target.dtype), "batch_size": 1,
-            "temperature": float(temperature), "versions": _versions(), "target": names[-1],
-            "mesh": None if mesh is None else dict(mesh.shape),
-            "cache_size": cache_size, "measured_k": cost_ks(max_k, sparse_ks),
-            "prompts": len(prompts), "answer_positions": acceptance["positions"],
-            "models": models, "acceptance": {"greedy": pairs(acceptance["greedy"]),
-                                             "sampled": pairs(acceptance["sampled"])},
-            "position_acceptance": {"greedy": profile_pairs(acceptance["greedy_profiles"])}}
-
-
-def write_json(data: dict[str, Any], path: str | Path) -> Path:
-    """Write JSON atomically (temporary sibling, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-    return path
+            progress(f"timing {name} for k = 1..{max_k}")
+        costs = measure_costs(level, max_k, cache_size=cache_size, repeats=repeats, sparse_ks=sparse_ks)
+        models.append(ModelStats(name, source, level.num_params, tuple(costs)))
+    stats = Stats(hardware=machine_name(), dtype=str(target.dtype), batch_size=1, temperature=float(temperature),
+                  versions=package_versions(), target=names[-1], models=tuple(models),
+                  acceptance={"greedy": _symmetric_pairs(names, acceptance["greedy"]),
+                              "sampled": _symmetric_pairs(names, acceptance["sampled"])},
+                  position_acceptance={"greedy": _symmetric_profiles(names, acceptance["greedy_profiles"])},
+                  mesh=None if mesh is None else dict(mesh.shape), cache_size=cache_size,
+                  measured_k=tuple(cost_ks(max_k, sparse_ks)), prompts=len(prompts),
+                  answer_positions=acceptance["positions"])
+    return stats.to_json()

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import io
 import os
 import time
 from pathlib import Path
@@ -24,23 +24,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
 
 from hsd_jax.io.checkpoint import embedding_fingerprint, encode_prompt, load_model, load_tokenizer, save_model
 from hsd_jax.decoding.ar import ar_generate
-from hsd_jax.models.decoder import INTEGER_PARAMS, Model, Params, hidden_states, stack_layers
+from hsd_jax.io.files import write_bytes, write_json
+from hsd_jax.io.prompts import pad_prompts
+from hsd_jax.models import INTEGER_PARAMS, Model, Params, hidden_states, stack_layers
 
 DATA_FILE = "distill_data.npz"
 FROZEN = ("embed",) + INTEGER_PARAMS
 
 
 # ------------------------------------------------------------------------------- the data
-
-
-def _pad(rows: Sequence[Sequence[int]], width: int) -> np.ndarray:
-    out = np.zeros((len(rows), width), np.int32)
-    for i, row in enumerate(rows):
-        out[i, :len(row)] = row
-    return out
 
 
 def make_dataset(target_dir: str | Path, prompts: Sequence[str], out_path: str | Path, *,
@@ -53,8 +49,6 @@ def make_dataset(target_dir: str | Path, prompts: Sequence[str], out_path: str |
     every position t, the target's top-k next-token ids and log-probabilities (teacher_ids,
     teacher_logp [N, S, k]).
     """
-    from tqdm import tqdm
-
     target = load_model(target_dir)
     tokenizer = load_tokenizer(target_dir)
     eos = target.config.eos_token_id
@@ -65,9 +59,8 @@ def make_dataset(target_dir: str | Path, prompts: Sequence[str], out_path: str |
     bar = tqdm(total=len(encoded), desc="target answers", unit="prompt", disable=not progress)
     for first in range(0, len(order), batch_size):
         batch = order[first:first + batch_size]
-        rows = [encoded[i] for i in batch]
-        width = max(len(r) for r in rows)
-        out = ar_generate(target, _pad(rows, width), np.array([len(r) for r in rows]), jax.random.fold_in(key, first),
+        prompt_tokens, prompt_lengths = pad_prompts([encoded[i] for i in batch])
+        out = ar_generate(target, prompt_tokens, prompt_lengths, jax.random.fold_in(key, first),
                           max_new_tokens=max_new_tokens, temperature=temperature, eos_token_id=eos)
         tokens, counts = np.asarray(out.tokens), np.asarray(out.num_tokens)
         for j, i in enumerate(batch):
@@ -75,31 +68,24 @@ def make_dataset(target_dir: str | Path, prompts: Sequence[str], out_path: str |
             starts[i] = len(encoded[i])
         bar.update(len(batch))
     bar.close()
-    width = max(len(s) for s in sequences)
-    tokens = _pad(sequences, width)
-    lengths = np.array([len(s) for s in sequences], np.int32)
+    tokens, lengths = pad_prompts(sequences, bucket=1)
     teacher_ids, teacher_logp = teacher_top_k(target, tokens, lengths, top_k, batch_size=8, progress=progress)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, tokens=tokens, lengths=lengths, answer_start=np.array(starts, np.int32),
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, tokens=tokens, lengths=lengths, answer_start=np.array(starts, np.int32),
                         teacher_ids=teacher_ids, teacher_logp=teacher_logp.astype(np.float16),
                         prompts=np.array(list(prompts)), temperature=np.float32(temperature))
-    tmp.replace(out_path)
-    return out_path
+    return write_bytes(out_path, buffer.getvalue())
 
 
 def teacher_top_k(target: Model, tokens: np.ndarray, lengths: np.ndarray, k: int, *, batch_size: int = 8,
                   progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Top-k next-token (ids, log-probabilities) of the target at every position [N, S, k]."""
-    from tqdm import tqdm
-
-    from hsd_jax.models.decoder import forward
 
     @jax.jit
-    def top(params, tokens):
-        cache = target.init_cache(tokens.shape[0], tokens.shape[1])
-        logits, _ = forward(params, target.config, tokens, cache)
+    def top(model, tokens):
+        logits, _ = model.step(tokens, model.init_cache(tokens.shape[0], tokens.shape[1]))
         values, ids = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), k)
         return ids.astype(jnp.int32), values
 
@@ -110,7 +96,7 @@ def teacher_top_k(target: Model, tokens: np.ndarray, lengths: np.ndarray, k: int
         chunk = tokens[first:first + batch_size]
         padded = np.zeros((batch_size, width), np.int32)
         padded[:len(chunk)] = chunk
-        ids, logp = top(target.params, jnp.asarray(padded))
+        ids, logp = top(target, jnp.asarray(padded))
         ids_out[first:first + len(chunk)] = np.asarray(ids)[:len(chunk)]
         logp_out[first:first + len(chunk)] = np.asarray(logp)[:len(chunk)]
     return ids_out, logp_out
@@ -287,8 +273,6 @@ def distill(target_dir: str | Path, data_path: str | Path | Sequence[str | Path]
 
     Returns a summary: steps, tokens seen, wall time, final loss.
     """
-    from tqdm import tqdm
-
     out_dir = Path(out_dir)
     work_dir = Path(work_dir) if work_dir is not None else out_dir.with_name(out_dir.name + ".work")
     data_paths = [data_path] if isinstance(data_path, (str, Path)) else list(data_path)
@@ -347,5 +331,5 @@ def distill(target_dir: str | Path, data_path: str | Path | Sequence[str | Path]
                "data_parts": [{"answer_temperature": round(float(t), 6), "sequences": int(np.sum(part)),
                                "answer_tokens": int(mask_all[part].sum())}
                               for t, part in ((t, data["temperature"] == t) for t in np.unique(data["temperature"]))]}
-    (out_dir / "distill_summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out_dir / "distill_summary.json", summary)
     return summary

@@ -1,0 +1,83 @@
+"""`hsd-jax bench`: every decoding method side by side (`--plan`), or our AR against transformers
+and the memory roofline (`--model`)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from hsd_jax.bench.methods import METHODS, run_bench, run_methods
+from hsd_jax.bench.plots import plot_methods
+from hsd_jax.cli.common import add_mesh_argument, mesh_from_args, progress_printer
+from hsd_jax.io.files import write_json
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help="tokens/s of ar, sd, hsd, hf-ar, hf-assisted side by side (with --plan), "
+                                            "or our AR vs transformers and the memory roofline (with --model)")
+    p.add_argument("--model", help="AR-only bench of this model directory")
+    p.add_argument("--plan", help="plan.json: the hierarchy for 'hsd' (its target for the others)")
+    p.add_argument("--stats", help="stats.json the plan was made from (chooses the single draft for 'sd')")
+    p.add_argument("--prompts", help="JSONL file with a 'prompt' field per line (chat messages)")
+    p.add_argument("--num-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    p.add_argument("--hf-draft", help="draft directory exported for transformers' assisted generation")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--repeats", type=int, default=3, help="(AR-only bench) timed repeats per prompt")
+    p.add_argument("--json", dest="json_out", help="write the results to this JSON file")
+    p.add_argument("--plot", help="write a bar chart of tokens/s to this PNG")
+    add_mesh_argument(p)
+    return p
+
+
+def methods_lines(results: dict[str, Any]) -> list[str]:
+    """The report of `run_methods`."""
+    lines = [f"{results['machine']}; batch 1, temperature {results['temperature']}, {results['prompts']} prompts, "
+             f"{results['max_new_tokens']} new tokens"]
+    for name, entry in results["methods"].items():
+        same = entry.get("identical_to_ar")
+        lines.append(f"{name:>12}: {entry['tokens_per_s']:7.1f} tokens/s  {entry.get('speedup_vs_ar', 0):5.2f}x AR"
+                     + ("" if same is None else f"  identical to AR: {same}"))
+    lines.append(f"hsd = {results['plan']}; sd = {results['sd']}")
+    lines += [f"{k}: {results[k]:.2f}x" for k in ("hsd_over_sd", "hsd_over_hf-assisted") if k in results]
+    return lines
+
+
+def ar_bench_lines(results: dict[str, Any]) -> list[str]:
+    """The report of `run_bench`."""
+    r = results
+    roofline_ms = r["roofline_ms_per_token"]
+    return [f"{r['machine']}, {r['cpu_count']} cores, jax {r['jax']} on {r['jax_backend']}",
+            f"weights {r['weight_bytes'] / 1e6:.1f} MB, measured bandwidth {r['bandwidth_GBps']:.1f} GB/s "
+            f"-> roofline {roofline_ms:.1f} ms/token",
+            f"hsd-jax AR      {r['ours_tokens_per_s']:7.1f} tokens/s end to end; decode step "
+            f"{r['ours_decode_ms_per_token']:.1f} ms = {r['ours_over_roofline']:.2f}x roofline",
+            f"transformers AR {r['hf_tokens_per_s']:7.1f} tokens/s",
+            f"ratio hsd-jax / transformers: {r['ours_over_hf']:.2f}x; greedy identical: "
+            f"{r['greedy_identical_to_hf']}"]
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.plan:
+        if not (args.stats and args.prompts):
+            raise ValueError("bench --plan needs --stats stats.json and --prompts FILE.jsonl")
+        results = run_methods(args.plan, args.stats, args.prompts, methods=tuple(args.methods.split(",")),
+                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              num_prompts=args.num_prompts, hf_draft_dir=args.hf_draft, mesh=mesh_from_args(args),
+                              progress=progress_printer)
+        lines = methods_lines(results)
+    elif args.model:
+        if args.mesh:
+            raise ValueError("--mesh applies to `bench --plan`; the AR-only `bench --model` runs on one device")
+        results = run_bench(args.model, prompts_file=args.prompts, max_new_tokens=args.max_new_tokens,
+                            repeats=args.repeats)
+        lines = ar_bench_lines(results)
+    else:
+        raise ValueError("give --plan (with --stats, --prompts) to compare methods, or --model for the AR bench")
+    print("\n".join(lines))
+    if args.plan and args.plot:
+        plot_methods(results, args.plot)
+    if args.json_out:
+        write_json(args.json_out, results)
+    return 0

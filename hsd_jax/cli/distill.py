@@ -1,0 +1,61 @@
+"""`hsd-jax distill`: train a draft for a target on the target's own answers."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hsd_jax.io.prompts import instructions_path, load_prompts
+from hsd_jax.train.distill import DraftSpec, TrainConfig, distill, make_dataset
+
+DEFAULT_DATA = "distill/data.npz"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("distill", help="distil a draft for a target (optax KL on the target's own answers)")
+    p.add_argument("--target", required=True, help="the target model directory")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--layers", required=True, help="target layers that initialise the draft, e.g. 0,29")
+    p.add_argument("--head-vocab", type=int, default=8192, help="frequent-token head size (q = 0 elsewhere)")
+    p.add_argument("--data", action="append",
+                   help="cached answers + teacher top-k, made if absent; repeat to train on several "
+                        f"(default: {DEFAULT_DATA})")
+    p.add_argument("--answer-temperature", type=float, action="append",
+                   help="temperature of the answers in each --data file made here, in order (default 0: greedy)")
+    p.add_argument("--make-data", action="store_true", help="(re)make every --data file from the instruction set")
+    p.add_argument("--instructions", help="JSONL instruction set (default: hsd_jax/io/data/instructions.jsonl)")
+    p.add_argument("--answer-tokens", type=int, default=128)
+    p.add_argument("--generate-batch", type=int, default=32)
+    p.add_argument("--top-k", type=int, default=32, help="teacher log-probabilities cached per position")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--work-dir", help="orbax checkpoints to resume from (default: OUT_DIR.work)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    paths = args.data or [DEFAULT_DATA]
+    temperatures = args.answer_temperature or []
+    if len(temperatures) > len(paths):
+        raise ValueError(f"{len(temperatures)} --answer-temperature values for {len(paths)} --data files; "
+                         "give at most one per file")
+    temperatures += [0.0] * (len(paths) - len(temperatures))
+    prompts = None
+    for index, (path, temperature) in enumerate(zip(paths, temperatures)):
+        if args.make_data or not Path(path).exists():
+            prompts = prompts or load_prompts(args.instructions or instructions_path())
+            make_dataset(args.target, prompts, path, max_new_tokens=args.answer_tokens,
+                         batch_size=args.generate_batch, top_k=args.top_k, temperature=temperature, seed=index)
+    spec = DraftSpec.parse(args.layers, args.head_vocab)
+    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                        warmup_steps=args.warmup, checkpoint_every=args.checkpoint_every, seed=args.seed)
+    summary = distill(args.target, paths, args.out_dir, spec, train, work_dir=args.work_dir,
+                      overwrite=args.overwrite)
+    print(f"wrote {args.out_dir}: {summary['steps']} steps, {summary['answer_tokens_seen']} answer tokens, "
+          f"final loss {summary['loss'][-1][1]:.4f}, {summary['wall_s']:.0f}s")
+    return 0

@@ -1,0 +1,166 @@
+"""`hsd-jax generate`: text from a model or a hierarchy (`--plan`, or --model/--draft/--ngram),
+optionally timed against plain AR of the target in the same process (`--compare-ar`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from hsd_jax.cli.common import add_mesh_argument, add_sampling, int_list, mesh_from_args
+from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
+from hsd_jax.io.checkpoint import encode_prompt, load_tokenizer
+from hsd_jax.io.sources import from_source, parse_source
+from hsd_jax.parallel.sharding import shard_hierarchy
+from hsd_jax.planning import hierarchy_from_plan, load_plan
+from hsd_jax.planning.timing import time_once
+
+STATS_FIELDS = ("forward_passes", "proposed", "accepted", "target_rounds", "tokens_per_target_call")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("generate", help="generate text with a model or a hierarchy")
+    p.add_argument("--model", help="the target model directory")
+    p.add_argument("--plan", help="plan.json from `hsd-jax plan`: its chain, buffers and verifier")
+    p.add_argument("--draft", action="append", default=[],
+                   help="a draft: model directory, int8:DIR or ngram:N (repeatable, smallest first)")
+    p.add_argument("--ngram", type=int, default=0, help="add the n-gram drafter with this n as M_0")
+    p.add_argument("--buffers", type=int_list, default=None, help="buffer targets T_0,...,T_{K-1}, e.g. 4,8")
+    p.add_argument("--verifier", default="tokenwise", help="tokenwise | block, or one per level: block,tokenwise")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt", help="prompt text")
+    group.add_argument("--prompt-ids", type=int_list, help="comma-separated token ids")
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to --prompt")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_mesh_argument(p)
+    p.add_argument("--compare-ar", action="store_true",
+                   help="also time plain AR of the target and print a report (speed-up, acceptance per level)")
+    add_sampling(p)
+    return p
+
+
+# ------------------------------------------------------------------------------ hierarchy
+
+
+def check_same_tokenizer(target: str, drafts: Sequence[str]) -> None:
+    """Raise ValueError unless every draft (a directory or int8:DIR; n-gram drafts have no
+    tokenizer) has the target's tokenizer."""
+    reference = load_tokenizer(parse_source(target).directory()).get_vocab()
+    for draft in drafts:
+        source = parse_source(draft)
+        if source.is_ngram:
+            continue
+        vocab = load_tokenizer(source.directory()).get_vocab()
+        if vocab != reference:
+            differ = len(set(vocab.items()) ^ set(reference.items()))
+            raise ValueError(f"draft {draft} has a different tokenizer from the target {target} "
+                             f"({differ} vocabulary entries differ); every level must share the target's tokenizer")
+
+
+def load_hierarchy(args: argparse.Namespace) -> Hierarchy:
+    """The hierarchy of `--plan` (setting `args.model` to its target), or of
+    --model/--draft/--ngram/--buffers/--verifier."""
+    if args.plan:
+        plan = load_plan(args.plan)
+        hierarchy = hierarchy_from_plan(plan)
+        if args.model is None:
+            args.model = str(plan.directory())
+        return hierarchy
+    if args.model is None:
+        raise ValueError("give the target with --model DIR, or a plan with --plan plan.json")
+    check_same_tokenizer(args.model, args.draft)
+    target = from_source(args.model)
+    models = [from_source(d, vocab_size=target.vocab_size) for d in args.draft]
+    if args.ngram:
+        models.insert(0, from_source(f"ngram:{args.ngram}", vocab_size=target.vocab_size))
+    models.append(target)
+    buffers = args.buffers if args.buffers is not None else [4] * (len(models) - 1)
+    verifier = args.verifier.split(",") if "," in args.verifier else args.verifier
+    return Hierarchy(models, buffers, verifier)
+
+
+def hierarchy_from_args(args: argparse.Namespace) -> Hierarchy:
+    """`load_hierarchy`; with --mesh, the target tensor-parallel and the drafts replicated on it."""
+    hierarchy = load_hierarchy(args)
+    mesh = mesh_from_args(args)
+    return hierarchy if mesh is None else shard_hierarchy(hierarchy, mesh, rule=None)
+
+
+# -------------------------------------------------------------------------------- command
+
+
+def generate(args: argparse.Namespace) -> tuple[dict[str, Any], Hierarchy]:
+    """Generate for the prompt (compile excluded from the timing): the result dict and the hierarchy."""
+    hierarchy = hierarchy_from_args(args)
+    target = hierarchy.target
+    tokenizer = load_tokenizer(parse_source(args.model).directory())
+    ids = args.prompt_ids if args.prompt_ids is not None else encode_prompt(tokenizer, args.prompt, args.chat)
+    prompt = np.asarray([ids], np.int32)
+    lengths = np.asarray([len(ids)], np.int32)
+    eos = target.config.eos_token_id if tokenizer.eos_token_id is None else tokenizer.eos_token_id
+
+    def run(h):
+        return hsd_generate(h, prompt, lengths, jax.random.PRNGKey(args.seed), max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_id=eos)
+
+    def timed(h):
+        compile_seconds, _ = time_once(run, h)  # compile (and a first run) with the same shapes
+        seconds, out = time_once(run, h)
+        return out, seconds, compile_seconds
+
+    out, seconds, compile_seconds = timed(hierarchy)
+    n = int(out.num_tokens[0])
+    tokens = np.asarray(out.tokens[0, :n]).tolist()
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    result = {"tokens": tokens, "text": text, "num_tokens": n, "seconds": seconds,
+              "tokens_per_s": n / seconds, "compile_and_first_run_seconds": compile_seconds,
+              "hierarchy": repr(hierarchy)}
+    if hierarchy.depth:
+        result["stats"] = {k: np.asarray(getattr(out.stats, k))[0].tolist() for k in STATS_FIELDS}
+    if args.compare_ar and hierarchy.depth:
+        ar_out, ar_seconds, _ = timed(Hierarchy([target]))
+        ar_n = int(ar_out.num_tokens[0])
+        result["ar"] = {"num_tokens": ar_n, "seconds": ar_seconds, "tokens_per_s": ar_n / ar_seconds,
+                        "identical": np.asarray(ar_out.tokens[0, :ar_n]).tolist() == tokens}
+    return result, hierarchy
+
+
+def report_lines(result: dict[str, Any], hierarchy: Hierarchy, temperature: float, compare_ar: bool) -> list[str]:
+    """The `--compare-ar` report."""
+    rate = result["num_tokens"] / result["seconds"]
+    if compare_ar and not hierarchy.depth:
+        return ["\n== report (compile excluded)",
+                f"  hierarchy       the target alone: plain AR at {rate:.1f} tokens/s",
+                "  (the plan found no hierarchy faster than AR with the profiled costs and acceptances)"]
+    if "ar" not in result:
+        return []
+    ar, stats = result["ar"], result["stats"]
+    lines = ["\n== report (same process, compile excluded)",
+             f"  hierarchy       {hierarchy}",
+             f"  HSD             {rate:6.1f} tokens/s",
+             f"  plain AR        {ar['tokens_per_s']:6.1f} tokens/s",
+             f"  speed-up        {rate / ar['tokens_per_s']:6.2f}x"
+             + ("" if temperature else f"   (greedy output identical to AR: {ar['identical']})")]
+    for level, (proposed, accepted) in enumerate(zip(stats["proposed"], stats["accepted"]), 1):
+        lines.append(f"  level {level} accepts {accepted}/{proposed} = {accepted / max(proposed, 1):.2f} of level "
+                     f"{level - 1}'s drafts")
+    lines.append(f"  tokens per target call {stats['tokens_per_target_call']:.2f}")
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    result, hierarchy = generate(args)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    n, seconds = result["num_tokens"], result["seconds"]
+    print(result["text"])
+    print(f"\n[{n} tokens in {seconds:.2f}s, {n / seconds:.1f} tokens/s; {hierarchy}]", file=sys.stderr)
+    for line in report_lines(result, hierarchy, args.temperature, args.compare_ar):
+        print(line)
+    return 0
