@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 DEMO_PROMPT := Write a Python function that checks whether a number is prime.

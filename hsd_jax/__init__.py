@@ -22,14 +22,46 @@ from hsd_jax.decoding.ngram import NGramDrafter
 from hsd_jax.decoding.sampling import SamplingParams
 from hsd_jax.io.checkpoint import load_model, load_tokenizer, save_model
 from hsd_jax.io.sources import from_source
-from hsd_jax.models import (KVCache, Model, ModelConfig, UnsupportedArchitectureError, decode_step, forward,
-                            init_params, param_logical_axes)
+from hsd_jax.models import (
+                            KVCache,
+                            Model,
+                            ModelConfig,
+                            UnsupportedArchitectureError,
+                            decode_step,
+                            forward,
+                            init_params,
+                            param_logical_axes,
+)
 from hsd_jax.parallel import distributed, sharding
 from hsd_jax.parallel.sharding import ModelSharding, parse_mesh, shard_batch, shard_hierarchy, shard_model
 
 __all__ = [
-    "Drafter", "GenerationOutput", "HSDStats", "Hierarchy", "KVCache", "Model", "ModelConfig", "ModelSharding",
-    "NGramDrafter", "SamplingParams", "UnsupportedArchitectureError", "ar_generate", "decode_step", "distributed",
-    "forward", "from_source", "hsd_generate", "init_params", "load_model", "load_tokenizer", "param_logical_axes",
-    "parse_mesh", "planning", "save_model", "shard_batch", "shard_hierarchy", "shard_model", "sharding",
+    "Drafter",
+    "GenerationOutput",
+    "HSDStats",
+    "Hierarchy",
+    "KVCache",
+    "Model",
+    "ModelConfig",
+    "ModelSharding",
+    "NGramDrafter",
+    "SamplingParams",
+    "UnsupportedArchitectureError",
+    "ar_generate",
+    "decode_step",
+    "distributed",
+    "forward",
+    "from_source",
+    "hsd_generate",
+    "init_params",
+    "load_model",
+    "load_tokenizer",
+    "param_logical_axes",
+    "parse_mesh",
+    "planning",
+    "save_model",
+    "shard_batch",
+    "shard_hierarchy",
+    "shard_model",
+    "sharding",
 ]

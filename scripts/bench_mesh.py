@@ -26,20 +26,33 @@ def main(argv=None) -> int:
     p.add_argument("--json", dest="json_out")
     args = p.parse_args(argv)
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}"
+        os.environ["XLA_FLAGS"] = (
+            f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}"
+        )
 
     import jax
 
-    from hsd_jax.models.config import ModelConfig
-    from hsd_jax.models import Model, init_params
-    from hsd_jax.decoding.ngram import NGramDrafter
     from hsd_jax.bench.meshes import bench_meshes, format_bench
+    from hsd_jax.decoding.ngram import NGramDrafter
+    from hsd_jax.models import Model, init_params
+    from hsd_jax.models.config import ModelConfig
 
-    config = ModelConfig(model_type="llama", vocab_size=2048, hidden_size=256, intermediate_size=1024, num_layers=4,
-                         num_heads=8, num_kv_heads=8, head_dim=32, max_position_embeddings=512)
+    config = ModelConfig(
+        model_type="llama",
+        vocab_size=2048,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=8,
+        head_dim=32,
+        max_position_embeddings=512,
+    )
     target = Model(init_params(config, jax.random.PRNGKey(0), scale=0.1), config)
     draft_config = ModelConfig(**{**config.__dict__, "num_layers": 1})
-    draft = Model({**target.params, "layers": jax.tree.map(lambda x: x[:1], target.params["layers"])}, draft_config)
+    draft = Model(
+        {**target.params, "layers": jax.tree.map(lambda x: x[:1], target.params["layers"])}, draft_config
+    )
     rows = bench_meshes(target, drafts=[NGramDrafter(3, config.vocab_size), draft], buffers=(2, 3),
                         meshes=args.meshes.split(";"), batch=args.batch, max_new_tokens=args.max_new_tokens,
                         repeats=args.repeats)

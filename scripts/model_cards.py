@@ -42,11 +42,15 @@ def card(draft_dir: Path, stats: dict) -> str:
         if name not in models:
             continue
         m, ratio = models[name], lambda k, m=models[name]: m["cost_s"][k - 1] / target["cost_s"][k - 1]
-        rows.append(f"| {label} | {ratio(1):.3f} ({m['cost_s'][0] * 1e3:.2f} ms) | {ratio(8):.3f} "
-                    f"({m['cost_s'][7] * 1e3:.2f} ms) | {stats['acceptance']['greedy'][name][stats['target']]:.3f} | "
-                    f"{stats['acceptance']['sampled'][name][stats['target']]:.3f} |")
-    best_ratio = min(models[n]["cost_s"][0] for n in (draft_dir.name, f"{draft_dir.name}-int8") if n in models) \
+        rows.append(
+            f"| {label} | {ratio(1):.3f} ({m['cost_s'][0] * 1e3:.2f} ms) | {ratio(8):.3f} "
+            f"({m['cost_s'][7] * 1e3:.2f} ms) | {stats['acceptance']['greedy'][name][stats['target']]:.3f} | "
+            f"{stats['acceptance']['sampled'][name][stats['target']]:.3f} |"
+        )
+    best_ratio = (
+        min(models[n]["cost_s"][0] for n in (draft_dir.name, f"{draft_dir.name}-int8") if n in models)
         / target["cost_s"][0]
+    )
     return f"""# {draft_dir.name}
 
 A draft for SmolLM2-135M-Instruct, distilled by `hsd-jax distill` (KL(p_target || q_draft) on the
@@ -57,29 +61,29 @@ target's cached top-32 next-token distributions over its own answers).
 | architecture | llama, {config.num_layers} layers (initialised from target layers {layers}), hidden {config.hidden_size}, {config.num_heads} heads / {config.num_kv_heads} kv heads, MLP {config.intermediate_size} |
 | output head | the {config.head_vocab_size} token ids the target most often ranks in its top 32 on the training answers (EOS included); q = 0 elsewhere, which verification handles losslessly |
 | input embedding | shared with the target (`{config.embedding_source}`, pinned by sha256), not stored here |
-| parameters | {me['params']:,} in use ({me['params'] - config.vocab_size * config.hidden_size:,} stored, bfloat16: {stored / 1e6:.1f} MB on disk; upcast to float32 on CPU load) |
-| training data | the target's answers (<= 128 tokens) to the {parts[0]['sequences']} instructions in `hsd_jax/io/data/instructions.jsonl`: {data}; {summary['data_answer_tokens']:,} answer tokens in all |
-| training | {summary['steps']} AdamW steps (batch {train['batch_size']} sequences, peak lr {train['learning_rate']}, {train['warmup_steps']} warmup steps, cosine decay, weight decay {train['weight_decay']}), {summary['answer_tokens_seen']:,} answer tokens seen, final loss {summary['loss'][-1][1]:.3f} |
-| wall time, hardware | {summary['wall_s'] / 60:.1f} min on {stats['hardware']} (2 cores, shared for most of the run with the other draft's training or data generation) |
+| parameters | {me["params"]:,} in use ({me["params"] - config.vocab_size * config.hidden_size:,} stored, bfloat16: {stored / 1e6:.1f} MB on disk; upcast to float32 on CPU load) |
+| training data | the target's answers (<= 128 tokens) to the {parts[0]["sequences"]} instructions in `hsd_jax/io/data/instructions.jsonl`: {data}; {summary["data_answer_tokens"]:,} answer tokens in all |
+| training | {summary["steps"]} AdamW steps (batch {train["batch_size"]} sequences, peak lr {train["learning_rate"]}, {train["warmup_steps"]} warmup steps, cosine decay, weight decay {train["weight_decay"]}), {summary["answer_tokens_seen"]:,} answer tokens seen, final loss {summary["loss"][-1][1]:.3f} |
+| wall time, hardware | {summary["wall_s"] / 60:.1f} min on {stats["hardware"]} (2 cores, shared for most of the run with the other draft's training or data generation) |
 
-Measured by `hsd-jax profile` ({stats['hardware']}, batch 1, cache {stats.get('cache_size')} positions,
+Measured by `hsd-jax profile` ({stats["hardware"]}, batch 1, cache {stats.get("cache_size")} positions,
 median of repeats after compilation) and on the held-out prompts in `hsd_jax/io/data/eval_prompts.jsonl`
-({stats.get('prompts')} prompts, {stats.get('answer_positions')} answer positions of the target's greedy
-continuations). The target's own forward costs {target['cost_s'][0] * 1e3:.2f} ms at T=1 and
-{target['cost_s'][7] * 1e3:.2f} ms at T=8. The int8 row is the same weights quantised at load time
+({stats.get("prompts")} prompts, {stats.get("answer_positions")} answer positions of the target's greedy
+continuations). The target's own forward costs {target["cost_s"][0] * 1e3:.2f} ms at T=1 and
+{target["cost_s"][7] * 1e3:.2f} ms at T=8. The int8 row is the same weights quantised at load time
 (`int8:DIR` in a hierarchy or profile).
 
-| | cost / target's, T=1 | cost / target's, T=8 | greedy agreement | sum min(p, q) at T={stats['temperature']:g} |
+| | cost / target's, T=1 | cost / target's, T=8 | greedy agreement | sum min(p, q) at T={stats["temperature"]:g} |
 |---|---|---|---|---|
 {chr(10).join(rows)}
 
-{_goals(draft_dir.name, best_ratio, stats['acceptance']['greedy'][draft_dir.name][stats['target']])}
+{_goals(draft_dir.name, best_ratio, stats["acceptance"]["greedy"][draft_dir.name][stats["target"]])}
 Re-create it with:
 
 ```
 hsd-jax distill --target checkpoints/smollm2-135m-instruct --out-dir checkpoints/{draft_dir.name} \\
-    --layers {layers} --head-vocab {config.head_vocab_size} --steps {summary['steps']} --batch-size {train['batch_size']} \\
-    --learning-rate {train['learning_rate']} --warmup {train['warmup_steps']} --checkpoint-every {train['checkpoint_every']} \\
+    --layers {layers} --head-vocab {config.head_vocab_size} --steps {summary["steps"]} --batch-size {train["batch_size"]} \\
+    --learning-rate {train["learning_rate"]} --warmup {train["warmup_steps"]} --checkpoint-every {train["checkpoint_every"]} \\
     {data_flags} {temperature_flags}
 ```
 (a `--data` file that is absent is made first: the target's answers and top-32 log-probabilities;

@@ -1,6 +1,7 @@
 """Where one HSD round's time goes: measured seconds per target round, split by level.
 
-    .venv/bin/python scripts/round_profile.py [--plan checkpoints/plan-hsd.json] [--stats checkpoints/stats.json]
+    .venv/bin/python scripts/round_profile.py [--plan checkpoints/plan-hsd.json] \
+        [--stats checkpoints/stats.json]
 
 Greedy, batch 1, on held-out prompts. Per prompt it measures the decode time (prefill
 subtracted, as `hsd-jax validate-plan`) and the per-level forward-pass counts from
@@ -38,8 +39,11 @@ def main(argv=None) -> int:
     schedule = Schedule.of(plan.buffers)
     passes, rounds, tokens = np.asarray(row["forward_passes"]), row["target_rounds"], row["tokens"]
     per_round_ms = 1e3 * row["measured_s"] * tokens / rounds
-    print(f"{plan.label}: {tokens / rounds:.2f} tokens per round, {per_round_ms:.1f} ms per round measured "
-          f"({1e3 * row['measured_s']:.2f} ms/token; {args.num_prompts} prompts, {args.max_new_tokens} new tokens)")
+    print(
+        f"{plan.label}: {tokens / rounds:.2f} tokens per round, {per_round_ms:.1f} ms per round measured "
+        f"({1e3 * row['measured_s']:.2f} ms/token; {args.num_prompts} prompts, "
+        f"{args.max_new_tokens} new tokens)"
+    )
     explained = 0.0
     for level, name in enumerate(plan.chain):
         table = stats.model(name).cost_s

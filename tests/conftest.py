@@ -7,7 +7,9 @@ import os
 # 8 fake CPU devices for tests/test_sharding.py; must precede the first `import jax` (harmless for
 # single-device tests, which run on device 0).
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
 
 from pathlib import Path
 

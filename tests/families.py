@@ -6,8 +6,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from hsd_jax.models.config import ModelConfig
 from hsd_jax.models import Model, init_params
+from hsd_jax.models.config import ModelConfig
 
 
 def tiny_config(vocab: int = 32, layers: int = 4, hidden: int = 32, **overrides) -> ModelConfig:

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from hsd_jax.models.cache import KVCache
 from hsd_jax.models import Model, forward
+from hsd_jax.models.cache import KVCache
 
 
 @functools.cache
@@ -19,7 +19,9 @@ def _jitted_forward():
 
 
 def _step(model: Model, tokens: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
-    logits, cache = _jitted_forward()(model.params, model.config, jnp.asarray(tokens, jnp.int32), cache, model.layout)
+    logits, cache = _jitted_forward()(
+        model.params, model.config, jnp.asarray(tokens, jnp.int32), cache, model.layout
+    )
     return np.asarray(logits), cache
 
 

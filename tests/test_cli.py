@@ -8,9 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from hsd_jax.io.checkpoint import load_model
 from hsd_jax.cli.main import main
-from hsd_jax.io.convert import convert
+from hsd_jax.io.checkpoint import load_model
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +29,18 @@ def _tiny_llama(tmp_path_factory, smollm2_dir, heads: int, kv_heads: int):
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=heads, num_key_value_heads=kv_heads,
-                                      max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=1,
-                                      eos_token_id=2)
+    config = transformers.LlamaConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     hf_dir = tmp_path_factory.mktemp("tiny_hf")
     transformers.LlamaForCausalLM(config).save_pretrained(hf_dir)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -62,7 +69,9 @@ def test_generate_json_ar_and_hierarchy_agree(model_dir, capsys):
 def test_generate_prompt_ids_and_errors(model_dir, capsys):
     out = _generate(capsys, "--model", str(model_dir), "--prompt-ids", "1,2,3", "--max-new-tokens", "4")
     assert len(out["tokens"]) <= 4
-    assert main(["generate", "--model", str(model_dir), "--prompt-ids", "1,99999", "--max-new-tokens", "4"]) == 2
+    assert (
+        main(["generate", "--model", str(model_dir), "--prompt-ids", "1,99999", "--max-new-tokens", "4"]) == 2
+    )
     assert "outside the vocabulary" in capsys.readouterr().err
     assert main(["generate", "--model", str(model_dir), "--prompt-ids", "1", "--temperature", "-1"]) == 2
     assert "temperature must be" in capsys.readouterr().err
@@ -108,8 +117,29 @@ def test_validate_plan_measures_and_compares(model_dir, tmp_path, capsys):
     stats_path, prompts, out = tmp_path / "stats.json", tmp_path / "p.jsonl", tmp_path / "v.json"
     stats_path.write_text(json.dumps(stats))
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ("Count to five.", "Name a colour.")))
-    assert main(["validate-plan", "--stats", str(stats_path), "--prompts", str(prompts), "--grid", "--top", "2",
-                 "--num-prompts", "2", "--max-new-tokens", "8", "--json", str(out), "--plot", str(tmp_path / "v.png")]) == 0
+    assert (
+        main(
+            [
+                "validate-plan",
+                "--stats",
+                str(stats_path),
+                "--prompts",
+                str(prompts),
+                "--grid",
+                "--top",
+                "2",
+                "--num-prompts",
+                "2",
+                "--max-new-tokens",
+                "8",
+                "--json",
+                str(out),
+                "--plot",
+                str(tmp_path / "v.png"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "v.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads(out.read_text())
     labels = [r["label"] for r in report["rows"]]
@@ -126,9 +156,15 @@ def test_validate_plan_measures_and_compares(model_dir, tmp_path, capsys):
 
 
 def test_generate_with_a_plan_reports_against_ar(model_dir, tmp_path, capsys):
-    plan = {"version": 1, "chain": [{"name": "ngram3", "source": "ngram:3"}, {"name": "tiny", "source": str(model_dir)}],
-            "buffers": [3], "verifier": "tokenwise", "mode": "greedy", "predicted_latency_s": 1e-3,
-            "ar_latency_s": 1e-3}
+    plan = {
+        "version": 1,
+        "chain": [{"name": "ngram3", "source": "ngram:3"}, {"name": "tiny", "source": str(model_dir)}],
+        "buffers": [3],
+        "verifier": "tokenwise",
+        "mode": "greedy",
+        "predicted_latency_s": 1e-3,
+        "ar_latency_s": 1e-3,
+    }
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(plan))
     result = _generate(capsys, "--plan", str(path), "--prompt-ids", "1,2,3,4,5", "--max-new-tokens", "12",
@@ -145,20 +181,74 @@ def test_profile_and_bench_on_a_mesh(model_dir_8_heads, tmp_path, capsys):
     """`--mesh` on profile and bench: the family sharded (drafts replicated, the target
     tensor-parallel over the 8 fake CPU devices), the same greedy tokens as plain AR."""
     model_dir = model_dir_8_heads
-    prompts, stats_path, plan_path, bench_path = (tmp_path / n for n in ("p.jsonl", "s.json", "plan.json", "b.json"))
+    prompts, stats_path, plan_path, bench_path = (
+        tmp_path / n for n in ("p.jsonl", "s.json", "plan.json", "b.json")
+    )
     prompts.write_text(json.dumps({"prompt": "Count to five."}) + "\n")
-    assert main(["profile", "--models", str(model_dir), "--ngram", "3", "--prompts", str(prompts), "--max-k", "2",
-                 "--max-new-tokens", "6", "--repeats", "1", "--temperature", "0", "--mesh", "model=8",
-                 "--out", str(stats_path)]) == 0
+    assert (
+        main(
+            [
+                "profile",
+                "--models",
+                str(model_dir),
+                "--ngram",
+                "3",
+                "--prompts",
+                str(prompts),
+                "--max-k",
+                "2",
+                "--max-new-tokens",
+                "6",
+                "--repeats",
+                "1",
+                "--temperature",
+                "0",
+                "--mesh",
+                "model=8",
+                "--out",
+                str(stats_path),
+            ]
+        )
+        == 0
+    )
     stats = json.loads(stats_path.read_text())
     assert stats["mesh"] == {"data": 1, "model": 8}
-    assert [m["name"] for m in stats["models"]] == ["ngram3", "model"] and len(stats["models"][1]["cost_s"]) == 2
+    assert [m["name"] for m in stats["models"]] == ["ngram3", "model"] and len(
+        stats["models"][1]["cost_s"]
+    ) == 2
     assert 0 <= stats["acceptance"]["greedy"]["ngram3"]["model"] <= 1
-    plan = {"version": 1, "chain": [{"name": "ngram3", "source": "ngram:3"}, {"name": "model", "source": str(model_dir)}],
-            "buffers": [2], "verifier": "tokenwise", "mode": "greedy", "predicted_latency_s": 1e-3, "ar_latency_s": 1e-3}
+    plan = {
+        "version": 1,
+        "chain": [{"name": "ngram3", "source": "ngram:3"}, {"name": "model", "source": str(model_dir)}],
+        "buffers": [2],
+        "verifier": "tokenwise",
+        "mode": "greedy",
+        "predicted_latency_s": 1e-3,
+        "ar_latency_s": 1e-3,
+    }
     plan_path.write_text(json.dumps(plan))
-    assert main(["bench", "--plan", str(plan_path), "--stats", str(stats_path), "--prompts", str(prompts),
-                 "--methods", "ar,hsd", "--max-new-tokens", "6", "--mesh", "model=8", "--json", str(bench_path)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--plan",
+                str(plan_path),
+                "--stats",
+                str(stats_path),
+                "--prompts",
+                str(prompts),
+                "--methods",
+                "ar,hsd",
+                "--max-new-tokens",
+                "6",
+                "--mesh",
+                "model=8",
+                "--json",
+                str(bench_path),
+            ]
+        )
+        == 0
+    )
     results = json.loads(bench_path.read_text())
     assert results["mesh"] == {"data": 1, "model": 8}
     assert results["methods"]["hsd"]["identical_to_ar"] is True
@@ -170,10 +260,37 @@ def test_distill_makes_greedy_and_sampled_data_and_trains_on_both(model_dir, tmp
     instructions = tmp_path / "instructions.jsonl"
     instructions.write_text("".join(json.dumps({"prompt": f"Name {n} colours."}) + "\n" for n in range(1, 7)))
     greedy, sampled, out = tmp_path / "greedy.npz", tmp_path / "sampled.npz", tmp_path / "draft"
-    common = ["distill", "--target", str(model_dir), "--out-dir", str(out), "--layers", "1", "--head-vocab", "256",
-              "--instructions", str(instructions), "--answer-tokens", "6", "--steps", "3", "--batch-size", "2",
-              "--warmup", "1", "--checkpoint-every", "2", "--data", str(greedy), "--data", str(sampled)]
-    assert main(common + ["--answer-temperature", "0", "--answer-temperature", "1", "--answer-temperature", "2"]) == 2
+    common = [
+        "distill",
+        "--target",
+        str(model_dir),
+        "--out-dir",
+        str(out),
+        "--layers",
+        "1",
+        "--head-vocab",
+        "256",
+        "--instructions",
+        str(instructions),
+        "--answer-tokens",
+        "6",
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--warmup",
+        "1",
+        "--checkpoint-every",
+        "2",
+        "--data",
+        str(greedy),
+        "--data",
+        str(sampled),
+    ]
+    assert (
+        main(common + ["--answer-temperature", "0", "--answer-temperature", "1", "--answer-temperature", "2"])
+        == 2
+    )
     assert "3 --answer-temperature values for 2 --data files" in capsys.readouterr().err
     assert not greedy.exists() and not out.exists()
 

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from reference import compare_with_torch
 
 from hsd_jax.io import convert as convert_mod
 from hsd_jax.io.checkpoint import PARAMS_DIR, load_model, save_model
-from hsd_jax.models.config import CONFIG_FILE, UnsupportedArchitectureError
 from hsd_jax.io.convert import convert
 from hsd_jax.models import Model, abstract_params
-from reference import compare_with_torch
+from hsd_jax.models.config import CONFIG_FILE, UnsupportedArchitectureError
 
 VOCAB = 96
 TOL = 1e-4
@@ -28,14 +28,25 @@ _LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_h
                    num_attention_heads=4, max_position_embeddings=64)
 _NEOX = dict(_LLAMA_LIKE, rotary_pct=0.5)
 CASES: dict[str, tuple[type, dict]] = {
-    "llama-gqa-llama3-untied": (transformers.LlamaConfig, dict(
-        _LLAMA_LIKE, num_key_value_heads=2, rope_parameters=LLAMA3_ROPE, tie_word_embeddings=False)),
-    "llama-tied-biases": (transformers.LlamaConfig, dict(
-        _LLAMA_LIKE, tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
-    "mistral-sliding": (transformers.MistralConfig, dict(_LLAMA_LIKE, num_key_value_heads=2, sliding_window=6)),
+    "llama-gqa-llama3-untied": (
+        transformers.LlamaConfig,
+        dict(_LLAMA_LIKE, num_key_value_heads=2, rope_parameters=LLAMA3_ROPE, tie_word_embeddings=False),
+    ),
+    "llama-tied-biases": (
+        transformers.LlamaConfig,
+        dict(_LLAMA_LIKE, tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
+    ),
+    "mistral-sliding": (
+        transformers.MistralConfig,
+        dict(_LLAMA_LIKE, num_key_value_heads=2, sliding_window=6),
+    ),
     "qwen2": (transformers.Qwen2Config, dict(_LLAMA_LIKE, num_key_value_heads=2)),
-    "gpt2": (transformers.GPT2Config, dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                                         bos_token_id=1, eos_token_id=2)),
+    "gpt2": (
+        transformers.GPT2Config,
+        dict(
+            vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2
+        ),
+    ),
     "gpt_neox-parallel": (transformers.GPTNeoXConfig, dict(_NEOX, use_parallel_residual=True)),
     "gpt_neox-sequential": (transformers.GPTNeoXConfig, dict(_NEOX, use_parallel_residual=False)),
 }

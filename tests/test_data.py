@@ -7,8 +7,7 @@ from collections import Counter
 
 import pytest
 
-from hsd_jax.io.prompts import (CATEGORIES, eval_prompts_path, instructions_path, load_prompts,
-                          load_records)
+from hsd_jax.io.prompts import CATEGORIES, eval_prompts_path, instructions_path, load_prompts, load_records
 
 DEMO_PROMPT = "Write a Python function that checks whether a number is prime."
 

@@ -9,13 +9,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from families import family
-from hsd_jax.io.checkpoint import load_model, save_model
-from hsd_jax.train.distill import DraftSpec, TrainConfig, distill, distill_loss, frequent_token_ids, init_draft, teacher_top_k
+
 from hsd_jax.decoding.ar import ar_generate
 from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
+from hsd_jax.io.checkpoint import load_model, save_model
 from hsd_jax.models.layouts import quantize_int8
+from hsd_jax.train.distill import (
+    DraftSpec,
+    TrainConfig,
+    distill,
+    distill_loss,
+    frequent_token_ids,
+    init_draft,
+    teacher_top_k,
+)
 
 VOCAB = 64
 
@@ -67,10 +75,16 @@ def test_distill_runs_resumes_lowers_the_loss_and_loads(target_dir, data_path, t
     out, work = tmp_path / "draft", tmp_path / "work"
     spec = DraftSpec(layers=(0,), head_vocab_size=40)
     data = dict(np.load(data_path))
-    initial = init_draft(load_model(target_dir, layout="stacked"), spec, frequent_token_ids(data, 40, always=[0]),
-                         embedding_source="../target")
+    initial = init_draft(
+        load_model(target_dir, layout="stacked"),
+        spec,
+        frequent_token_ids(data, 40, always=[0]),
+        embedding_source="../target",
+    )
     train = dict(batch_size=6, warmup_steps=1, learning_rate=3e-3, checkpoint_every=2)
-    first = distill(target_dir, data_path, out, spec, TrainConfig(steps=4, **train), work_dir=work, progress=False)
+    first = distill(
+        target_dir, data_path, out, spec, TrainConfig(steps=4, **train), work_dir=work, progress=False
+    )
     assert first["resumed_from"] == 0 and len(first["loss"]) == 1
     assert sorted(int(p.name) for p in work.iterdir() if p.name.isdigit()) == [2, 4]
     second = distill(target_dir, data_path, out, spec, TrainConfig(steps=16, **train), work_dir=work,
@@ -95,8 +109,17 @@ def test_distill_runs_resumes_lowers_the_loss_and_loads(target_dir, data_path, t
     # an int8 copy of the subset-head draft is a family member too (`int8:DIR`)
     draft8 = quantize_int8(draft)
     logits8, _ = draft8.step(prompt, draft8.init_cache(1, 8))
-    assert float(jnp.max(jax.nn.softmax(logits8, -1)[..., np.setdiff1d(np.arange(VOCAB), draft.params["head_ids"])])) == 0
-    got8 = hsd_generate(Hierarchy([draft8, target], (3,)), prompt, lengths, jax.random.PRNGKey(0), max_new_tokens=16)
+    assert (
+        float(
+            jnp.max(
+                jax.nn.softmax(logits8, -1)[..., np.setdiff1d(np.arange(VOCAB), draft.params["head_ids"])]
+            )
+        )
+        == 0
+    )
+    got8 = hsd_generate(
+        Hierarchy([draft8, target], (3,)), prompt, lengths, jax.random.PRNGKey(0), max_new_tokens=16
+    )
     np.testing.assert_array_equal(np.asarray(got8.tokens), np.asarray(want.tokens))
 
 
@@ -110,7 +133,9 @@ def test_bad_layers_and_missing_embedding_source(target_dir, tmp_path):
     target = load_model(target_dir, layout="stacked")
     with pytest.raises(ValueError, match="target layers \\[7\\] do not exist"):
         init_draft(target, DraftSpec((0, 7), 8), np.arange(8), embedding_source="../target")
-    draft = init_draft(target, DraftSpec((0,), 8), np.arange(8, dtype=np.int32), embedding_source="../nowhere")
+    draft = init_draft(
+        target, DraftSpec((0,), 8), np.arange(8, dtype=np.int32), embedding_source="../nowhere"
+    )
     save_model(tmp_path / "lonely", draft)
     with pytest.raises(FileNotFoundError, match="shares the input embedding"):
         load_model(tmp_path / "lonely")

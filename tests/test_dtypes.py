@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from families import family
+
 from hsd_jax.decoding.ar import ar_generate
 from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
 from hsd_jax.decoding.ngram import NGramDrafter
@@ -24,8 +24,12 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 def _family(dtype, layout):
     models = family(vocab=VOCAB, seed=3)
-    return [m.replace(params=jax.tree.map(lambda x: x.astype(dtype) if x.dtype == jnp.float32 else x, m.params))
-            .with_layout(layout) for m in models]
+    return [
+        m.replace(
+            params=jax.tree.map(lambda x: x.astype(dtype) if x.dtype == jnp.float32 else x, m.params)
+        ).with_layout(layout)
+        for m in models
+    ]
 
 
 @pytest.mark.parametrize("layout", ["stacked", "unstacked"])

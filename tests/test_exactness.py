@@ -21,14 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from families import tiny_config
 from scipy import stats
 
-from families import tiny_config
 from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
-from hsd_jax.models import Model, forward, init_params
 from hsd_jax.decoding.ngram import NGramDrafter
 from hsd_jax.decoding.sampling import SamplingParams, distribution
 from hsd_jax.decoding.verify import LOSSLESS_RULES, RULES, outcome
+from hsd_jax.models import Model, forward, init_params
 
 # =============================================================================================
 # 1. Rule level: exact enumeration
@@ -163,7 +163,9 @@ def _one_step_laws(rule, p_tab, q_tab, vocab, width, rng):
     return laws, (lengths, tau, nxt)
 
 
-RANDOM_CASES = [(v, g, seed, sparse) for v in (3, 4) for g in (1, 2, 3) for seed in (0, 1) for sparse in (False, True)]
+RANDOM_CASES = [
+    (v, g, seed, sparse) for v in (3, 4) for g in (1, 2, 3) for seed in (0, 1) for sparse in (False, True)
+]
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -420,7 +422,9 @@ def test_hsd_with_eos_samples_the_target_law(models, laws):
 
 def test_zhou_rule_is_detectably_biased(models, laws):
     """The same harness catches the Zhou et al. rule (allow_inexact=True), K = 1, γ = 3."""
-    pvalue, _, counts, law = _run_case(models, laws, ("m0", "target"), (3,), "zhou", 0, 11, allow_inexact=True)
+    pvalue, _, counts, law = _run_case(
+        models, laws, ("m0", "target"), (3,), "zhou", 0, 11, allow_inexact=True
+    )
     biggest = np.argsort(-np.abs(counts / ROWS - law))[:3]
     print("zhou largest deviations:", [(SEQUENCES[c].tolist(), round(float(law[c]), 4),
                                         round(float(counts[c] / ROWS), 4)) for c in biggest])

@@ -16,20 +16,21 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from safetensors import safe_open
-
 from families import layer_prefix, tiny_config
-from hsd_jax.io import export as export_mod
-from hsd_jax.io.checkpoint import PARAMS_DIR, save_model
-from hsd_jax.models.config import CONFIG_FILE, ModelConfig, UnsupportedArchitectureError, from_hf_dict
-from hsd_jax.io.convert import convert
-from hsd_jax.cli.export import add_parser as add_export_parser, run as run_export
-from hsd_jax.io.export import export_hf
-from hsd_jax.decoding.ar import ar_generate
+from safetensors import safe_open
+from test_convert import CASES, VOCAB, tiny_model
+
 from hsd_jax.bench.hf_baseline import hf_generate_timed, load_hf_causal_lm
 from hsd_jax.bench.methods import load_hf_reference
+from hsd_jax.cli.export import add_parser as add_export_parser
+from hsd_jax.cli.export import run as run_export
+from hsd_jax.decoding.ar import ar_generate
+from hsd_jax.io import export as export_mod
+from hsd_jax.io.checkpoint import PARAMS_DIR, save_model
+from hsd_jax.io.convert import convert
+from hsd_jax.io.export import export_hf
 from hsd_jax.models import Model, param_shapes
-from test_convert import CASES, VOCAB, tiny_model
+from hsd_jax.models.config import CONFIG_FILE, ModelConfig, UnsupportedArchitectureError, from_hf_dict
 
 TOL = 1e-4
 
@@ -55,7 +56,9 @@ def random_model(config: ModelConfig, seed: int = 0, scale: float = 0.5) -> Mode
         return (base + scale * rng.standard_normal(shape)).astype(np.float32)
 
     shapes = param_shapes(config)
-    return Model(jax.tree_util.tree_map_with_path(leaf, shapes, is_leaf=lambda x: isinstance(x, tuple)), config)
+    return Model(
+        jax.tree_util.tree_map_with_path(leaf, shapes, is_leaf=lambda x: isinstance(x, tuple)), config
+    )
 
 
 def _load_hf(directory: Path) -> torch.nn.Module:
@@ -126,10 +129,14 @@ def test_weights_must_match_the_transformers_model(tmp_path: Path):
     with_bias = tiny_config(vocab=32, layers=2, qkv_bias=True, out_bias=True)
     params = random_model(with_bias).params
     without_bias = export_mod.transformers_config(tiny_config(vocab=32, layers=2))
-    with pytest.raises(UnsupportedArchitectureError, match=r"no place.*self_attn\.[qkv]_proj\.bias.*LlamaForCausalLM"):
+    with pytest.raises(
+        UnsupportedArchitectureError, match=r"no place.*self_attn\.[qkv]_proj\.bias.*LlamaForCausalLM"
+    ):
         export_mod.hf_state_dict(params, with_bias, without_bias)
     params = {**params, "layers": {k: v for k, v in params["layers"].items() if k != "bo"}}
-    with pytest.raises(UnsupportedArchitectureError, match=r"expects model\.layers\.0\.self_attn\.o_proj\.bias"):
+    with pytest.raises(
+        UnsupportedArchitectureError, match=r"expects model\.layers\.0\.self_attn\.o_proj\.bias"
+    ):
         export_mod.hf_state_dict(params, dataclasses.replace(with_bias, out_bias=False),
                                  export_mod.transformers_config(with_bias))
 

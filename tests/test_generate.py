@@ -7,12 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from families import family, tiny_config
 from scipy.stats import chisquare
 
-from families import family, tiny_config
 from hsd_jax.decoding.ar import ar_generate
-from hsd_jax.models import Model, forward, init_params
 from hsd_jax.decoding.sampling import SamplingParams, distribution, sample_logits
+from hsd_jax.models import Model, forward, init_params
 
 PROMPTS = np.array([[3, 1, 4, 1, 5], [9, 2, 6, 0, 0], [5, 0, 0, 0, 0]], np.int32)
 LENGTHS = np.array([5, 3, 1], np.int32)
@@ -23,7 +23,9 @@ def model():
     return family(vocab=32)[-1]
 
 
-_full_forward = jax.jit(lambda model, tokens: forward(model.params, model.config, tokens, model.init_cache(1, 32))[0])
+_full_forward = jax.jit(
+    lambda model, tokens: forward(model.params, model.config, tokens, model.init_cache(1, 32))[0]
+)
 
 
 def _greedy_by_full_forward(model: Model, prompt: list[int], steps: int) -> list[int]:
@@ -64,8 +66,11 @@ def test_eos_finishes_rows_independently(model):
 def _hf_processed_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
     """The exact probabilities transformers' sampling draws from (its own warpers, torch)."""
     import torch
-    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     scores = torch.tensor(logits[None], dtype=torch.float64)
     warpers = [TemperatureLogitsWarper(temperature)]
@@ -110,9 +115,19 @@ def test_sampling_matches_exact_processed_distribution(model, temperature, top_k
 def test_ar_generate_samples_the_processed_distribution(model):
     """The same check end to end: 200k rows of one ar_generate call, first new token."""
     temperature, top_k, top_p = 0.9, 8, 0.7
-    expected = _hf_processed_probs(np.asarray(_first_token_logits(model), np.float64), temperature, top_k, top_p)
-    out = ar_generate(model, np.repeat(PROMPTS[:1], ROWS, 0), np.full(ROWS, 5, np.int32), jax.random.PRNGKey(1),
-                      max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p)
+    expected = _hf_processed_probs(
+        np.asarray(_first_token_logits(model), np.float64), temperature, top_k, top_p
+    )
+    out = ar_generate(
+        model,
+        np.repeat(PROMPTS[:1], ROWS, 0),
+        np.full(ROWS, 5, np.int32),
+        jax.random.PRNGKey(1),
+        max_new_tokens=1,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+    )
     _assert_matches(np.bincount(np.asarray(out.tokens[:, 0]), minlength=model.vocab_size), expected)
 
 
@@ -179,7 +194,9 @@ def test_prompt_beyond_learned_positions():
 def test_out_of_vocab_token(model):
     bad = PROMPTS.copy()
     bad[0, 4] = 32
-    with pytest.raises(ValueError, match=r"prompt token id 32 \(row 0, position 4\) is outside the vocabulary \[0, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"prompt token id 32 \(row 0, position 4\) is outside the vocabulary \[0, 32\)"
+    ):
         _call(model, prompt_tokens=bad)
     bad[0, 4] = -3
     with pytest.raises(ValueError, match="prompt token id -3"):

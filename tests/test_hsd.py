@@ -7,12 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from families import family, tiny_config
+
 from hsd_jax.decoding.ar import ar_generate
-from hsd_jax.decoding.hsd import Hierarchy, hsd_generate, _run_jit
-from hsd_jax.models import Model, init_params
+from hsd_jax.decoding.hsd import Hierarchy, _run_jit, hsd_generate
 from hsd_jax.decoding.ngram import NGramDrafter
+from hsd_jax.models import Model, init_params
 
 VOCAB = 32
 PROMPTS = np.array([[1, 2, 3, 4, 1, 2, 3, 9], [5, 6, 5, 6, 0, 0, 0, 0], [7, 0, 0, 0, 0, 0, 0, 0]], np.int32)
@@ -68,7 +68,9 @@ def test_hierarchy_accepts_drafts(models, reference):
 
 def test_greedy_with_eos_rows_finish_independently(models, reference):
     eos = int(reference.tokens[0, 5])
-    ar = ar_generate(models[-1], PROMPTS, LENGTHS, jax.random.PRNGKey(0), max_new_tokens=NEW, eos_token_id=eos)
+    ar = ar_generate(
+        models[-1], PROMPTS, LENGTHS, jax.random.PRNGKey(0), max_new_tokens=NEW, eos_token_id=eos
+    )
     assert int(ar.num_tokens[0]) <= 6 and len(set(np.asarray(ar.num_tokens).tolist())) > 1
     for spec, buffers in [((0, -1), (4,)), ((0, 2, -1), (2, 3)), (("ng", 1, 2, -1), (2, 2, 2))]:
         out = hsd_generate(Hierarchy(_chain(models, spec), buffers), PROMPTS, LENGTHS, jax.random.PRNGKey(0),
@@ -98,7 +100,9 @@ def test_python_reference_agrees_with_jit(models):
     np.testing.assert_array_equal(compiled.tokens, python.tokens)
     np.testing.assert_array_equal(compiled.num_tokens, python.num_tokens)
     for name in ("forward_passes", "proposed", "accepted", "target_rounds"):
-        np.testing.assert_array_equal(getattr(compiled.stats, name), getattr(python.stats, name), err_msg=name)
+        np.testing.assert_array_equal(
+            getattr(compiled.stats, name), getattr(python.stats, name), err_msg=name
+        )
 
 
 def test_second_call_with_new_prompts_does_not_recompile(models):
@@ -106,7 +110,9 @@ def test_second_call_with_new_prompts_does_not_recompile(models):
     hsd_generate(hierarchy, PROMPTS, LENGTHS, jax.random.PRNGKey(0), max_new_tokens=8, temperature=1.0)
     compiled = _run_jit._cache_size()
     other = (PROMPTS + 3) % VOCAB
-    hsd_generate(hierarchy, other, np.array([3, 8, 2]), jax.random.PRNGKey(5), max_new_tokens=8, temperature=1.0)
+    hsd_generate(
+        hierarchy, other, np.array([3, 8, 2]), jax.random.PRNGKey(5), max_new_tokens=8, temperature=1.0
+    )
     assert _run_jit._cache_size() == compiled
 
 
@@ -117,7 +123,9 @@ def test_hierarchy_is_a_pytree_usable_inside_user_jit(models, reference):
     def user_program(h, prompts, lengths, key):
         return hsd_generate(h, prompts, lengths, key, max_new_tokens=NEW).tokens
 
-    np.testing.assert_array_equal(user_program(hierarchy, PROMPTS, LENGTHS, jax.random.PRNGKey(0)), reference.tokens)
+    np.testing.assert_array_equal(
+        user_program(hierarchy, PROMPTS, LENGTHS, jax.random.PRNGKey(0)), reference.tokens
+    )
     leaves, treedef = jax.tree.flatten(hierarchy)
     rebuilt = jax.tree.unflatten(treedef, leaves)
     assert rebuilt.buffers == hierarchy.buffers and rebuilt.verifiers == hierarchy.verifiers
@@ -157,7 +165,9 @@ def test_buffer_below_one(models, bad):
 
 
 def test_different_vocab_sizes(models):
-    other = Model(init_params(tiny_config(vocab=40, layers=1), jax.random.PRNGKey(1)), tiny_config(vocab=40, layers=1))
+    other = Model(
+        init_params(tiny_config(vocab=40, layers=1), jax.random.PRNGKey(1)), tiny_config(vocab=40, layers=1)
+    )
     with pytest.raises(ValueError, match=r"different vocabulary sizes \[40, 32\]"):
         Hierarchy([other, models[-1]], (3,))
 
@@ -198,4 +208,6 @@ def test_out_of_vocab_prompt(models):
     bad = PROMPTS.copy()
     bad[1, 2] = VOCAB
     with pytest.raises(ValueError, match=rf"prompt token id {VOCAB} \(row 1, position 2\) is outside"):
-        hsd_generate(Hierarchy([models[0], models[-1]], (3,)), bad, LENGTHS, jax.random.PRNGKey(0), max_new_tokens=4)
+        hsd_generate(
+            Hierarchy([models[0], models[-1]], (3,)), bad, LENGTHS, jax.random.PRNGKey(0), max_new_tokens=4
+        )

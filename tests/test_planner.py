@@ -11,9 +11,22 @@ import time
 import numpy as np
 import pytest
 
-from hsd_jax.cli.plan import add_parser as add_plan_parser, run as run_plan
-from hsd_jax.planning import (Plan, expected_latency, forward_cost, gsp_candidates, hierarchy_from_plan, load_plan,
-                              load_stats, plan_label, save_plan, simulate, solve, surrogate_latency)
+from hsd_jax.cli.plan import add_parser as add_plan_parser
+from hsd_jax.cli.plan import run as run_plan
+from hsd_jax.planning import (
+    Plan,
+    expected_latency,
+    forward_cost,
+    gsp_candidates,
+    hierarchy_from_plan,
+    load_plan,
+    load_stats,
+    plan_label,
+    save_plan,
+    simulate,
+    solve,
+    surrogate_latency,
+)
 
 
 def _cost_table(rng: np.random.Generator, base: float, kmax: int = 16) -> list[float]:
@@ -24,7 +37,9 @@ def _cost_table(rng: np.random.Generator, base: float, kmax: int = 16) -> list[f
 def _stats(names, tables, alpha, *, target=None, temperature=0.0, sources=None, params=None) -> dict:
     """A stats dict over models in cost order; alpha[j][i] for j < i is the greedy acceptance."""
     size = len(names)
-    acceptance = {names[j]: {names[i]: float(alpha[j][i]) for i in range(j + 1, size)} for j in range(size - 1)}
+    acceptance = {
+        names[j]: {names[i]: float(alpha[j][i]) for i in range(j + 1, size)} for j in range(size - 1)
+    }
     mode = "greedy" if temperature == 0 else "sampled"
     return {"version": 1, "hardware": "test", "dtype": "float32", "batch_size": 1, "temperature": temperature,
             "versions": {}, "target": target or names[-1],
@@ -115,7 +130,9 @@ def test_dp_matches_brute_force():
         models = stats.candidates()
         alpha = np.full((size, size), np.nan)
         for d, v in stats.pairs():
-            alpha[[m.name for m in models].index(d), [m.name for m in models].index(v)] = stats.alpha(d, v, "greedy")
+            alpha[[m.name for m in models].index(d), [m.name for m in models].index(v)] = stats.alpha(
+                d, v, "greedy"
+            )
         found = gsp_candidates([m.cost_s for m in models], alpha, n_max=n_max)
         assert found[0].surrogate == pytest.approx(surrogate, rel=1e-12)
         best = solve(stats, n_max=n_max)[0]
@@ -255,18 +272,22 @@ def test_hierarchy_from_plan(tmp_path):
     NGramDrafter with the target's vocabulary, "int8:DIR" an int8 copy, and the buffers and
     verifier carry over."""
     import jax
-
     from families import tiny_config
+
+    from hsd_jax.decoding.ngram import NGramDrafter
     from hsd_jax.io.checkpoint import save_model
     from hsd_jax.models import Model, init_params
-    from hsd_jax.decoding.ngram import NGramDrafter
 
     for name, layers in (("base/models/small", 1), ("abs/target", 2)):
         config = tiny_config(vocab=32, layers=layers)
         save_model(tmp_path / name, Model(init_params(config, jax.random.PRNGKey(layers)), config))
-    plan = Plan(chain=("ngram3", "small", "target-int8", "target"),
-                sources=("ngram:3", "models/small", f"int8:{tmp_path / 'abs/target'}", str(tmp_path / "abs/target")),
-                buffers=(2, 3, 4), predicted_latency_s=0.01, ar_latency_s=0.02)
+    plan = Plan(
+        chain=("ngram3", "small", "target-int8", "target"),
+        sources=("ngram:3", "models/small", f"int8:{tmp_path / 'abs/target'}", str(tmp_path / "abs/target")),
+        buffers=(2, 3, 4),
+        predicted_latency_s=0.01,
+        ar_latency_s=0.02,
+    )
     hierarchy = hierarchy_from_plan(plan, base_dir=tmp_path / "base", dtype="float32")
     assert hierarchy.buffers == (2, 3, 4) and hierarchy.verifiers == ("tokenwise",) * 3
     assert isinstance(hierarchy.models[0], NGramDrafter) and hierarchy.models[0].n == 3
@@ -276,7 +297,9 @@ def test_hierarchy_from_plan(tmp_path):
 
     save_plan(plan, tmp_path / "plan.json")
     again = Hierarchy.from_plan(tmp_path / "plan.json", base_dir=tmp_path / "base", dtype="float32")
-    assert again.buffers == hierarchy.buffers and [type(m) for m in again.models] == [type(m) for m in hierarchy.models]
+    assert again.buffers == hierarchy.buffers and [type(m) for m in again.models] == [
+        type(m) for m in hierarchy.models
+    ]
 
 
 def test_plan_sources_resolve_against_the_plan_file(tmp_path, monkeypatch):
@@ -285,8 +308,8 @@ def test_plan_sources_resolve_against_the_plan_file(tmp_path, monkeypatch):
     against `base_dir` (default: the working directory); a non-string source is refused; and the
     `plan` command writes sources relative to the plan file it writes."""
     import jax
-
     from families import tiny_config
+
     from hsd_jax import Hierarchy
     from hsd_jax.io.checkpoint import save_model
     from hsd_jax.models import Model, init_params
@@ -301,8 +324,12 @@ def test_plan_sources_resolve_against_the_plan_file(tmp_path, monkeypatch):
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     path = plans / "plan.json"
-    for hierarchy in (hierarchy_from_plan(path), hierarchy_from_plan(str(path)), hierarchy_from_plan(load_plan(path)),
-                      Hierarchy.from_plan(path, dtype="float32")):
+    for hierarchy in (
+        hierarchy_from_plan(path),
+        hierarchy_from_plan(str(path)),
+        hierarchy_from_plan(load_plan(path)),
+        Hierarchy.from_plan(path, dtype="float32"),
+    ):
         assert hierarchy.buffers == (2,) and hierarchy.models[1].config.num_layers == 1
     assert load_plan(path).directory() == plans / "tiny"
     with pytest.raises(ValueError, match="tiny"):  # a dict resolves against the working directory
@@ -322,7 +349,10 @@ def test_plan_sources_resolve_against_the_plan_file(tmp_path, monkeypatch):
     out.parent.mkdir()
     parser = argparse.ArgumentParser()
     add_plan_parser(parser.add_subparsers(dest="command"))
-    assert run_plan(parser.parse_args(["plan", "--stats", str(stats_path), "--out", str(out), "--n-max", "4"])) == 0
+    assert (
+        run_plan(parser.parse_args(["plan", "--stats", str(stats_path), "--out", str(out), "--n-max", "4"]))
+        == 0
+    )
     written = load_plan(out)
     assert written.sources[-1] == "../elsewhere/models/target"
     assert written.directory().resolve() == (elsewhere / "models/target").resolve()

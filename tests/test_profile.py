@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-
 from families import family
+
 from hsd_jax.decoding.ngram import NGramDrafter
 from hsd_jax.io.sources import from_source, source_name
 from hsd_jax.planning.profile import measure_acceptance, measure_costs
@@ -91,7 +91,10 @@ def test_num_params_counts_each_weight_once(models):
     from hsd_jax.models import Model, param_shapes
 
     def count(config):
-        return sum(int(np.prod(s)) for s in jax.tree.leaves(param_shapes(config), is_leaf=lambda x: isinstance(x, tuple)))
+        return sum(
+            int(np.prod(s))
+            for s in jax.tree.leaves(param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
+        )
 
     untied = models[-1]
     assert untied.num_params == count(untied.config)

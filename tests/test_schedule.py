@@ -13,8 +13,8 @@ import math
 import jax
 import numpy as np
 import pytest
-
 from families import family
+
 from hsd_jax.decoding.ar import ar_generate
 from hsd_jax.decoding.drafter import Drafter
 from hsd_jax.decoding.hsd import Hierarchy, hsd_generate

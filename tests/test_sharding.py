@@ -21,19 +21,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
 from families import layer_prefix, tiny_config
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
 from hsd_jax import distributed
-from hsd_jax.io.checkpoint import load_model, save_model
-from hsd_jax.models.config import ModelConfig, from_hf_dict
+from hsd_jax.cli.common import add_mesh_argument
 from hsd_jax.decoding.ar import ar_generate
 from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
-from hsd_jax.models import Model, abstract_params, param_shapes
 from hsd_jax.decoding.ngram import NGramDrafter
-from hsd_jax.cli.common import add_mesh_argument
-from hsd_jax.parallel.sharding import (RULES, ModelSharding, make_mesh, parse_mesh, parse_mesh_spec, per_device_bytes,
-                                       shard_batch, shard_hierarchy, shard_model)
+from hsd_jax.io.checkpoint import load_model, save_model
+from hsd_jax.models import Model, abstract_params, param_shapes
+from hsd_jax.models.config import ModelConfig, from_hf_dict
+from hsd_jax.parallel.sharding import (
+    RULES,
+    ModelSharding,
+    make_mesh,
+    parse_mesh,
+    parse_mesh_spec,
+    per_device_bytes,
+    shard_batch,
+    shard_hierarchy,
+    shard_model,
+)
 
 VOCAB = 64
 BATCH = 8
@@ -43,13 +53,17 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 _LLAMA = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=4,
               max_position_embeddings=128)
 FAMILIES = {
-    "llama": dict(_LLAMA, model_type="llama", num_attention_heads=16, num_key_value_heads=8,
-                  tie_word_embeddings=True),
-    "mistral": dict(_LLAMA, model_type="mistral", num_attention_heads=8, num_key_value_heads=8, sliding_window=6),
+    "llama": dict(
+        _LLAMA, model_type="llama", num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True
+    ),
+    "mistral": dict(
+        _LLAMA, model_type="mistral", num_attention_heads=8, num_key_value_heads=8, sliding_window=6
+    ),
     "qwen2": dict(_LLAMA, model_type="qwen2", num_attention_heads=16, num_key_value_heads=8),
     "gpt2": dict(model_type="gpt2", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=8, n_positions=128),
-    "gpt_neox": dict(_LLAMA, model_type="gpt_neox", num_attention_heads=8, rotary_pct=0.5,
-                     use_parallel_residual=True),
+    "gpt_neox": dict(
+        _LLAMA, model_type="gpt_neox", num_attention_heads=8, rotary_pct=0.5, use_parallel_residual=True
+    ),
 }
 # data x model meshes, and the rule of the 1-layer draft M_1 of the K=2 hierarchy on each.
 MESHES = {"data=1,model=8": "tensor", "data=2,model=4": "replicated", "data=8,model=1": "tensor"}
@@ -58,9 +72,11 @@ MESHES = {"data=1,model=8": "tensor", "data=2,model=4": "replicated", "data=8,mo
 @pytest.fixture(scope="module", autouse=True)
 def eight_devices():
     if jax.device_count() < 8:
-        pytest.fail(f"tests/test_sharding.py needs 8 devices but jax sees {jax.device_count()}: XLA_FLAGS must hold "
-                    "--xla_force_host_platform_device_count=8 before jax is imported (tests/conftest.py sets it; "
-                    f"XLA_FLAGS is now {__import__('os').environ.get('XLA_FLAGS')!r})")
+        pytest.fail(
+            f"tests/test_sharding.py needs 8 devices but jax sees {jax.device_count()}: XLA_FLAGS must hold "
+            "--xla_force_host_platform_device_count=8 before jax is imported (tests/conftest.py sets it; "
+            f"XLA_FLAGS is now {__import__('os').environ.get('XLA_FLAGS')!r})"
+        )
 
 
 def _random_params(config: ModelConfig, seed: int = 0):
@@ -74,7 +90,9 @@ def _random_params(config: ModelConfig, seed: int = 0):
         spread = 0.2 if "scale" in name or "'b" in name or "bias" in name else 0.5
         return jnp.asarray(base + spread * rng.standard_normal(shape), jnp.float32)
 
-    return jax.tree_util.tree_map_with_path(draw, param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree_util.tree_map_with_path(
+        draw, param_shapes(config), is_leaf=lambda x: isinstance(x, tuple)
+    )
 
 
 @cache
@@ -122,7 +140,9 @@ def test_greedy_outputs_identical_to_one_device(family, mesh_spec):
     """AR and a K=2 hierarchy (target and draft sharded, prompts split over `data`) under the
     user's jax.jit give exactly the one-device greedy tokens (HSD greedy = target AR greedy)."""
     mesh = parse_mesh(mesh_spec)
-    hierarchy = shard_hierarchy(_hierarchy(_target(family)), mesh, ("replicated", MESHES[mesh_spec], "tensor"))
+    hierarchy = shard_hierarchy(
+        _hierarchy(_target(family)), mesh, ("replicated", MESHES[mesh_spec], "tensor")
+    )
     prompts, lengths = shard_batch(mesh, *_prompts())
     key = jax.random.PRNGKey(0)
     lowered, compiled = _compile(_both, hierarchy, prompts, lengths, key)
@@ -136,11 +156,24 @@ def test_greedy_outputs_identical_to_one_device(family, mesh_spec):
 # ---------------------------------------------------------------------------- weight rule
 
 _EXPECTED_SPECS = {  # logical axes -> PartitionSpec under "tensor", written out by hand
-    "wq": P(None, None, "model", None), "wk": P(None, None, "model", None), "wv": P(None, None, "model", None),
-    "wo": P(None, "model", None, None), "w_up": P(None, None, "model"), "w_gate": P(None, None, "model"),
-    "w_down": P(None, "model", None), "bq": P(None, "model", None), "bk": P(None, "model", None),
-    "bv": P(None, "model", None), "b_up": P(None, "model"), "b_down": P(None, None), "bo": P(None, None),
-    "scale": P(), "bias": P(), "embed": P("model", None), "lm_head": P(None, "model"), "pos_embed": P(None, None),
+    "wq": P(None, None, "model", None),
+    "wk": P(None, None, "model", None),
+    "wv": P(None, None, "model", None),
+    "wo": P(None, "model", None, None),
+    "w_up": P(None, None, "model"),
+    "w_gate": P(None, None, "model"),
+    "w_down": P(None, "model", None),
+    "bq": P(None, "model", None),
+    "bk": P(None, "model", None),
+    "bv": P(None, "model", None),
+    "b_up": P(None, "model"),
+    "b_down": P(None, None),
+    "bo": P(None, None),
+    "scale": P(),
+    "bias": P(),
+    "embed": P("model", None),
+    "lm_head": P(None, "model"),
+    "pos_embed": P(None, None),
 }
 _SMALL = ("scale", "bias", "b_down", "bo", "pos_embed")  # what the rule replicates
 
@@ -183,7 +216,13 @@ def test_kv_cache_is_pinned_inside_jit():
         kv = NamedSharding(mesh, P(None, "data", None, heads_axis, None))
         assert cache.k.sharding.is_equivalent_to(kv, 5) and cache.v.sharding.is_equivalent_to(kv, 5), rule
         assert cache.lengths.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 1)
-        assert cache.k.addressable_shards[0].data.shape == (2, BATCH // 2, 16, 8 // (4 if heads_axis else 1), 4)
+        assert cache.k.addressable_shards[0].data.shape == (
+            2,
+            BATCH // 2,
+            16,
+            8 // (4 if heads_axis else 1),
+            4,
+        )
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -226,12 +265,19 @@ def test_sharded_restore_reads_only_each_devices_shards(tmp_path: Path):
 # ------------------------------------------------------------------------------------ errors
 
 
-@pytest.mark.parametrize("overrides,mesh_spec,message", [
-    (dict(num_heads=4, num_kv_heads=2), "data=1,model=8", r"'model' has size 8, which does not divide num_heads=4"),
-    (dict(num_heads=8, num_kv_heads=2), "data=2,model=4", r"does not divide num_kv_heads=2"),
-    (dict(num_heads=8, num_kv_heads=8, intermediate_size=36), "data=1,model=8", r"intermediate_size=36"),
-    (dict(num_heads=8, num_kv_heads=8, vocab=62), "data=2,model=4", r"vocab_size=62"),
-])
+@pytest.mark.parametrize(
+    "overrides,mesh_spec,message",
+    [
+        (
+            dict(num_heads=4, num_kv_heads=2),
+            "data=1,model=8",
+            r"'model' has size 8, which does not divide num_heads=4",
+        ),
+        (dict(num_heads=8, num_kv_heads=2), "data=2,model=4", r"does not divide num_kv_heads=2"),
+        (dict(num_heads=8, num_kv_heads=8, intermediate_size=36), "data=1,model=8", r"intermediate_size=36"),
+        (dict(num_heads=8, num_kv_heads=8, vocab=62), "data=2,model=4", r"vocab_size=62"),
+    ],
+)
 def test_mesh_not_dividing_the_model_is_a_clear_error(overrides, mesh_spec, message):
     config = tiny_config(hidden=32, **{"head_dim": 4, **overrides})
     with pytest.raises(ValueError, match=message) as info:  # checked before any weight is touched
@@ -250,7 +296,9 @@ def test_vocabulary_can_stay_whole():
 def test_batch_not_divisible_by_data_is_a_clear_error():
     mesh = parse_mesh("data=4,model=2")
     prompts, lengths = np.ones((6, 4), np.int32), np.full(6, 4, np.int32)
-    with pytest.raises(ValueError, match=r"'data' has size 4, which does not divide the batch of 6 rows.*8 rows"):
+    with pytest.raises(
+        ValueError, match=r"'data' has size 4, which does not divide the batch of 6 rows.*8 rows"
+    ):
         shard_batch(mesh, prompts, lengths)
     model = shard_model(_target("llama"), mesh)
     with pytest.raises(ValueError, match="does not divide the batch of 6 rows"):  # the cache, at trace time
@@ -308,8 +356,13 @@ def test_mesh_argument(capsys):
 
 
 def test_initialize_is_a_no_op_for_one_process(monkeypatch):
-    for name in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "KUBERNETES_SERVICE_HOST",
-                 "TPU_WORKER_HOSTNAMES"):
+    for name in (
+        "JAX_COORDINATOR_ADDRESS",
+        "SLURM_JOB_ID",
+        "OMPI_MCA_orte_hnp_uri",
+        "KUBERNETES_SERVICE_HOST",
+        "TPU_WORKER_HOSTNAMES",
+    ):
         monkeypatch.delenv(name, raising=False)
     assert distributed.detected_cluster() is None
     assert distributed.initialize() is False
@@ -378,9 +431,16 @@ def test_two_processes_tensor_and_data_parallel(tmp_path: Path):
            "PYTHONPATH": f"{root.parent}:{root}"}
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
-    procs = [subprocess.Popen([sys.executable, str(script), str(pid), str(port), str(tmp_path / f"{pid}.json")],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for pid in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(pid), str(port), str(tmp_path / f"{pid}.json")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for pid in range(2)
+    ]
     logs = [p.communicate(timeout=300)[0] for p in procs]
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]

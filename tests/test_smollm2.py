@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from reference import compare_with_torch
 
 from hsd_jax.io.checkpoint import load_model, load_tokenizer
-from reference import compare_with_torch
 
 pytestmark = pytest.mark.slow
 
@@ -15,7 +15,12 @@ PROMPTS = ["The capital of France is", "def is_prime(n):\n    \"\"\"Return True 
 
 def test_config(smollm2_dir):
     config = load_model(smollm2_dir).config
-    assert (config.model_type, config.num_layers, config.num_heads, config.num_kv_heads) == ("llama", 30, 9, 3)
+    assert (config.model_type, config.num_layers, config.num_heads, config.num_kv_heads) == (
+        "llama",
+        30,
+        9,
+        3,
+    )
     assert (config.hidden_size, config.vocab_size, config.head_dim) == (576, 49152, 64)
     assert config.tie_word_embeddings and config.rope_theta == 100000.0
     assert (config.bos_token_id, config.eos_token_id) == (1, 2)
@@ -53,19 +58,30 @@ def test_greedy_48_tokens_identical_to_transformers_generate(smollm2_dir, smollm
     import numpy as np
     import torch
 
-    from hsd_jax.io.checkpoint import encode_prompt
     from hsd_jax.decoding.ar import ar_generate
+    from hsd_jax.io.checkpoint import encode_prompt
 
     model, tokenizer = load_model(smollm2_dir), load_tokenizer(smollm2_dir)
     encoded = [encode_prompt(tokenizer, text, chat=True) for text in CHAT_PROMPTS]
     width = max(map(len, encoded))
     prompts = np.array([ids + [0] * (width - len(ids)) for ids in encoded], np.int32)
-    ours = ar_generate(model, prompts, np.array([len(ids) for ids in encoded], np.int32), jax.random.PRNGKey(0),
-                       max_new_tokens=48)
+    ours = ar_generate(
+        model,
+        prompts,
+        np.array([len(ids) for ids in encoded], np.int32),
+        jax.random.PRNGKey(0),
+        max_new_tokens=48,
+    )
     for row, ids in enumerate(encoded):
         with torch.inference_mode():
-            hf = smollm2_hf.generate(torch.tensor([ids]), max_new_tokens=48, min_new_tokens=48, do_sample=False,
-                                     pad_token_id=0, eos_token_id=None)
+            hf = smollm2_hf.generate(
+                torch.tensor([ids]),
+                max_new_tokens=48,
+                min_new_tokens=48,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
         expected = hf[0, len(ids):].tolist()
         assert np.asarray(ours.tokens[row]).tolist() == expected, tokenizer.decode(expected)
     assert "def" in tokenizer.decode(np.asarray(ours.tokens[0]))  # and it makes sense

@@ -18,9 +18,18 @@ from hsd_jax.planning.timing import median_seconds
 DEFAULT_MESHES = ("data=1,model=8", "data=2,model=4", "data=4,model=2", "data=8,model=1")
 
 
-def bench_meshes(target: Model, drafts: Sequence[Any] = (), buffers: Sequence[int] = (),
-                 meshes: Sequence[str] = DEFAULT_MESHES, draft_rule: Rule = "replicated", batch: int = 8,
-                 prompt_len: int = 16, max_new_tokens: int = 32, repeats: int = 3, seed: int = 0) -> list[dict[str, Any]]:
+def bench_meshes(
+    target: Model,
+    drafts: Sequence[Any] = (),
+    buffers: Sequence[int] = (),
+    meshes: Sequence[str] = DEFAULT_MESHES,
+    draft_rule: Rule = "replicated",
+    batch: int = 8,
+    prompt_len: int = 16,
+    max_new_tokens: int = 32,
+    repeats: int = 3,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     """Greedy tokens/s of `ar_generate(target)` and, with `drafts`, of `hsd_generate` over the
     hierarchy drafts + [target], on one device and on each mesh (drafts under `draft_rule`).
 

@@ -29,11 +29,29 @@ from hsd_jax.io.checkpoint import encode_prompt, load_model, load_tokenizer
 from hsd_jax.io.prompts import load_prompts, pad_prompts
 from hsd_jax.io.sources import from_source, parse_source
 from hsd_jax.parallel.sharding import shard_batch, shard_hierarchy
-from hsd_jax.planning import (Stats, expected_latency, hierarchy_from_plan, load_plan, load_stats, machine_name,
-                              median_seconds, time_once, timed_runs)
+from hsd_jax.planning import (
+    Stats,
+    expected_latency,
+    hierarchy_from_plan,
+    load_plan,
+    load_stats,
+    machine_name,
+    median_seconds,
+    time_once,
+    timed_runs,
+)
 
-__all__ = ["DEFAULT_PROMPTS", "METHODS", "best_single_draft", "load_hf_reference", "measure_bandwidth", "run_bench",
-           "run_methods", "time_jax_method", "weight_bytes"]
+__all__ = [
+    "DEFAULT_PROMPTS",
+    "METHODS",
+    "best_single_draft",
+    "load_hf_reference",
+    "measure_bandwidth",
+    "run_bench",
+    "run_methods",
+    "time_jax_method",
+    "weight_bytes",
+]
 
 DEFAULT_PROMPTS = (
     "Write a Python function that checks whether a number is prime.",
@@ -58,7 +76,9 @@ def measure_bandwidth(megabytes: int = 512, repeats: int = 7) -> float:
     return matrix.size * 4 / median_seconds(matvec, vector, matrix, repeats=repeats)
 
 
-def _time_ours(model, prompt_ids: list[int], max_new_tokens: int, repeats: int) -> tuple[float, float, int, list[int]]:
+def _time_ours(
+    model, prompt_ids: list[int], max_new_tokens: int, repeats: int
+) -> tuple[float, float, int, list[int]]:
     """Median seconds of a whole generation, median seconds per decode step (the generation
     minus a prefill-plus-one-token run with the same cache size), tokens, token ids."""
     prompt = np.asarray([prompt_ids], np.int32)
@@ -100,9 +120,17 @@ def run_bench(model_dir: str, *, prompts_file: str | None = None, max_new_tokens
     for ids in prompts:
         ours_s, ours_step_s, ours_n, ours_tokens = _time_ours(model, ids, max_new_tokens, repeats)
         hf_s, hf_tokens = hf_generate_timed(hf_model, ids, max_new_tokens, repeats=repeats)
-        rows.append({"prompt_tokens": len(ids), "ours_seconds": ours_s, "ours_decode_step_seconds": ours_step_s,
-                     "ours_tokens": ours_n, "hf_seconds": hf_s, "hf_tokens": len(hf_tokens),
-                     "identical": ours_tokens == hf_tokens[:ours_n]})
+        rows.append(
+            {
+                "prompt_tokens": len(ids),
+                "ours_seconds": ours_s,
+                "ours_decode_step_seconds": ours_step_s,
+                "ours_tokens": ours_n,
+                "hf_seconds": hf_s,
+                "hf_tokens": len(hf_tokens),
+                "identical": ours_tokens == hf_tokens[:ours_n],
+            }
+        )
     ours_tps = statistics.median(r["ours_tokens"] / r["ours_seconds"] for r in rows)
     hf_tps = statistics.median(r["hf_tokens"] / r["hf_seconds"] for r in rows)
     per_token = statistics.median(r["ours_decode_step_seconds"] for r in rows)
@@ -138,7 +166,9 @@ def best_single_draft(stats: Stats, mode: str, n_max: int = 16) -> tuple[str, in
     return best
 
 
-def time_jax_method(generate: Callable, prompts: np.ndarray, lengths: np.ndarray) -> list[tuple[float, list[int], Any]]:
+def time_jax_method(
+    generate: Callable, prompts: np.ndarray, lengths: np.ndarray
+) -> list[tuple[float, list[int], Any]]:
     """Per prompt: (seconds, tokens, stats) of `generate(prompt[1, W], lengths[1])`, after one
     compiling run; every prompt has the same padded width, so nothing recompiles."""
     jax.block_until_ready(generate(prompts[:1], lengths[:1]))
@@ -150,8 +180,15 @@ def time_jax_method(generate: Callable, prompts: np.ndarray, lengths: np.ndarray
     return rows
 
 
-def _time_hf_method(method: str, target_dir: str, hf_draft_dir: str | None, encoded: Sequence[list[int]],
-                    max_new_tokens: int, temperature: float, seed: int) -> list[tuple[float, list[int], None]]:
+def _time_hf_method(
+    method: str,
+    target_dir: str,
+    hf_draft_dir: str | None,
+    encoded: Sequence[list[int]],
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+) -> list[tuple[float, list[int], None]]:
     """transformers' generate on our target exported to HF format, with the draft exported too
     for assisted generation; one warm-up call, then one timed call per prompt."""
     if method == "hf-assisted" and hf_draft_dir is None:
@@ -192,16 +229,25 @@ def run_methods(plan_path: str, stats_path: str, prompts_file: str, *, methods: 
     def hierarchical(h):
         if mesh is not None:
             h = shard_hierarchy(h, mesh, rule=None)
-            return lambda p, l: hsd_generate(h, *shard_batch(mesh, p, l), key, max_new_tokens=max_new_tokens,
+            return lambda p, n: hsd_generate(h, *shard_batch(mesh, p, n), key, max_new_tokens=max_new_tokens,
                                              temperature=temperature)
-        return lambda p, l: hsd_generate(h, p, l, key, max_new_tokens=max_new_tokens, temperature=temperature)
+        return lambda p, n: hsd_generate(h, p, n, key, max_new_tokens=max_new_tokens, temperature=temperature)
 
-    results: dict[str, Any] = {"machine": machine_name(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
-                               "backend": jax.default_backend(), "batch": 1, "temperature": temperature,
-                               "max_new_tokens": max_new_tokens, "prompts": len(texts), "prompts_file": prompts_file,
-                               "mesh": None if mesh is None else dict(mesh.shape),
-                               "plan": plan.label, "sd": f"{sd_name}[{sd_buffer}] > {plan.chain[-1]}",
-                               "methods": {}}
+    results: dict[str, Any] = {
+        "machine": machine_name(),
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "batch": 1,
+        "temperature": temperature,
+        "max_new_tokens": max_new_tokens,
+        "prompts": len(texts),
+        "prompts_file": prompts_file,
+        "mesh": None if mesh is None else dict(mesh.shape),
+        "plan": plan.label,
+        "sd": f"{sd_name}[{sd_buffer}] > {plan.chain[-1]}",
+        "methods": {},
+    }
     runs: dict[str, list] = {}
     for method in methods:
         if progress:
@@ -210,12 +256,21 @@ def run_methods(plan_path: str, stats_path: str, prompts_file: str, *, methods: 
             runs[method] = time_jax_method(hierarchical(Hierarchy([target])), prompts, lengths)
         elif method == "sd":
             draft = from_source(sd_source, vocab_size=target.vocab_size)
-            runs[method] = time_jax_method(hierarchical(Hierarchy([draft, target], [sd_buffer])), prompts, lengths)
+            runs[method] = time_jax_method(
+                hierarchical(Hierarchy([draft, target], [sd_buffer])), prompts, lengths
+            )
         elif method == "hsd":
             runs[method] = time_jax_method(hierarchical(hierarchy), prompts, lengths)
         else:
-            runs[method] = _time_hf_method(method, parse_source(target_dir).directory(), hf_draft_dir, encoded,
-                                           max_new_tokens, temperature, seed)
+            runs[method] = _time_hf_method(
+                method,
+                parse_source(target_dir).directory(),
+                hf_draft_dir,
+                encoded,
+                max_new_tokens,
+                temperature,
+                seed,
+            )
     reference = runs.get("ar")
     for method, rows in runs.items():
         per_prompt = [{"seconds": s, "tokens": len(t)} for s, t, _ in rows]

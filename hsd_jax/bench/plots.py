@@ -30,9 +30,13 @@ def plot_methods(results: dict[str, Any], path: str | Path) -> Path:
     for bar, name in zip(bars, names):
         ratio = results["methods"][name].get("speedup_vs_ar")
         label = f"{bar.get_height():.1f}" + (f"\n{ratio:.2f}x AR" if ratio else "")
-        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+        ax.annotate(
+            label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8
+        )
     ax.set_ylabel("tokens/s (median over prompts)")
-    ax.set_title(f"batch 1, T={results['temperature']}, {results['prompts']} prompts, {results['machine']}", fontsize=8)
+    ax.set_title(
+        f"batch 1, T={results['temperature']}, {results['prompts']} prompts, {results['machine']}", fontsize=8
+    )
     ax.set_ylim(0, max(values) * 1.25)
     return _save(fig, path, dpi=120)
 

@@ -15,6 +15,7 @@ measured figure is then the per-token cost the latency model describes.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import statistics
 from collections.abc import Callable, Sequence
@@ -37,8 +38,11 @@ GRID_BUFFERS_K1 = (2, 4, 8)
 GRID_BUFFERS_K2 = ((2, 4), (4, 8))
 
 
-def grid(stats: Stats, k1_buffers: Sequence[int] = GRID_BUFFERS_K1,
-         k2_buffers: Sequence[tuple[int, int]] = GRID_BUFFERS_K2) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
+def grid(
+    stats: Stats,
+    k1_buffers: Sequence[int] = GRID_BUFFERS_K1,
+    k2_buffers: Sequence[tuple[int, int]] = GRID_BUFFERS_K2,
+) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
     """Small hierarchies over the profiled family: the target alone, every single draft with each
     of `k1_buffers`, and every two-draft chain (ordered by c(1)) with each of `k2_buffers`."""
     names = [m.name for m in stats.candidates()]
@@ -49,7 +53,9 @@ def grid(stats: Stats, k1_buffers: Sequence[int] = GRID_BUFFERS_K1,
     return out
 
 
-def predict(stats: Stats, chain: Sequence[str], buffers: Sequence[int], mode: str, position_profiles: bool) -> float:
+def predict(
+    stats: Stats, chain: Sequence[str], buffers: Sequence[int], mode: str, position_profiles: bool
+) -> float:
     return expected_latency(*stats.chain_inputs(list(chain), mode, position_profiles), list(buffers))
 
 
@@ -111,8 +117,8 @@ def measure(stats: Stats, hierarchies: Sequence[tuple[Sequence[str], Sequence[in
         if progress:
             progress(f"[{number + 1}/{len(hierarchies)}] {label}")
         hierarchy = Hierarchy([level(n) for n in chain], buffers, verifier)
-        run = jax.jit(lambda h, p, l: hsd_generate(h, p, l, key, max_new_tokens=max_new_tokens))
-        timed = time_jax_method(lambda p, l: run(hierarchy, p, l), prompts, lengths)
+        run = jax.jit(lambda h, p, n: hsd_generate(h, p, n, key, max_new_tokens=max_new_tokens))
+        timed = time_jax_method(functools.partial(run, hierarchy), prompts, lengths)
         overhead = sum(prefill_seconds(n) for n in chain)
         # AR's first token comes from its prefill; a hierarchy's prefill only caches the prompt
         first_from_prefill = 1 if len(chain) == 1 else 0

@@ -13,8 +13,11 @@ from hsd_jax.io.files import write_json
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("bench", help="tokens/s of ar, sd, hsd, hf-ar, hf-assisted side by side (with --plan), "
-                                            "or our AR vs transformers and the memory roofline (with --model)")
+    p = subparsers.add_parser(
+        "bench",
+        help="tokens/s of ar, sd, hsd, hf-ar, hf-assisted side by side (with --plan), "
+        "or our AR vs transformers and the memory roofline (with --model)",
+    )
     p.add_argument("--model", help="AR-only bench of this model directory")
     p.add_argument("--plan", help="plan.json: the hierarchy for 'hsd' (its target for the others)")
     p.add_argument("--stats", help="stats.json the plan was made from (chooses the single draft for 'sd')")
@@ -33,12 +36,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def methods_lines(results: dict[str, Any]) -> list[str]:
     """The report of `run_methods`."""
-    lines = [f"{results['machine']}; batch 1, temperature {results['temperature']}, {results['prompts']} prompts, "
-             f"{results['max_new_tokens']} new tokens"]
+    lines = [
+        f"{results['machine']}; batch 1, temperature {results['temperature']}, {results['prompts']} prompts, "
+        f"{results['max_new_tokens']} new tokens"
+    ]
     for name, entry in results["methods"].items():
         same = entry.get("identical_to_ar")
-        lines.append(f"{name:>12}: {entry['tokens_per_s']:7.1f} tokens/s  {entry.get('speedup_vs_ar', 0):5.2f}x AR"
-                     + ("" if same is None else f"  identical to AR: {same}"))
+        lines.append(
+            f"{name:>12}: {entry['tokens_per_s']:7.1f} tokens/s  {entry.get('speedup_vs_ar', 0):5.2f}x AR"
+            + ("" if same is None else f"  identical to AR: {same}")
+        )
     lines.append(f"hsd = {results['plan']}; sd = {results['sd']}")
     lines += [f"{k}: {results[k]:.2f}x" for k in ("hsd_over_sd", "hsd_over_hf-assisted") if k in results]
     return lines
@@ -62,19 +69,31 @@ def run(args: argparse.Namespace) -> int:
     if args.plan:
         if not (args.stats and args.prompts):
             raise ValueError("bench --plan needs --stats stats.json and --prompts FILE.jsonl")
-        results = run_methods(args.plan, args.stats, args.prompts, methods=tuple(args.methods.split(",")),
-                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              num_prompts=args.num_prompts, hf_draft_dir=args.hf_draft, mesh=mesh_from_args(args),
-                              progress=progress_printer)
+        results = run_methods(
+            args.plan,
+            args.stats,
+            args.prompts,
+            methods=tuple(args.methods.split(",")),
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            num_prompts=args.num_prompts,
+            hf_draft_dir=args.hf_draft,
+            mesh=mesh_from_args(args),
+            progress=progress_printer,
+        )
         lines = methods_lines(results)
     elif args.model:
         if args.mesh:
-            raise ValueError("--mesh applies to `bench --plan`; the AR-only `bench --model` runs on one device")
+            raise ValueError(
+                "--mesh applies to `bench --plan`; the AR-only `bench --model` runs on one device"
+            )
         results = run_bench(args.model, prompts_file=args.prompts, max_new_tokens=args.max_new_tokens,
                             repeats=args.repeats)
         lines = ar_bench_lines(results)
     else:
-        raise ValueError("give --plan (with --stats, --prompts) to compare methods, or --model for the AR bench")
+        raise ValueError(
+            "give --plan (with --stats, --prompts) to compare methods, or --model for the AR bench"
+        )
     print("\n".join(lines))
     if args.plan and args.plot:
         plot_methods(results, args.plot)

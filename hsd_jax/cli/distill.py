@@ -12,7 +12,9 @@ DEFAULT_DATA = "distill/data.npz"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("distill", help="distil a draft for a target (optax KL on the target's own answers)")
+    p = subparsers.add_parser(
+        "distill", help="distil a draft for a target (optax KL on the target's own answers)"
+    )
     p.add_argument("--target", required=True, help="the target model directory")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--layers", required=True, help="target layers that initialise the draft, e.g. 0,29")
@@ -20,10 +22,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data", action="append",
                    help="cached answers + teacher top-k, made if absent; repeat to train on several "
                         f"(default: {DEFAULT_DATA})")
-    p.add_argument("--answer-temperature", type=float, action="append",
-                   help="temperature of the answers in each --data file made here, in order (default 0: greedy)")
-    p.add_argument("--make-data", action="store_true", help="(re)make every --data file from the instruction set")
-    p.add_argument("--instructions", help="JSONL instruction set (default: hsd_jax/io/data/instructions.jsonl)")
+    p.add_argument(
+        "--answer-temperature",
+        type=float,
+        action="append",
+        help="temperature of the answers in each --data file made here, in order (default 0: greedy)",
+    )
+    p.add_argument(
+        "--make-data", action="store_true", help="(re)make every --data file from the instruction set"
+    )
+    p.add_argument(
+        "--instructions", help="JSONL instruction set (default: hsd_jax/io/data/instructions.jsonl)"
+    )
     p.add_argument("--answer-tokens", type=int, default=128)
     p.add_argument("--generate-batch", type=int, default=32)
     p.add_argument("--top-k", type=int, default=32, help="teacher log-probabilities cached per position")
@@ -49,8 +59,16 @@ def run(args: argparse.Namespace) -> int:
     for index, (path, temperature) in enumerate(zip(paths, temperatures)):
         if args.make_data or not Path(path).exists():
             prompts = prompts or load_prompts(args.instructions or instructions_path())
-            make_dataset(args.target, prompts, path, max_new_tokens=args.answer_tokens,
-                         batch_size=args.generate_batch, top_k=args.top_k, temperature=temperature, seed=index)
+            make_dataset(
+                args.target,
+                prompts,
+                path,
+                max_new_tokens=args.answer_tokens,
+                batch_size=args.generate_batch,
+                top_k=args.top_k,
+                temperature=temperature,
+                seed=index,
+            )
     spec = DraftSpec.parse(args.layers, args.head_vocab)
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                         warmup_steps=args.warmup, checkpoint_every=args.checkpoint_every, seed=args.seed)

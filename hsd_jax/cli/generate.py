@@ -31,15 +31,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="a draft: model directory, int8:DIR or ngram:N (repeatable, smallest first)")
     p.add_argument("--ngram", type=int, default=0, help="add the n-gram drafter with this n as M_0")
     p.add_argument("--buffers", type=int_list, default=None, help="buffer targets T_0,...,T_{K-1}, e.g. 4,8")
-    p.add_argument("--verifier", default="tokenwise", help="tokenwise | block, or one per level: block,tokenwise")
+    p.add_argument(
+        "--verifier", default="tokenwise", help="tokenwise | block, or one per level: block,tokenwise"
+    )
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", help="prompt text")
     group.add_argument("--prompt-ids", type=int_list, help="comma-separated token ids")
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to --prompt")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_mesh_argument(p)
-    p.add_argument("--compare-ar", action="store_true",
-                   help="also time plain AR of the target and print a report (speed-up, acceptance per level)")
+    p.add_argument(
+        "--compare-ar",
+        action="store_true",
+        help="also time plain AR of the target and print a report (speed-up, acceptance per level)",
+    )
     add_sampling(p)
     return p
 
@@ -58,8 +63,10 @@ def check_same_tokenizer(target: str, drafts: Sequence[str]) -> None:
         vocab = load_tokenizer(source.directory()).get_vocab()
         if vocab != reference:
             differ = len(set(vocab.items()) ^ set(reference.items()))
-            raise ValueError(f"draft {draft} has a different tokenizer from the target {target} "
-                             f"({differ} vocabulary entries differ); every level must share the target's tokenizer")
+            raise ValueError(
+                f"draft {draft} has a different tokenizer from the target {target} "
+                f"({differ} vocabulary entries differ); every level must share the target's tokenizer"
+            )
 
 
 def load_hierarchy(args: argparse.Namespace) -> Hierarchy:
@@ -105,8 +112,17 @@ def generate(args: argparse.Namespace) -> tuple[dict[str, Any], Hierarchy]:
     eos = target.config.eos_token_id if tokenizer.eos_token_id is None else tokenizer.eos_token_id
 
     def run(h):
-        return hsd_generate(h, prompt, lengths, jax.random.PRNGKey(args.seed), max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_id=eos)
+        return hsd_generate(
+            h,
+            prompt,
+            lengths,
+            jax.random.PRNGKey(args.seed),
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            eos_token_id=eos,
+        )
 
     def timed(h):
         compile_seconds, _ = time_once(run, h)  # compile (and a first run) with the same shapes
@@ -130,7 +146,9 @@ def generate(args: argparse.Namespace) -> tuple[dict[str, Any], Hierarchy]:
     return result, hierarchy
 
 
-def report_lines(result: dict[str, Any], hierarchy: Hierarchy, temperature: float, compare_ar: bool) -> list[str]:
+def report_lines(
+    result: dict[str, Any], hierarchy: Hierarchy, temperature: float, compare_ar: bool
+) -> list[str]:
     """The `--compare-ar` report."""
     rate = result["num_tokens"] / result["seconds"]
     if compare_ar and not hierarchy.depth:
@@ -147,8 +165,10 @@ def report_lines(result: dict[str, Any], hierarchy: Hierarchy, temperature: floa
              f"  speed-up        {rate / ar['tokens_per_s']:6.2f}x"
              + ("" if temperature else f"   (greedy output identical to AR: {ar['identical']})")]
     for level, (proposed, accepted) in enumerate(zip(stats["proposed"], stats["accepted"]), 1):
-        lines.append(f"  level {level} accepts {accepted}/{proposed} = {accepted / max(proposed, 1):.2f} of level "
-                     f"{level - 1}'s drafts")
+        lines.append(
+            f"  level {level} accepts {accepted}/{proposed} = {accepted / max(proposed, 1):.2f} of level "
+            f"{level - 1}'s drafts"
+        )
     lines.append(f"  tokens per target call {stats['tokens_per_target_call']:.2f}")
     return lines
 

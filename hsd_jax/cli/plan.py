@@ -7,8 +7,8 @@ import io
 import json
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -23,15 +23,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="where to write plan.json")
     p.add_argument("--plot", help="also write a bar chart (PNG) of the best plans' predicted ms/token")
     p.add_argument("--n-max", type=int, default=32, help="largest buffer target to consider (default 32)")
-    p.add_argument("--temperature-mode", choices=MODES, default=None,
-                   help="acceptance table to use (default: greedy if the stats' temperature is 0, else sampled)")
+    p.add_argument(
+        "--temperature-mode",
+        choices=MODES,
+        default=None,
+        help="acceptance table to use (default: greedy if the stats' temperature is 0, else sampled)",
+    )
     p.add_argument("--measure", help='JSON {"<plan label>": measured seconds per token} to compare and plot')
     p.add_argument("--top", type=int, default=5, help="how many plans to report (default 5)")
     p.add_argument("--position-profiles", action="store_true",
                    help="use the stats' per-position acceptance profiles instead of one i.i.d. rate per pair "
                         "(on the default family the i.i.d. rate predicted measured latency better)")
-    p.add_argument("--min-drafts", type=int, default=0,
-                   help="only hierarchies with at least this many drafts (default 0: the target alone may win)")
+    p.add_argument(
+        "--min-drafts",
+        type=int,
+        default=0,
+        help="only hierarchies with at least this many drafts (default 0: the target alone may win)",
+    )
     return p
 
 
@@ -58,7 +66,9 @@ def format_table(plans: Sequence[Plan], measured: Mapping[str, float] | None = N
     head += f"  {'measured':>9}" if measured else ""
     rows = [head]
     for rank, p in enumerate(plans, 1):
-        surrogate = f"{1e3 * p.surrogate_latency_s:9.3f}" if p.surrogate_latency_s is not None else f"{'-':>9}"
+        surrogate = (
+            f"{1e3 * p.surrogate_latency_s:9.3f}" if p.surrogate_latency_s is not None else f"{'-':>9}"
+        )
         row = (f"{rank:>2}  {p.label:<{width}}  {1e3 * p.predicted_latency_s:9.3f}  "
                f"{p.predicted_speedup:7.2f}x  {surrogate}")
         if measured:
@@ -67,7 +77,9 @@ def format_table(plans: Sequence[Plan], measured: Mapping[str, float] | None = N
     return "\n".join(rows)
 
 
-def plot_plans(plans: Sequence[Plan], path: str | os.PathLike, measured: Mapping[str, float] | None = None) -> None:
+def plot_plans(
+    plans: Sequence[Plan], path: str | os.PathLike, measured: Mapping[str, float] | None = None
+) -> None:
     """Bar chart of predicted ms/token per plan (labelled chain[buffers]), with measured ms/token
     overlaid as markers where `measured` has the plan's label. Agg backend, written atomically."""
     from matplotlib.figure import Figure
@@ -105,8 +117,11 @@ def run(args: argparse.Namespace) -> int:
                   position_profiles=args.position_profiles, min_drafts=args.min_drafts)
     best = plans[0]
     print(f"chosen: {best.label}")
-    print(f"predicted {1e3 * best.predicted_latency_s:.3f} ms/token, {best.predicted_speedup:.2f}x over AR "
-          f"({1e3 * best.ar_latency_s:.3f} ms/token; {best.mode} acceptance, {stats.hardware or 'unknown hardware'})")
+    print(
+        f"predicted {1e3 * best.predicted_latency_s:.3f} ms/token, {best.predicted_speedup:.2f}x over AR "
+        f"({1e3 * best.ar_latency_s:.3f} ms/token; {best.mode} acceptance, "
+        f"{stats.hardware or 'unknown hardware'})"
+    )
     print(format_table(plans, measured))
     unknown = sorted(set(measured) - {p.label for p in plans})
     if unknown:

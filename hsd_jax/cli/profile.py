@@ -11,7 +11,9 @@ from hsd_jax.planning.profile import profile_family
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("profile", help="measure forward costs c_i(k) and pairwise acceptances for the planner")
+    p = subparsers.add_parser(
+        "profile", help="measure forward costs c_i(k) and pairwise acceptances for the planner"
+    )
     p.add_argument("--models", nargs="+", required=True,
                    help="family members smallest first, target last: model dirs or int8:DIR")
     p.add_argument("--ngram", type=int, default=0, help="add the n-gram drafter with this n")
@@ -41,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
     write_json(args.out, stats)
     for m in stats["models"]:
         costs = m["cost_s"]
-        print(f"{m['name']:>28}: c(1) = {costs[0] * 1e3:7.2f} ms, c(8) = {costs[min(7, len(costs) - 1)] * 1e3:7.2f} ms")
+        print(
+            f"{m['name']:>28}: c(1) = {costs[0] * 1e3:7.2f} ms, "
+            f"c(8) = {costs[min(7, len(costs) - 1)] * 1e3:7.2f} ms"
+        )
     print(f"wrote {args.out}")
     return 0

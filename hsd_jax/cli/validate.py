@@ -17,7 +17,9 @@ from hsd_jax.planning import load_plan, load_stats
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("validate-plan", help="measure hierarchies and compare with the planner's predictions")
+    p = subparsers.add_parser(
+        "validate-plan", help="measure hierarchies and compare with the planner's predictions"
+    )
     p.add_argument("--stats", required=True, help="stats.json written by `hsd-jax profile`")
     p.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field per line")
     p.add_argument("--plan", help="plan.json: measured too, and checked against the best measured")

@@ -35,7 +35,7 @@ class OutputBuffer:
     done: jax.Array  # [B] bool
 
     @classmethod
-    def init(cls, batch: int, max_new_tokens: int, pad_id: int) -> "OutputBuffer":
+    def init(cls, batch: int, max_new_tokens: int, pad_id: int) -> OutputBuffer:
         return cls(tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
                    num_tokens=jnp.zeros((batch,), jnp.int32), done=jnp.zeros((batch,), bool))
 
@@ -43,7 +43,7 @@ class OutputBuffer:
     def capacity(self) -> int:
         return self.tokens.shape[1]
 
-    def commit(self, new_tokens: jax.Array, counts: jax.Array, eos_token_id: int | None) -> "OutputBuffer":
+    def commit(self, new_tokens: jax.Array, counts: jax.Array, eos_token_id: int | None) -> OutputBuffer:
         """Append `new_tokens[b, :counts[b]]` to each unfinished row, stopping at EOS and capacity."""
         chex.assert_rank(new_tokens, 2)
         batch, width = new_tokens.shape
@@ -82,13 +82,17 @@ def validate_request(vocab_size: int, prompt_tokens, prompt_lengths, *, max_new_
                          f"{np.shape(prompt_tokens)} and {np.shape(prompt_lengths)}")
     batch, prompt_len = np.shape(prompt_tokens)
     if np.shape(prompt_lengths)[0] != batch:
-        raise ValueError(f"prompt_lengths has {np.shape(prompt_lengths)[0]} rows but prompt_tokens has {batch}")
+        raise ValueError(
+            f"prompt_lengths has {np.shape(prompt_lengths)[0]} rows but prompt_tokens has {batch}"
+        )
     need = prompt_len + max_new_tokens + headroom
     spec = f" plus {headroom} speculative positions" if headroom else ""
     if max_positions is not None and need > max_positions:
         raise ValueError(
-            f"the prompt ({prompt_len} tokens) plus max_new_tokens={max_new_tokens}{spec} exceeds the model's "
-            f"{max_positions} learned positions; shorten the prompt or lower max_new_tokens")
+            f"the prompt ({prompt_len} tokens) plus max_new_tokens={max_new_tokens}{spec} exceeds the "
+            "model's "
+            f"{max_positions} learned positions; shorten the prompt or lower max_new_tokens"
+        )
     if need > cache_size:
         raise ValueError(
             f"the prompt ({prompt_len} tokens) plus max_new_tokens={max_new_tokens}{spec} needs a cache of "
@@ -98,14 +102,18 @@ def validate_request(vocab_size: int, prompt_tokens, prompt_lengths, *, max_new_
         return sampling
     lengths = np.asarray(prompt_lengths)
     if (lengths < 1).any() or (lengths > prompt_len).any():
-        raise ValueError(f"prompt_lengths must be in [1, {prompt_len}] (the padded prompt width); got {lengths.tolist()}")
+        raise ValueError(
+            f"prompt_lengths must be in [1, {prompt_len}] (the padded prompt width); got {lengths.tolist()}"
+        )
     tokens = np.asarray(prompt_tokens)
     valid = np.arange(prompt_len)[None, :] < lengths[:, None]
     bad = valid & ((tokens < 0) | (tokens >= vocab_size))
     if bad.any():
         row, col = np.argwhere(bad)[0]
-        raise ValueError(f"prompt token id {int(tokens[row, col])} (row {row}, position {col}) is outside the "
-                         f"vocabulary [0, {vocab_size}); check that the prompt was encoded with this model's tokenizer")
+        raise ValueError(
+            f"prompt token id {int(tokens[row, col])} (row {row}, position {col}) is outside the "
+            f"vocabulary [0, {vocab_size}); check that the prompt was encoded with this model's tokenizer"
+        )
     return sampling
 
 
@@ -137,7 +145,9 @@ def _ar_generate(model: Model, prompt_tokens: jax.Array, prompt_lengths: jax.Arr
     prompt_lengths = prompt_lengths.astype(jnp.int32)
     logits, cache = prefill(model, prompt_tokens, prompt_lengths, model.init_cache(batch, cache_size))
     token, _ = sample_logits(jax.random.fold_in(key, 0), logits, sampling)
-    out = OutputBuffer.init(batch, max_new_tokens, pad_id).commit(token[:, None], jnp.ones((batch,), jnp.int32), eos_token_id)
+    out = OutputBuffer.init(batch, max_new_tokens, pad_id).commit(
+        token[:, None], jnp.ones((batch,), jnp.int32), eos_token_id
+    )
 
     def cond(state):
         step, _, _, out = state
@@ -171,9 +181,17 @@ def ar_generate(model: Model, prompt_tokens, prompt_lengths, key: jax.Array, *, 
         model.vocab_size, prompt_tokens, prompt_lengths, max_new_tokens=max_new_tokens,
         cache_size=cache_size, max_positions=_learned_positions(model),
         sampling=SamplingParams(temperature, top_k, top_p), eos_token_id=eos_token_id)
-    return _ar_generate(model, jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32), key,
-                        max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=eos_token_id,
-                        cache_size=cache_size, pad_id=eos_token_id if eos_token_id is not None else 0)
+    return _ar_generate(
+        model,
+        jnp.asarray(prompt_tokens, jnp.int32),
+        jnp.asarray(prompt_lengths, jnp.int32),
+        key,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        eos_token_id=eos_token_id,
+        cache_size=cache_size,
+        pad_id=eos_token_id if eos_token_id is not None else 0,
+    )
 
 
 def _learned_positions(model: Model) -> int | None:

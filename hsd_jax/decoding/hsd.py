@@ -21,25 +21,32 @@ valid cache entries or their live buffers, and their lengths, counts and stats a
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from hsd_jax.decoding.ar import GenerationOutput, OutputBuffer, ar_generate, default_cache_size, validate_request
+from hsd_jax.decoding.ar import (
+    GenerationOutput,
+    OutputBuffer,
+    ar_generate,
+    default_cache_size,
+    validate_request,
+)
 from hsd_jax.decoding.drafter import Drafter, describe
 from hsd_jax.decoding.sampling import SamplingParams, distribution, sample
 from hsd_jax.decoding.schedule import Schedule
 from hsd_jax.decoding.verify import check_rule, verify
 from hsd_jax.models import Model
 
-_PLAN_LOADER: Callable[..., "Hierarchy"] | None = None
+_PLAN_LOADER: Callable[..., Hierarchy] | None = None
 
 
-def register_plan_loader(loader: Callable[..., "Hierarchy"]) -> None:
+def register_plan_loader(loader: Callable[..., Hierarchy]) -> None:
     """`planning` registers how a plan becomes a Hierarchy, so this module need not import it."""
     global _PLAN_LOADER
     _PLAN_LOADER = loader
@@ -64,8 +71,10 @@ class Hierarchy:
                 raise TypeError(f"models[{i}] is a {type(m).__name__}; expected hsd_jax.Model, NGramDrafter "
                                 "or another hsd_jax.decoding.drafter.Drafter")
         if models[-1].init_state(1, 1) is None:
-            raise ValueError(f"the target (the last model) must be a model with a KV cache, not {describe(models[-1])}; "
-                             "order models smallest (M_0) to target (M_K)")
+            raise ValueError(
+                f"the target (the last model) must be a model with a KV cache, not {describe(models[-1])}; "
+                "order models smallest (M_0) to target (M_K)"
+            )
         sizes = [m.num_params for m in models]
         for i in range(len(models) - 1):
             if sizes[i] > sizes[-1]:
@@ -75,14 +84,18 @@ class Hierarchy:
         depth = len(models) - 1
         buffers = tuple(buffers)
         if len(buffers) != depth:
-            raise ValueError(f"{len(models)} models need {depth} buffer targets (T_0..T_{{K-1}}), got {len(buffers)}")
+            raise ValueError(
+                f"{len(models)} models need {depth} buffer targets (T_0..T_{{K-1}}), got {len(buffers)}"
+            )
         for i, t in enumerate(buffers):
             if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 1:
                 raise ValueError(f"buffer T_{i} must be an integer >= 1, got {t!r}")
         schedule = Schedule.of(buffers)
         verifiers = (verifier,) * depth if isinstance(verifier, str) else tuple(verifier)
         if len(verifiers) != depth:
-            raise ValueError(f"give one verifier for all levels or one per level M_1..M_K ({depth}), got {len(verifiers)}")
+            raise ValueError(
+                f"give one verifier for all levels or one per level M_1..M_K ({depth}), got {len(verifiers)}"
+            )
         verifiers = tuple(check_rule(v, allow_inexact) for v in verifiers)
         vocab_sizes = [m.vocab_size for m in models]
         if shared_vocab_size is None:
@@ -102,7 +115,7 @@ class Hierarchy:
         self.schedule = Schedule(buffers)
 
     @classmethod
-    def from_plan(cls, plan, **kwargs) -> "Hierarchy":
+    def from_plan(cls, plan, **kwargs) -> Hierarchy:
         """The hierarchy of a plan (a `planning.Plan`, its dict, or a plan.json path); keyword
         arguments as `planning.hierarchy_from_plan` (dtype, shared_vocab_size). Relative sources
         resolve against the plan file's directory."""
@@ -164,7 +177,7 @@ class _State:
     accepted: jax.Array
     rounds: jax.Array
 
-    def next_key(self) -> tuple["_State", jax.Array]:
+    def next_key(self) -> tuple[_State, jax.Array]:
         key, sub = jax.random.split(self.key)
         return self.replace(key=key), sub
 
@@ -274,7 +287,9 @@ def _verify(plan: _Plan, level: int, st: _State, draft_base: jax.Array,
     drafts = _gather(st.seq, draft_base[:, None] + jnp.arange(width)[None, :])
     p, st = _score(plan, level, st, draft_base, schedule.scored(level), schedule.verify_width(level), rows)
     st, key = st.next_key()
-    tau, next_token = verify(plan.hierarchy.verifiers[level - 1], key, drafts, draft_len, st.probs[level - 1], p)
+    tau, next_token = verify(
+        plan.hierarchy.verifiers[level - 1], key, drafts, draft_len, st.probs[level - 1], p
+    )
     accepted_end = draft_base + tau
     seq = _scatter_rows(st.seq, accepted_end[:, None], next_token[:, None], rows[:, None])
     caches = list(st.caches)
@@ -398,8 +413,9 @@ def hsd_generate(hierarchy: Hierarchy, prompt_tokens, prompt_lengths, key: jax.A
     prompt_width = np.shape(prompt_tokens)[1] if np.ndim(prompt_tokens) == 2 else 0
     headroom = sum(hierarchy.capacities) + hierarchy.depth + 2
     if cache_size is None:
-        cache_size = default_cache_size(prompt_width, max_new_tokens if isinstance(max_new_tokens, int) else 0,
-                                        headroom)
+        cache_size = default_cache_size(
+            prompt_width, max_new_tokens if isinstance(max_new_tokens, int) else 0, headroom
+        )
     learned = [m.config.max_position_embeddings for m in hierarchy.models
                if getattr(getattr(m, "config", None), "positions", None) == "learned"]
     sampling = validate_request(

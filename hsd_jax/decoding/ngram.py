@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-
 MAX_NGRAM = 16  # its lookup unrolls n * (n + 1) / 2 comparisons: larger n compiles for minutes
 
 

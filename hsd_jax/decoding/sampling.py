@@ -24,14 +24,16 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def validate(self, vocab_size: int | None = None) -> "SamplingParams":
+    def validate(self, vocab_size: int | None = None) -> SamplingParams:
         t, k, p = self.temperature, self.top_k, self.top_p
         if not isinstance(t, (int, float)) or math.isnan(t) or t < 0 or math.isinf(t):
             raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {t!r}")
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {k!r}")
         if vocab_size is not None and k > vocab_size:
-            raise ValueError(f"top_k={k} exceeds the vocabulary size {vocab_size}; use top_k <= {vocab_size} or 0")
+            raise ValueError(
+                f"top_k={k} exceeds the vocabulary size {vocab_size}; use top_k <= {vocab_size} or 0"
+            )
         if not isinstance(p, (int, float)) or math.isnan(p) or not 0.0 < p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {p!r}")
         return dataclasses.replace(self, temperature=float(t), top_p=float(p))

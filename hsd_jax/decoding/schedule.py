@@ -37,7 +37,7 @@ class Schedule:
                 raise ValueError(f"buffer T_{i} must be an integer >= 1, got {t!r}")
 
     @classmethod
-    def of(cls, buffers: Sequence[int]) -> "Schedule":
+    def of(cls, buffers: Sequence[int]) -> Schedule:
         return cls(tuple(int(t) for t in buffers))
 
     @property

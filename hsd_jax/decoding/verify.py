@@ -101,9 +101,13 @@ def _block_outcome(w, final_accept, draft_len, q, p) -> Outcome:
     residual = jnp.maximum(w[:, :-1, None] * p[:, :-1] - q, 0.0)  # [B, G, V]
     mass = jnp.sum(residual, axis=-1)
     denominator = mass + 1.0 - w[:, :-1]
-    h = jnp.clip(jnp.where(denominator > 0, mass / jnp.where(denominator > 0, denominator, 1.0), 0.0), 0.0, 1.0)
+    h = jnp.clip(
+        jnp.where(denominator > 0, mass / jnp.where(denominator > 0, denominator, 1.0), 0.0), 0.0, 1.0
+    )
     h = jnp.concatenate([h, jnp.zeros_like(h[:, :1])], axis=1)
-    h = jnp.where(offsets == draft_len[:, None], final_accept, jnp.where(offsets < draft_len[:, None], h, 0.0))
+    h = jnp.where(
+        offsets == draft_len[:, None], final_accept, jnp.where(offsets < draft_len[:, None], h, 0.0)
+    )
     h = h.at[:, 0].set(1.0)
     # P(τ = t) = h_t Π_{j > t} (1 - h_j)
     keep_after = jnp.flip(jnp.cumprod(jnp.flip(1.0 - h, axis=1), axis=1), axis=1)

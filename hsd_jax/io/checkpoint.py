@@ -201,7 +201,9 @@ def encode_prompt(tokenizer, text: str, chat: bool = True) -> list[int]:
     """Token ids of `text`, as a user message in the tokenizer's chat template when `chat`."""
     if chat:
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("chat prompts need a tokenizer with a chat template; this model directory has none")
+            raise ValueError(
+                "chat prompts need a tokenizer with a chat template; this model directory has none"
+            )
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                             tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)

@@ -20,9 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from hsd_jax.io.tensors import (GGUFSource, TensorSource, _save_gguf_tokenizer, _weight_files, smollm2_gguf_path)
 from hsd_jax.io.checkpoint import PARAMS_DIR, copy_tokenizer_files, save_params
 from hsd_jax.io.files import atomic_directory
+from hsd_jax.io.tensors import (
+    GGUFSource,
+    TensorSource,
+    _save_gguf_tokenizer,
+    _weight_files,
+    smollm2_gguf_path,
+)
 from hsd_jax.models import param_shapes
 from hsd_jax.models.config import ModelConfig, UnsupportedArchitectureError, from_hf_dict
 

@@ -35,11 +35,11 @@ import jax
 import numpy as np
 
 from hsd_jax.io.checkpoint import copy_tokenizer_files, corrupt_error, load_model
-from hsd_jax.models.config import CONFIG_FILE, ModelConfig, UnsupportedArchitectureError, from_hf_dict
 from hsd_jax.io.convert import get_leaf, plan
-from hsd_jax.io.tensors import TensorSource
 from hsd_jax.io.files import atomic_directory
+from hsd_jax.io.tensors import TensorSource
 from hsd_jax.models import Params, stack_layers
+from hsd_jax.models.config import CONFIG_FILE, ModelConfig, UnsupportedArchitectureError, from_hf_dict
 
 EXPORT_DTYPES = ("float32", "bfloat16")
 WEIGHTS_FILE = "model.safetensors"

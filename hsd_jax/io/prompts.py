@@ -16,7 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CATEGORIES", "eval_prompts_path", "instructions_path", "load_prompts", "load_records", "pad_prompts"]
+__all__ = [
+    "CATEGORIES",
+    "eval_prompts_path",
+    "instructions_path",
+    "load_prompts",
+    "load_records",
+    "pad_prompts",
+]
 
 _DIR = Path(__file__).resolve().parent / "data"
 

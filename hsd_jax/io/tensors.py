@@ -18,7 +18,6 @@ from safetensors import safe_open
 
 from hsd_jax.models.config import UnsupportedArchitectureError
 
-
 # ----------------------------------------------------------------------------- tensor sources
 
 
@@ -43,7 +42,7 @@ class _FileMapSource(TensorSource):
         self._files = files
 
     @classmethod
-    def from_file(cls, path: Path) -> "_FileMapSource":
+    def from_file(cls, path: Path) -> _FileMapSource:
         return cls({name: path for name in cls.names_in(path)}, path)
 
     @staticmethod
@@ -96,7 +95,9 @@ def _shard_path(directory: Path, name: object, index: str) -> Path:
                          f"{directory}; shard names must be plain relative file names")
     path = directory / name
     if path.is_symlink() and not path.resolve().is_relative_to(directory.resolve()):
-        raise ValueError(f"shard {path} is a symbolic link out of {directory}; copy the file into the directory")
+        raise ValueError(
+            f"shard {path} is a symbolic link out of {directory}; copy the file into the directory"
+        )
     return path
 
 
@@ -108,7 +109,9 @@ def _weight_files(directory: Path) -> TensorSource:
     ):
         if (directory / index).is_file():
             weight_map = json.loads((directory / index).read_text())["weight_map"]
-            return source_cls({n: _shard_path(directory, f, index) for n, f in weight_map.items()}, directory / index)
+            return source_cls(
+                {n: _shard_path(directory, f, index) for n, f in weight_map.items()}, directory / index
+            )
         if (directory / single).is_file():
             return source_cls.from_file(directory / single)
     raise FileNotFoundError(

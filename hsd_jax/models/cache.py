@@ -22,7 +22,7 @@ class KVCache:
     lengths: jax.Array  # [B] int32
 
     @classmethod
-    def init(cls, config: ModelConfig, batch: int, size: int, dtype=jnp.float32) -> "KVCache":
+    def init(cls, config: ModelConfig, batch: int, size: int, dtype=jnp.float32) -> KVCache:
         shape = (config.num_layers, batch, size, config.num_kv_heads, config.head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    lengths=jnp.zeros((batch,), jnp.int32))
@@ -35,12 +35,12 @@ class KVCache:
     def batch(self) -> int:
         return self.k.shape[1]
 
-    def with_lengths(self, lengths: jax.Array) -> "KVCache":
+    def with_lengths(self, lengths: jax.Array) -> KVCache:
         """Roll back (or forward over already-written entries) by setting each row's fill level."""
         chex.assert_shape(lengths, (self.batch,))
         return self.replace(lengths=lengths.astype(jnp.int32))
 
-    def write_layer(self, layer: jax.Array, k_new: jax.Array, v_new: jax.Array) -> "KVCache":
+    def write_layer(self, layer: jax.Array, k_new: jax.Array, v_new: jax.Array) -> KVCache:
         """Write `k_new, v_new [B, T, H_kv, D]` of one layer at each row's own offset.
 
         Writes past the end of the cache are dropped, never wrapped or shifted.

@@ -61,7 +61,9 @@ class ModelConfig:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
-        if self.head_vocab_size and (self.tie_word_embeddings or not 0 < self.head_vocab_size <= self.vocab_size):
+        if self.head_vocab_size and (
+            self.tie_word_embeddings or not 0 < self.head_vocab_size <= self.vocab_size
+        ):
             raise ValueError(f"head_vocab_size={self.head_vocab_size} needs an untied head and must be in "
                              f"(0, vocab_size={self.vocab_size}]")
 
@@ -73,7 +75,7 @@ class ModelConfig:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelConfig":
+    def from_json(cls, text: str) -> ModelConfig:
         raw = json.loads(text)
         raw["rope_scaling"] = tuple(tuple(kv) for kv in raw.get("rope_scaling", ()))
         known = {f.name for f in dataclasses.fields(cls)}
@@ -86,7 +88,7 @@ class ModelConfig:
         Path(directory, CONFIG_FILE).write_text(self.to_json())
 
     @classmethod
-    def load(cls, directory: str | Path) -> "ModelConfig":
+    def load(cls, directory: str | Path) -> ModelConfig:
         path = Path(directory, CONFIG_FILE)
         if not path.exists():
             raise FileNotFoundError(
@@ -212,7 +214,7 @@ def _activation(name: str) -> str:
     return aliases[name]
 
 
-def llama3_inv_freq(config: ModelConfig) -> "list[float]":
+def llama3_inv_freq(config: ModelConfig) -> list[float]:
     """Rotary inverse frequencies, with Llama 3.1 frequency scaling when configured."""
     dims = config.rotary_dims
     inv_freq = [1.0 / config.rope_theta ** (2 * i / dims) for i in range(dims // 2)]

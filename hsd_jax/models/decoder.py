@@ -61,7 +61,7 @@ class Model:
         cache = KVCache.init(self.config, batch, size, self.dtype)
         return cache if self.sharding is None else self.sharding.constrain_cache(cache)
 
-    def with_layout(self, layout: str | Layout) -> "Model":
+    def with_layout(self, layout: str | Layout) -> Model:
         params, layout = with_layout(self.params, self.config, layout)
         return self.replace(params=params, layout=layout)
 
@@ -78,7 +78,9 @@ class Model:
     def init_state(self, batch: int, size: int) -> KVCache:
         return self.init_cache(batch, size)
 
-    def score(self, cache: KVCache, seq: jax.Array, ends: jax.Array, window: int) -> tuple[jax.Array, KVCache]:
+    def score(
+        self, cache: KVCache, seq: jax.Array, ends: jax.Array, window: int
+    ) -> tuple[jax.Array, KVCache]:
         """Logits of the tokens at positions `ends` [B, C], feeding `window` tokens of `seq` from
         the cache length on in one pass; returns them and the advanced cache."""
         start = cache.lengths
@@ -144,7 +146,11 @@ def hidden_states(params: Params, config: ModelConfig, tokens: jax.Array, cache:
             k = rotary(k, cos, sin, config.rotary_dims)
         cache = cache.write_layer(index, k, v)
         attn = attention(q, cache.k[index], cache.v[index], mask)
-        attn = dense(attn, lp["wo"], in_dims=2) if layout.stacked else dense(attn.reshape(batch, steps, -1), lp["wo"])
+        attn = (
+            dense(attn, lp["wo"], in_dims=2)
+            if layout.stacked
+            else dense(attn.reshape(batch, steps, -1), lp["wo"])
+        )
         if config.out_bias:
             attn = attn + lp["bo"]
         if config.parallel_residual:
@@ -164,7 +170,9 @@ def hidden_states(params: Params, config: ModelConfig, tokens: jax.Array, cache:
     return x, cache.with_lengths(cache.lengths + steps)
 
 
-def logits_from_hidden(params: Params, config: ModelConfig, x: jax.Array, layout: Layout = STACKED) -> jax.Array:
+def logits_from_hidden(
+    params: Params, config: ModelConfig, x: jax.Array, layout: Layout = STACKED
+) -> jax.Array:
     """Project hidden states [..., D] to float32 logits [..., V]."""
     if "lm_head" in params:
         out = dense(x, params["lm_head"], out_dtype=jnp.float32)

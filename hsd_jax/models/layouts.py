@@ -97,7 +97,8 @@ def unstack_layers(params: Params) -> Params:
         return params
     layers = params["layers"]
     count = jax.tree.leaves(layers)[0].shape[0]
-    out = {**params, "layers": tuple(_fuse(jax.tree.map(lambda x: x[i], layers)) for i in range(count))}
+    per_layer = [jax.tree.map(lambda x, i=i: x[i], layers) for i in range(count)]
+    out = {**params, "layers": tuple(_fuse(layer) for layer in per_layer)}
     if "lm_head" not in out:
         out["lm_head"] = jnp.asarray(params["embed"].T)
     return out
@@ -107,7 +108,10 @@ def stack_layers(params: Params, config: ModelConfig) -> Params:
     """The stacked storage layout of `param_specs(config)` (identity if already stacked)."""
     if not _is_unstacked(params):
         return params
-    if any(isinstance(w, Int8Weight) for w in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Int8Weight))):
+    if any(
+        isinstance(w, Int8Weight)
+        for w in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Int8Weight))
+    ):
         raise ValueError("an int8 weight copy has no stacked float layout; quantise a stacked model instead")
     layers = [_unfuse(layer, config) for layer in params["layers"]]
     out = {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
@@ -127,8 +131,10 @@ def with_layout(params: Params, config: ModelConfig, layout: str | Layout) -> tu
 def quantize_params(params: Params) -> Params:
     """The int8 layout: every fused projection and the head as an `Int8Weight` (in-major)."""
     params = unstack_layers(params)
-    layers = tuple({k: Int8Weight.quantize(v, in_dims=1) if k in FUSED_PROJECTIONS else v for k, v in layer.items()}
-                   for layer in params["layers"])
+    layers = tuple(
+        {k: Int8Weight.quantize(v, in_dims=1) if k in FUSED_PROJECTIONS else v for k, v in layer.items()}
+        for layer in params["layers"]
+    )
     return {**params, "layers": layers, "lm_head": Int8Weight.quantize(params["lm_head"], in_dims=1)}
 
 
@@ -138,7 +144,9 @@ def check_params(params: Params, config: ModelConfig, layout: Layout) -> None:
         want = jax.tree.structure(param_specs(config), is_leaf=lambda x: hasattr(x, "axes"))
         have = jax.tree.structure(params)
         if want != have:
-            raise ValueError(f"weights are not in the stacked layout of this config: expected {want}, got {have}")
+            raise ValueError(
+                f"weights are not in the stacked layout of this config: expected {want}, got {have}"
+            )
         return
     if not _is_unstacked(params) or len(params["layers"]) != config.num_layers:
         raise ValueError(f"weights are not in the {layout.name} layout: expected a tuple of "

@@ -53,7 +53,9 @@ def param_specs(config: ModelConfig) -> Params:
              "vocab": c.vocab_size, "head_vocab": c.head_vocab_size, "positions": c.max_position_embeddings}
 
     def spec(*axes: str | None, init: Initializer = "normal") -> ParamSpec:
-        return ParamSpec(tuple(sizes[a] for a in axes), tuple(None if a == "positions" else a for a in axes), init)
+        return ParamSpec(
+            tuple(sizes[a] for a in axes), tuple(None if a == "positions" else a for a in axes), init
+        )
 
     def norm(*lead: str) -> Params:
         out = {"scale": spec(*lead, "embed", init="ones")}
@@ -80,7 +82,10 @@ def param_specs(config: ModelConfig) -> Params:
     if c.mlp == "gated":
         layer["w_gate"] = spec("layers", "embed", "mlp")
     if c.mlp_bias:
-        layer |= {"b_up": spec("layers", "mlp", init="zeros"), "b_down": spec("layers", "embed", init="zeros")}
+        layer |= {
+            "b_up": spec("layers", "mlp", init="zeros"),
+            "b_down": spec("layers", "embed", init="zeros"),
+        }
         if c.mlp == "gated":
             layer["b_gate"] = spec("layers", "mlp", init="zeros")
     tree: Params = {"embed": spec("vocab", "embed"), "layers": layer, "final_norm": norm()}

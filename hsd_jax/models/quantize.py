@@ -29,7 +29,7 @@ class Int8Weight:
     in_dims: int = struct.field(pytree_node=False)
 
     @classmethod
-    def quantize(cls, w: jax.Array, in_dims: int) -> "Int8Weight":
+    def quantize(cls, w: jax.Array, in_dims: int) -> Int8Weight:
         w = jnp.asarray(w, jnp.float32)
         absmax = jnp.max(jnp.abs(w), axis=tuple(range(in_dims)))
         scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)

@@ -87,8 +87,10 @@ def global_batch(mesh: Mesh, *local_arrays) -> tuple[jax.Array, ...]:
         if local.ndim not in (1, 2):
             raise ValueError(f"batch arrays are [rows] or [rows, width]; got shape {local.shape}")
         if local.shape[0] % local_slices:
-            raise ValueError(f"this process holds {local_slices} slices of mesh axis {DATA!r}, which do not divide "
-                             f"its {local.shape[0]} rows; give every process a multiple of {local_slices} rows")
+            raise ValueError(
+                f"this process holds {local_slices} slices of mesh axis {DATA!r}, which do not divide "
+                f"its {local.shape[0]} rows; give every process a multiple of {local_slices} rows"
+            )
         array = jax.make_array_from_process_local_data(sharding, local)
         check_batch(mesh, array.shape[0])
         out.append(array)

@@ -47,9 +47,9 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from hsd_jax.decoding.hsd import Hierarchy
+from hsd_jax.models import Model, Params, param_logical_axes, param_shapes
 from hsd_jax.models.cache import KVCache
 from hsd_jax.models.config import ModelConfig
-from hsd_jax.models import Model, Params, param_logical_axes, param_shapes
 
 MESH_AXES = ("data", "model")
 DATA, MODEL = MESH_AXES
@@ -77,8 +77,10 @@ def make_mesh(data: int = 1, model: int = 1, devices: Sequence[jax.Device] | Non
             raise ValueError(f"mesh axis {name!r} needs a positive integer size, got {size!r}")
     if data * model != len(devices):
         raise ValueError(
-            f"a mesh of data={data} x model={model} needs {data * model} devices but {len(devices)} are given "
-            f"({jax.default_backend()}); choose sizes whose product is {len(devices)}")
+            f"a mesh of data={data} x model={model} needs {data * model} devices but {len(devices)} "
+            "are given "
+            f"({jax.default_backend()}); choose sizes whose product is {len(devices)}"
+        )
     return jax.make_mesh((data, model), MESH_AXES, (AxisType.Auto, AxisType.Auto), devices=devices)
 
 
@@ -90,8 +92,10 @@ def parse_mesh_spec(text: str) -> dict[str, int]:
         name, sep, value = item.partition("=")
         name = name.strip()
         if not sep or not name:
-            raise ValueError(f"mesh {text!r}: expected comma-separated AXIS=SIZE items such as 'data=2,model=4', "
-                             f"got {item!r}")
+            raise ValueError(
+                f"mesh {text!r}: expected comma-separated AXIS=SIZE items such as 'data=2,model=4', "
+                f"got {item!r}"
+            )
         if name not in MESH_AXES:
             raise ValueError(f"mesh {text!r}: unknown axis {name!r}; the axes are {' and '.join(MESH_AXES)}")
         if name in sizes:
@@ -99,10 +103,13 @@ def parse_mesh_spec(text: str) -> dict[str, int]:
         try:
             size = int(value)
         except ValueError:
-            raise ValueError(f"mesh {text!r}: the size of {name!r} must be an integer, got {value.strip()!r}") from None
+            raise ValueError(
+                f"mesh {text!r}: the size of {name!r} must be an integer, got {value.strip()!r}"
+            ) from None
         if size < 1 and size != -1:
-            raise ValueError(f"mesh {text!r}: the size of {name!r} must be >= 1 (or -1: the remaining devices), "
-                             f"got {size}")
+            raise ValueError(
+                f"mesh {text!r}: the size of {name!r} must be >= 1 (or -1: the remaining devices), got {size}"
+            )
         sizes[name] = size
     if list(sizes.values()).count(-1) > 1:
         raise ValueError(f"mesh {text!r}: at most one axis may be -1")
@@ -119,16 +126,22 @@ def parse_mesh(text: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
             raise ValueError(f"mesh {text!r}: {count} devices do not split into groups of {known}")
         sizes = {name: count // known if s == -1 else s for name, s in sizes.items()}
     if math.prod(sizes.values()) != count:
-        hint = f", e.g. 'data={count // sizes[MODEL]},model={sizes[MODEL]}'" if count % sizes[MODEL] == 0 else ""
+        hint = (
+            f", e.g. 'data={count // sizes[MODEL]},model={sizes[MODEL]}'" if count % sizes[MODEL] == 0 else ""
+        )
         raise ValueError(
-            f"mesh {text!r} (data={sizes[DATA]} x model={sizes[MODEL]}) needs {math.prod(sizes.values())} devices "
-            f"but {count} are available ({jax.default_backend()}); give sizes whose product is {count}{hint}")
+            f"mesh {text!r} (data={sizes[DATA]} x model={sizes[MODEL]}) needs "
+            f"{math.prod(sizes.values())} devices "
+            f"but {count} are available ({jax.default_backend()}); give sizes whose product is {count}{hint}"
+        )
     return make_mesh(sizes[DATA], sizes[MODEL], devices)
 
 
 def _check_mesh(mesh: Mesh) -> Mesh:
     if not isinstance(mesh, Mesh):
-        raise TypeError(f"expected a jax.sharding.Mesh (see hsd_jax.sharding.parse_mesh), got {type(mesh).__name__}")
+        raise TypeError(
+            f"expected a jax.sharding.Mesh (see hsd_jax.sharding.parse_mesh), got {type(mesh).__name__}"
+        )
     if set(mesh.axis_names) != set(MESH_AXES):
         raise ValueError(f"the mesh must have exactly the axes {MESH_AXES}, got {mesh.axis_names}; "
                          "build it with hsd_jax.sharding.make_mesh or parse_mesh")
@@ -142,11 +155,15 @@ def _rule_items(rule: Rule) -> tuple[str, tuple[tuple[str, str], ...]]:
     """(name, sorted (logical axis, mesh axis) pairs) of a preset name or a mapping."""
     if isinstance(rule, str):
         if rule not in RULES:
-            raise ValueError(f"unknown sharding rule {rule!r}; choose one of {', '.join(RULES)} or pass a mapping "
-                             "{logical axis: mesh axis}")
+            raise ValueError(
+                f"unknown sharding rule {rule!r}; choose one of {', '.join(RULES)} or pass a mapping "
+                "{logical axis: mesh axis}"
+            )
         return rule, tuple(sorted(RULES[rule].items()))
     if not isinstance(rule, Mapping):
-        raise TypeError(f"a sharding rule is a name ({', '.join(RULES)}) or a mapping, got {type(rule).__name__}")
+        raise TypeError(
+            f"a sharding rule is a name ({', '.join(RULES)}) or a mapping, got {type(rule).__name__}"
+        )
     for logical, axis in rule.items():
         if axis is not None and axis not in MESH_AXES:
             raise ValueError(f"rule maps {logical!r} to {axis!r}, which is not a mesh axis {MESH_AXES}")
@@ -168,7 +185,7 @@ class ModelSharding:
     rule: tuple[tuple[str, str], ...]  # sorted (logical axis, mesh axis) pairs
 
     @classmethod
-    def create(cls, mesh: Mesh, rule: Rule = "tensor") -> "ModelSharding":
+    def create(cls, mesh: Mesh, rule: Rule = "tensor") -> ModelSharding:
         name, items = _rule_items(rule)
         return cls(_check_mesh(mesh), name, items)
 
@@ -208,10 +225,12 @@ class ModelSharding:
                 fits = [d for d in range(parts, 0, -1) if all(n % d == 0 for n in sizes.values())]
                 raise ValueError(
                     f"mesh axis {axis!r} has size {parts}, which does not divide {field}={size} of this "
-                    f"{config.model_type} model (sharding rule {self.name!r} splits {logical!r} over {axis!r}); "
+                    f"{config.model_type} model (sharding rule {self.name!r} splits {logical!r} "
+                    f"over {axis!r}); "
                     f"use a {axis!r} size that divides every split dimension "
                     f"({', '.join(f'{_CONFIG_FIELDS.get(k, k)}={v}' for k, v in sorted(sizes.items()))}; "
-                    f"the largest up to {parts} is {fits[0]}), or rule='replicated' for this model")
+                    f"the largest up to {parts} is {fits[0]}), or rule='replicated' for this model"
+                )
 
     def constrain_cache(self, cache: KVCache) -> KVCache:
         """Pin a (fresh) cache to the mesh: batch over `data`, kv heads per the rule."""
@@ -225,8 +244,10 @@ class ModelSharding:
             return "stacked"
         if layout == "unstacked" and self.splits_weights:
             raise ValueError(
-                f"the 'unstacked' CPU decode layout fuses q/k/v and gate/up along the axes that sharding rule "
-                f"{self.name!r} splits; use layout='stacked' (or 'auto') with a mesh, or rule='replicated'")
+                "the 'unstacked' CPU decode layout fuses q/k/v and gate/up along the axes that "
+                "sharding rule "
+                f"{self.name!r} splits; use layout='stacked' (or 'auto') with a mesh, or rule='replicated'"
+            )
         return layout
 
 
@@ -243,9 +264,13 @@ def shard_model(model: Model, mesh: Mesh, rule: Rule = "tensor") -> Model:
         params = jax.device_put(model.params, NamedSharding(mesh, PartitionSpec()))
         return model.replace(params=params, sharding=sharding)
     sharding.validate(model.config)
-    if any(hasattr(w, "in_dims") for w in jax.tree.leaves(model.params, is_leaf=lambda x: hasattr(x, "in_dims"))):
-        raise ValueError(f"int8-quantized weights cannot be split by rule {sharding.name!r}; shard such a draft "
-                         "with rule='replicated'")
+    if any(
+        hasattr(w, "in_dims") for w in jax.tree.leaves(model.params, is_leaf=lambda x: hasattr(x, "in_dims"))
+    ):
+        raise ValueError(
+            f"int8-quantized weights cannot be split by rule {sharding.name!r}; shard such a draft "
+            "with rule='replicated'"
+        )
     model = model.with_layout("stacked")
     params = model.params
     shardings = sharding.param_shardings(model.config)
@@ -267,7 +292,9 @@ def shard_levels(models: Sequence[Any], mesh: Mesh, rule: Rule | Sequence[Rule] 
     rules = (family_rules(len(models)) if rule is None else
              [rule] * len(models) if isinstance(rule, (str, Mapping)) else list(rule))
     if len(rules) != len(models):
-        raise ValueError(f"give one sharding rule for all models or one per model ({len(models)}), got {len(rules)}")
+        raise ValueError(
+            f"give one sharding rule for all models or one per model ({len(models)}), got {len(rules)}"
+        )
     return [shard_model(m, mesh, r) if isinstance(m, Model) else m for m, r in zip(models, rules)]
 
 

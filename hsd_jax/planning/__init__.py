@@ -10,20 +10,71 @@
 Importing this package registers `hierarchy_from_plan` as `Hierarchy.from_plan`'s loader.
 """
 
-from hsd_jax.planning.latency import (Acceptance, acceptance_vector, draft_cost, expected_latency, expected_tokens,
-                                      forward_cost, simulate, surrogate_latency)
+from hsd_jax.planning.latency import (
+                                      Acceptance,
+                                      acceptance_vector,
+                                      draft_cost,
+                                      expected_latency,
+                                      expected_tokens,
+                                      forward_cost,
+                                      simulate,
+                                      surrogate_latency,
+)
 from hsd_jax.planning.plan import PLAN_VERSION, Plan, hierarchy_from_plan, load_plan, plan_label, save_plan
-from hsd_jax.planning.profile import (cost_ks, greedy_position_profile, machine_name, measure_acceptance,
-                                      measure_costs, package_versions, profile_family)
+from hsd_jax.planning.profile import (
+                                      cost_ks,
+                                      greedy_position_profile,
+                                      machine_name,
+                                      measure_acceptance,
+                                      measure_costs,
+                                      package_versions,
+                                      profile_family,
+)
 from hsd_jax.planning.solver import Candidate, gsp_candidates, solve
-from hsd_jax.planning.stats import (MODES, STATS_VERSION, ModelStats, Stats, acceptance_mode, load_stats,
-                                    save_stats)
+from hsd_jax.planning.stats import (
+                                      MODES,
+                                      STATS_VERSION,
+                                      ModelStats,
+                                      Stats,
+                                      acceptance_mode,
+                                      load_stats,
+                                      save_stats,
+)
 from hsd_jax.planning.timing import median_seconds, time_once, timed_runs
 
 __all__ = [
-    "Acceptance", "Candidate", "MODES", "ModelStats", "PLAN_VERSION", "Plan", "STATS_VERSION", "Stats",
-    "acceptance_mode", "acceptance_vector", "cost_ks", "draft_cost", "expected_latency", "expected_tokens",
-    "forward_cost", "greedy_position_profile", "gsp_candidates", "hierarchy_from_plan", "load_plan", "load_stats",
-    "machine_name", "measure_acceptance", "measure_costs", "median_seconds", "package_versions", "plan_label",
-    "profile_family", "save_plan", "save_stats", "simulate", "solve", "surrogate_latency", "time_once", "timed_runs",
+    "Acceptance",
+    "Candidate",
+    "MODES",
+    "ModelStats",
+    "PLAN_VERSION",
+    "Plan",
+    "STATS_VERSION",
+    "Stats",
+    "acceptance_mode",
+    "acceptance_vector",
+    "cost_ks",
+    "draft_cost",
+    "expected_latency",
+    "expected_tokens",
+    "forward_cost",
+    "greedy_position_profile",
+    "gsp_candidates",
+    "hierarchy_from_plan",
+    "load_plan",
+    "load_stats",
+    "machine_name",
+    "measure_acceptance",
+    "measure_costs",
+    "median_seconds",
+    "package_versions",
+    "plan_label",
+    "profile_family",
+    "save_plan",
+    "save_stats",
+    "simulate",
+    "solve",
+    "surrogate_latency",
+    "time_once",
+    "timed_runs",
 ]

@@ -19,7 +19,7 @@ profile. The latency per committed token is E[round cost] / E[committed tokens p
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -108,13 +108,17 @@ class _Chain:
         return float(forward_cost(self.tables[level], self.schedule.verify_width(level)))
 
 
-def _chain(costs: Sequence[Sequence[float]], acceptances: Sequence[Acceptance], buffers: Sequence[int]) -> _Chain:
+def _chain(
+    costs: Sequence[Sequence[float]], acceptances: Sequence[Acceptance], buffers: Sequence[int]
+) -> _Chain:
     tables = tuple(np.asarray(c, dtype=float) for c in costs)
     if not tables:
         raise ValueError("a chain needs at least the target's cost table")
     for i, t in enumerate(tables):
         if t.ndim != 1 or t.size == 0 or not np.all(np.isfinite(t)) or np.any(t <= 0):
-            raise ValueError(f"costs[{i}] must be a non-empty list of positive finite seconds, got {t.tolist()}")
+            raise ValueError(
+                f"costs[{i}] must be a non-empty list of positive finite seconds, got {t.tolist()}"
+            )
     depth = len(tables) - 1
     if len(acceptances) != depth or len(buffers) != depth:
         raise ValueError(f"{depth + 1} models need {depth} acceptances and {depth} buffers, "
@@ -165,7 +169,9 @@ def expected_latency(costs: Sequence[Sequence[float]], acceptances: Sequence[Acc
     return (batch_cost + chain.verify_cost(depth)) / tokens
 
 
-def surrogate_latency(costs: Sequence[Sequence[float]], acceptances: Sequence[float], buffers: Sequence[int]) -> float:
+def surrogate_latency(
+    costs: Sequence[Sequence[float]], acceptances: Sequence[float], buffers: Sequence[int]
+) -> float:
     """The "truncated" latency of research.md §1, which `solver.solve`'s GSP DP minimises exactly.
 
     Every level is taken to hand up exactly n = T tokens (overshoot kept for later, so a level
@@ -185,7 +191,9 @@ def surrogate_latency(costs: Sequence[Sequence[float]], acceptances: Sequence[fl
     for level in range(1, depth + 1):
         n = chain.buffers[level - 1]
         width = n + chain.schedule.catch_up(level)
-        per_token = (batch_cost + forward_cost(chain.tables[level], width)) / expected_tokens(float(chain.acceptances[level - 1]), n)
+        per_token = (batch_cost + forward_cost(chain.tables[level], width)) / expected_tokens(
+            float(chain.acceptances[level - 1]), n
+        )
         if level < depth:
             batch_cost = chain.buffers[level] * per_token
     return float(per_token)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from hsd_jax.decoding.hsd import Hierarchy, register_plan_loader
 from hsd_jax.io.files import write_json
@@ -64,7 +65,7 @@ class Plan:
         for the n-gram drafter."""
         return parse_source(self.sources[index]).directory(self._base(base_dir))
 
-    def relative_to(self, directory: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> "Plan":
+    def relative_to(self, directory: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> Plan:
         """The same plan with every relative model directory (as it resolves now: against
         `base_dir`, else the plan's own base) re-expressed relative to `directory`, for a plan
         file written there. Absolute directories and n-gram sources are kept."""
@@ -95,7 +96,7 @@ class Plan:
         return data
 
     @classmethod
-    def from_json(cls, data: Mapping | str, where: str = "plan") -> "Plan":
+    def from_json(cls, data: Mapping | str, where: str = "plan") -> Plan:
         """A Plan from plan.json's dict or its JSON text; a ValueError prefixed by `where` (the
         file) names what is wrong."""
         if isinstance(data, str):
@@ -109,22 +110,28 @@ class Plan:
             raise ValueError(f"{where}: {e}") from None
 
     @classmethod
-    def _parse(cls, data: Any) -> "Plan":
+    def _parse(cls, data: Any) -> Plan:
         if not isinstance(data, Mapping):
             raise ValueError(f"a plan must be a JSON object, got {type(data).__name__}")
         if data.get("version") != PLAN_VERSION:
-            raise ValueError(f"plan version {data.get('version')!r} is not supported; expected {PLAN_VERSION} "
-                             f"(re-run `hsd-jax plan`)")
+            raise ValueError(
+                f"plan version {data.get('version')!r} is not supported; expected {PLAN_VERSION} "
+                f"(re-run `hsd-jax plan`)"
+            )
         for field in ("chain", "buffers", "predicted_latency_s", "ar_latency_s"):
             if field not in data:
                 raise ValueError(f"malformed plan: no {field!r} field")
         chain = data["chain"]
         if not isinstance(chain, list) or not chain:
-            raise ValueError(f"malformed plan: 'chain' must be a non-empty list of {{name, source}}, got {chain!r}")
+            raise ValueError(
+                f"malformed plan: 'chain' must be a non-empty list of {{name, source}}, got {chain!r}"
+            )
         names, sources = [], []
         for i, entry in enumerate(chain):
             if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str) or not entry["name"]:
-                raise ValueError(f"malformed plan: chain[{i}] must be an object with a string 'name', got {entry!r}")
+                raise ValueError(
+                    f"malformed plan: chain[{i}] must be an object with a string 'name', got {entry!r}"
+                )
             source = entry.get("source")
             if not isinstance(source, str):
                 raise ValueError(f"malformed plan: chain[{i}].source must be a string (a model directory, "
@@ -137,7 +144,9 @@ class Plan:
                                                     for t in buffers):
             raise ValueError(f"malformed plan: 'buffers' must be a list of integers >= 1, got {buffers!r}")
         if len(buffers) != len(names) - 1:
-            raise ValueError(f"malformed plan: {len(names)} models need {len(names) - 1} buffers, got {len(buffers)}")
+            raise ValueError(
+                f"malformed plan: {len(names)} models need {len(names) - 1} buffers, got {len(buffers)}"
+            )
         mode = data.get("mode", "greedy")
         if mode not in MODES:
             raise ValueError(f"malformed plan: mode must be one of {MODES}, got {mode!r}")
@@ -164,8 +173,13 @@ def save_plan(plan: Plan, path: str | os.PathLike) -> Path:
     return write_json(path, plan.to_json())
 
 
-def hierarchy_from_plan(plan: Plan | Mapping | str | os.PathLike, *, base_dir: str | os.PathLike | None = None,
-                        dtype: Any = None, shared_vocab_size: int | None = None) -> Hierarchy:
+def hierarchy_from_plan(
+    plan: Plan | Mapping | str | os.PathLike,
+    *,
+    base_dir: str | os.PathLike | None = None,
+    dtype: Any = None,
+    shared_vocab_size: int | None = None,
+) -> Hierarchy:
     """Load the plan's models into an `hsd_jax.Hierarchy` with the plan's buffers and verifier.
 
     `plan` is a plan.json path, a `Plan` or its dict. Relative model directories resolve against
@@ -182,7 +196,9 @@ def hierarchy_from_plan(plan: Plan | Mapping | str | os.PathLike, *, base_dir: s
     base = plan._base(base_dir)
     sources = [parse_source(s) for s in plan.sources]
     if sources[-1].is_ngram:
-        raise ValueError(f"the plan's target {plan.chain[-1]!r} is an n-gram drafter; the target must be a model")
+        raise ValueError(
+            f"the plan's target {plan.chain[-1]!r} is an n-gram drafter; the target must be a model"
+        )
     target = from_source(sources[-1], base_dir=base, dtype=dtype)
     models = [from_source(s, vocab_size=target.vocab_size, base_dir=base, dtype=dtype) for s in sources[:-1]]
     return Hierarchy([*models, target], plan.buffers, plan.verifier, shared_vocab_size=shared_vocab_size)

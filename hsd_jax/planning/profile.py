@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -120,7 +121,9 @@ def measure_acceptance(levels: Sequence[Drafter], sequences: Sequence[np.ndarray
             "greedy_profiles": profiles}
 
 
-def greedy_position_profile(agreements: Sequence[np.ndarray], length: int, min_count: int = 20) -> list[float]:
+def greedy_position_profile(
+    agreements: Sequence[np.ndarray], length: int, min_count: int = 20
+) -> list[float]:
     """P(draft position j accepted | positions 1..j-1 accepted), j = 1..length, for greedy drafts.
 
     At temperature 0 a draft block starting at answer position s is accepted exactly as long as
@@ -201,7 +204,9 @@ def profile_family(sources: Sequence[str], prompts: Sequence[str], *, names: Seq
                          "target's continuations of the prompts, and the prompt list is empty")
     parsed = [parse_source(s) for s in sources]
     if not parsed or parsed[-1].kind != "model":
-        raise ValueError(f"the last model must be the target's directory, got {sources[-1] if sources else None!r}")
+        raise ValueError(
+            f"the last model must be the target's directory, got {sources[-1] if sources else None!r}"
+        )
     names = list(names) if names else [s.name for s in parsed]
     if len(names) != len(parsed):
         raise ValueError(f"{len(names)} names for {len(parsed)} sources; give one name per source")
@@ -231,12 +236,23 @@ def profile_family(sources: Sequence[str], prompts: Sequence[str], *, names: Seq
             progress(f"timing {name} for k = 1..{max_k}")
         costs = measure_costs(level, max_k, cache_size=cache_size, repeats=repeats, sparse_ks=sparse_ks)
         models.append(ModelStats(name, source, level.num_params, tuple(costs)))
-    stats = Stats(hardware=machine_name(), dtype=str(target.dtype), batch_size=1, temperature=float(temperature),
-                  versions=package_versions(), target=names[-1], models=tuple(models),
-                  acceptance={"greedy": _symmetric_pairs(names, acceptance["greedy"]),
-                              "sampled": _symmetric_pairs(names, acceptance["sampled"])},
-                  position_acceptance={"greedy": _symmetric_profiles(names, acceptance["greedy_profiles"])},
-                  mesh=None if mesh is None else dict(mesh.shape), cache_size=cache_size,
-                  measured_k=tuple(cost_ks(max_k, sparse_ks)), prompts=len(prompts),
-                  answer_positions=acceptance["positions"])
+    stats = Stats(
+        hardware=machine_name(),
+        dtype=str(target.dtype),
+        batch_size=1,
+        temperature=float(temperature),
+        versions=package_versions(),
+        target=names[-1],
+        models=tuple(models),
+        acceptance={
+            "greedy": _symmetric_pairs(names, acceptance["greedy"]),
+            "sampled": _symmetric_pairs(names, acceptance["sampled"]),
+        },
+        position_acceptance={"greedy": _symmetric_profiles(names, acceptance["greedy_profiles"])},
+        mesh=None if mesh is None else dict(mesh.shape),
+        cache_size=cache_size,
+        measured_k=tuple(cost_ks(max_k, sparse_ks)),
+        prompts=len(prompts),
+        answer_positions=acceptance["positions"],
+    )
     return stats.to_json()

@@ -8,12 +8,18 @@ survivors with the exact model (`latency.expected_latency`) and returns the best
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from hsd_jax.decoding.schedule import catch_up
-from hsd_jax.planning.latency import draft_cost, expected_latency, expected_tokens, forward_cost, surrogate_latency
+from hsd_jax.planning.latency import (
+    draft_cost,
+    expected_latency,
+    expected_tokens,
+    forward_cost,
+    surrogate_latency,
+)
 from hsd_jax.planning.plan import Plan
 from hsd_jax.planning.stats import Stats, acceptance_mode
 
@@ -66,8 +72,14 @@ def gsp_candidates(costs: Sequence[Sequence[float]], alpha: np.ndarray, n_max: i
                     below = best[d + 1][j][0]
                     value = (n[:, None] * below[None, :] + verify[:, None]) / tokens[:, None]
                     shape = value.shape
-                    parts.append((value.ravel(), np.full(value.size, j), np.broadcast_to(n[:, None], shape).ravel(),
-                                  np.broadcast_to(np.arange(below.size)[None, :], shape).ravel()))
+                    parts.append(
+                        (
+                            value.ravel(),
+                            np.full(value.size, j),
+                            np.broadcast_to(n[:, None], shape).ravel(),
+                            np.broadcast_to(np.arange(below.size)[None, :], shape).ravel(),
+                        )
+                    )
             if parts:
                 values, js, ns, entries = (np.concatenate(x) for x in zip(*parts))
                 order = np.argsort(values, kind="stable")[:keep]
@@ -142,8 +154,10 @@ def solve(stats: Stats, n_max: int = 32, mode: str | None = None, top: int = 5, 
     if min_drafts:
         plans = [p for p in plans if len(p.chain) - 1 >= min_drafts]
         if not plans:
-            raise ValueError(f"no hierarchy with at least {min_drafts} drafts among the {len(models)} candidate "
-                             "models; lower --min-drafts")
+            raise ValueError(
+                f"no hierarchy with at least {min_drafts} drafts among the {len(models)} candidate "
+                "models; lower --min-drafts"
+            )
     chosen = plans[:top]
     if not min_drafts and not any(len(p.chain) == 1 for p in chosen):
         chosen.append(next(p for p in plans if len(p.chain) == 1))

@@ -11,8 +11,9 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from hsd_jax.io.files import write_json
 from hsd_jax.io.sources import parse_source
@@ -48,7 +49,7 @@ class ModelStats:
         return {"name": self.name, "source": self.source, "params": self.params, "cost_s": list(self.cost_s)}
 
     @classmethod
-    def from_json(cls, entry: Any, index: int = 0) -> "ModelStats":
+    def from_json(cls, entry: Any, index: int = 0) -> ModelStats:
         if not isinstance(entry, Mapping):
             raise ValueError(f"models[{index}] must be an object with name, source, params, cost_s")
         for field in ("name", "source", "params", "cost_s"):
@@ -68,8 +69,10 @@ class ModelStats:
                              f"c(1), c(2), ... in seconds")
         for k, c in enumerate(costs, 1):
             if not _finite_number(c) or c <= 0:
-                raise ValueError(f"model {name!r}: cost_s c({k}) = {c!r} must be a positive, finite number of "
-                                 f"seconds; re-profile it (for the n-gram drafter use its small measured cost)")
+                raise ValueError(
+                    f"model {name!r}: cost_s c({k}) = {c!r} must be a positive, finite number of "
+                    f"seconds; re-profile it (for the n-gram drafter use its small measured cost)"
+                )
         return cls(name, source, params, tuple(float(c) for c in costs))
 
 
@@ -157,19 +160,28 @@ class Stats:
 
     def to_json(self) -> dict:
         """The stats JSON as a dict (`save_stats` writes it)."""
-        data = {"version": STATS_VERSION, "hardware": self.hardware, "dtype": self.dtype,
-                "batch_size": self.batch_size, "temperature": self.temperature, "versions": dict(self.versions),
-                "target": self.target, "mesh": self.mesh, "cache_size": self.cache_size,
-                "measured_k": None if self.measured_k is None else list(self.measured_k),
-                "prompts": self.prompts, "answer_positions": self.answer_positions,
-                "models": [m.to_json() for m in self.models],
-                "acceptance": _copy_rates(self.acceptance)}
+        data = {
+            "version": STATS_VERSION,
+            "hardware": self.hardware,
+            "dtype": self.dtype,
+            "batch_size": self.batch_size,
+            "temperature": self.temperature,
+            "versions": dict(self.versions),
+            "target": self.target,
+            "mesh": self.mesh,
+            "cache_size": self.cache_size,
+            "measured_k": None if self.measured_k is None else list(self.measured_k),
+            "prompts": self.prompts,
+            "answer_positions": self.answer_positions,
+            "models": [m.to_json() for m in self.models],
+            "acceptance": _copy_rates(self.acceptance),
+        }
         if self.position_acceptance is not None:
             data["position_acceptance"] = _copy_rates(self.position_acceptance)
         return {k: v for k, v in data.items() if v is not None or k == "mesh"}
 
     @classmethod
-    def from_json(cls, data: Any, where: str = "stats") -> "Stats":
+    def from_json(cls, data: Any, where: str = "stats") -> Stats:
         """Parse and validate the stats dict; `where` (the file) prefixes every error.
 
         Raises ValueError naming the problem and its fix: wrong version, missing fields, duplicate
@@ -183,12 +195,14 @@ class Stats:
             raise ValueError(f"{where}: {e}") from None
 
     @classmethod
-    def _parse(cls, data: Any) -> "Stats":
+    def _parse(cls, data: Any) -> Stats:
         if not isinstance(data, Mapping):
             raise ValueError("stats must be a JSON object")
         if data.get("version") != STATS_VERSION:
-            raise ValueError(f"stats version {data.get('version')!r} is not supported; expected {STATS_VERSION} "
-                             f"(re-run `hsd-jax profile`)")
+            raise ValueError(
+                f"stats version {data.get('version')!r} is not supported; expected {STATS_VERSION} "
+                f"(re-run `hsd-jax profile`)"
+            )
         for field in ("target", "models", "acceptance"):
             if field not in data:
                 raise ValueError(f"stats have no {field!r} field (re-run `hsd-jax profile`)")
@@ -207,7 +221,9 @@ class Stats:
             raise ValueError(f"unknown target {target!r}: it is not among the models {names}; "
                              f"set 'target' to one of them or profile it")
         if parse_source(models[names.index(target)].source).is_ngram:
-            raise ValueError(f"the target {target!r} is the n-gram drafter; the target must be a neural model")
+            raise ValueError(
+                f"the target {target!r} is the n-gram drafter; the target must be a neural model"
+            )
         _check_rates(data["acceptance"], "acceptance", is_profile=False)
         position = data.get("position_acceptance")
         if position is not None:

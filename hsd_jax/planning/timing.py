@@ -10,7 +10,9 @@ from typing import Any
 import jax
 
 
-def timed_runs(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 1) -> tuple[list[float], Any]:
+def timed_runs(
+    fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 1
+) -> tuple[list[float], Any]:
     """Seconds of each of `repeats` calls of `fn(*args)` after `warmup` untimed calls (which
     compile), each waited for with `block_until_ready`; and the last call's result."""
     if repeats < 1:

@@ -16,8 +16,9 @@ import dataclasses
 import io
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +27,8 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from hsd_jax.io.checkpoint import embedding_fingerprint, encode_prompt, load_model, load_tokenizer, save_model
 from hsd_jax.decoding.ar import ar_generate
+from hsd_jax.io.checkpoint import embedding_fingerprint, encode_prompt, load_model, load_tokenizer, save_model
 from hsd_jax.io.files import write_bytes, write_json
 from hsd_jax.io.prompts import pad_prompts
 from hsd_jax.models import INTEGER_PARAMS, Model, Params, hidden_states, stack_layers
@@ -156,11 +157,13 @@ class DraftSpec:
     head_vocab_size: int = 8192
 
     @classmethod
-    def parse(cls, layers: str, head_vocab_size: int) -> "DraftSpec":
+    def parse(cls, layers: str, head_vocab_size: int) -> DraftSpec:
         try:
             ids = tuple(int(x) for x in layers.split(",") if x.strip())
         except ValueError:
-            raise ValueError(f"--layers must be comma-separated target layer indices, got {layers!r}") from None
+            raise ValueError(
+                f"--layers must be comma-separated target layer indices, got {layers!r}"
+            ) from None
         if not ids:
             raise ValueError("--layers needs at least one target layer index")
         return cls(ids, head_vocab_size)
@@ -172,7 +175,9 @@ def init_draft(target: Model, spec: DraftSpec, head_ids: np.ndarray, embedding_s
     config = target.config
     bad = [i for i in spec.layers if not 0 <= i < config.num_layers]
     if bad:
-        raise ValueError(f"target layers {bad} do not exist; the target has layers 0..{config.num_layers - 1}")
+        raise ValueError(
+            f"target layers {bad} do not exist; the target has layers 0..{config.num_layers - 1}"
+        )
     params = stack_layers(target.params, config)
     head = params["lm_head"] if "lm_head" in params else params["embed"].T
     draft_config = dataclasses.replace(
@@ -196,7 +201,9 @@ def _split(params: Params) -> tuple[Params, Params]:
     return trainable, frozen
 
 
-def distill_loss(trainable: Params, frozen: Params, config, tokens, mask, teacher_ids, teacher_logp) -> jax.Array:
+def distill_loss(
+    trainable: Params, frozen: Params, config, tokens, mask, teacher_ids, teacher_logp
+) -> jax.Array:
     """Mean over answer positions of KL(p || q) on the teacher's top-k support.
 
     p is the teacher's top-k renormalised over the ids the draft's head covers (the rest of p's
@@ -266,9 +273,17 @@ def _optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=cfg.weight_decay))
 
 
-def distill(target_dir: str | Path, data_path: str | Path | Sequence[str | Path], out_dir: str | Path, spec: DraftSpec,
-            train: TrainConfig, *, work_dir: str | Path | None = None, progress: bool = True,
-            overwrite: bool = False) -> dict[str, Any]:
+def distill(
+    target_dir: str | Path,
+    data_path: str | Path | Sequence[str | Path],
+    out_dir: str | Path,
+    spec: DraftSpec,
+    train: TrainConfig,
+    *,
+    work_dir: str | Path | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Train a draft and save it as an hsd-jax model directory; resumes from `work_dir`.
 
     Returns a summary: steps, tokens seen, wall time, final loss.
@@ -298,38 +313,70 @@ def distill(target_dir: str | Path, data_path: str | Path | Sequence[str | Path]
 
     @jax.jit
     def step(state, frozen, tokens, mask, ids, logp):
-        loss, grads = jax.value_and_grad(distill_loss)(state["params"], frozen, config, tokens, mask, ids, logp)
+        loss, grads = jax.value_and_grad(distill_loss)(
+            state["params"], frozen, config, tokens, mask, ids, logp
+        )
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
 
     n = data["tokens"].shape[0]
     batches = length_bucketed_batches(data["lengths"], train.batch_size, train.steps, train.seed)
     loss_history, tokens_seen, began = [], 0, time.perf_counter()
-    bar = tqdm(range(start, train.steps), initial=start, total=train.steps, desc="distil", disable=not progress)
+    bar = tqdm(
+        range(start, train.steps), initial=start, total=train.steps, desc="distil", disable=not progress
+    )
     for i in bar:
         rows = batches[i]
         width = _bucket_width(int(data["lengths"][rows].max()), data["tokens"].shape[1])
         mask = mask_all[rows, :width]
-        state, loss = step(state, frozen, jnp.asarray(data["tokens"][rows, :width]), jnp.asarray(mask),
-                           jnp.asarray(data["teacher_ids"][rows, :width]), jnp.asarray(data["teacher_logp"][rows, :width]))
+        state, loss = step(
+            state,
+            frozen,
+            jnp.asarray(data["tokens"][rows, :width]),
+            jnp.asarray(mask),
+            jnp.asarray(data["teacher_ids"][rows, :width]),
+            jnp.asarray(data["teacher_logp"][rows, :width]),
+        )
         tokens_seen += int(mask.sum())
         manager.save(i + 1, args=ocp.args.StandardSave(state))
         if (i + 1) % 10 == 0 or i + 1 == train.steps:
             loss_history.append((i + 1, float(loss)))
-            bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{tokens_seen / (time.perf_counter() - began):.0f}")
+            bar.set_postfix(
+                loss=f"{float(loss):.3f}", tok_s=f"{tokens_seen / (time.perf_counter() - began):.0f}"
+            )
     manager.wait_until_finished()
     final = Model(params={**state["params"], **frozen}, config=config)
     tokenizer_dir = Path(target_dir)
-    save_model(out_dir, final.replace(params=jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32
-                                                          else x, final.params)),
-               tokenizer_source_dir=tokenizer_dir, overwrite=overwrite)
-    summary = {"steps": train.steps, "resumed_from": start, "answer_tokens_seen": tokens_seen,
-               "wall_s": time.perf_counter() - began, "loss": loss_history,
-               "layers": list(spec.layers), "head_vocab_size": spec.head_vocab_size,
-               "train": dataclasses.asdict(train), "data": [str(p) for p in data_paths],
-               "data_answer_tokens": int(mask_all.sum()), "data_sequences": int(n),
-               "data_parts": [{"answer_temperature": round(float(t), 6), "sequences": int(np.sum(part)),
-                               "answer_tokens": int(mask_all[part].sum())}
-                              for t, part in ((t, data["temperature"] == t) for t in np.unique(data["temperature"]))]}
+    save_model(
+        out_dir,
+        final.replace(
+            params=jax.tree.map(
+                lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, final.params
+            )
+        ),
+        tokenizer_source_dir=tokenizer_dir,
+        overwrite=overwrite,
+    )
+    summary = {
+        "steps": train.steps,
+        "resumed_from": start,
+        "answer_tokens_seen": tokens_seen,
+        "wall_s": time.perf_counter() - began,
+        "loss": loss_history,
+        "layers": list(spec.layers),
+        "head_vocab_size": spec.head_vocab_size,
+        "train": dataclasses.asdict(train),
+        "data": [str(p) for p in data_paths],
+        "data_answer_tokens": int(mask_all.sum()),
+        "data_sequences": int(n),
+        "data_parts": [
+            {
+                "answer_temperature": round(float(t), 6),
+                "sequences": int(np.sum(part)),
+                "answer_tokens": int(mask_all[part].sum()),
+            }
+            for t, part in ((t, data["temperature"] == t) for t in np.unique(data["temperature"]))
+        ],
+    }
     write_json(out_dir / "distill_summary.json", summary)
     return summary
