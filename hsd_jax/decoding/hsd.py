@@ -40,7 +40,7 @@ from hsd_jax.decoding.ar import (
 from hsd_jax.decoding.drafter import Drafter, describe
 from hsd_jax.decoding.sampling import SamplingParams, distribution, sample
 from hsd_jax.decoding.schedule import Schedule
-from hsd_jax.decoding.verify import check_rule, verify
+from hsd_jax.decoding.verify import check_rule, verify, verify_greedy
 from hsd_jax.models import Model
 
 _PLAN_LOADER: Callable[..., Hierarchy] | None = None
@@ -72,7 +72,7 @@ class Hierarchy:
                                 "or another hsd_jax.decoding.drafter.Drafter")
         if models[-1].init_state(1, 1) is None:
             raise ValueError(
-                f"the target (the last model) must be a model with a KV cache, not {describe(models[-1])}; "
+                f"the target (the last model) must be a neural Model (one with a KV cache), not {describe(models[-1])}; "
                 "order models smallest (M_0) to target (M_K)"
             )
         sizes = [m.num_params for m in models]
@@ -168,7 +168,7 @@ class _State:
     seq: jax.Array  # [B, S]
     caches: tuple  # one drafter state per level: a KVCache, or None for a stateless drafter
     counts: tuple  # per level < K: [B] tokens in its current buffer
-    probs: tuple  # per level < K: [B, cap_i, V] its own probabilities for those tokens
+    probs: tuple  # per level < K: [B, cap_i, V] its own probabilities for those tokens (None: greedy)
     committed: jax.Array  # [B] committed context length (prompt included)
     out: OutputBuffer
     key: jax.Array
@@ -238,10 +238,16 @@ class _Plan:
     def schedule(self) -> Schedule:
         return self.hierarchy.schedule
 
+    @property
+    def greedy(self) -> bool:
+        """At temperature 0 every law is one-hot: levels pass argmax tokens instead of [.., V] laws."""
+        return self.sampling.greedy
+
 
 def _score(plan: _Plan, level: int, st: _State, first: jax.Array, count: int, window: int,
            rows: jax.Array) -> tuple[jax.Array, _State]:
-    """M_level's processed distributions of the tokens at positions first..first+count-1.
+    """M_level's processed distributions of the tokens at positions first..first+count-1 (greedy:
+    their argmax tokens [B, count]).
 
     A model with a cache feeds `window` tokens from its cache length on (catch-up, then the
     queried tokens) in one forward pass, and keeps KV up to the last queried token's context.
@@ -249,7 +255,11 @@ def _score(plan: _Plan, level: int, st: _State, first: jax.Array, count: int, wi
     state = st.caches[level]
     ends = first[:, None] + jnp.arange(count)[None, :]
     logits, advanced = plan.hierarchy.models[level].score(state, st.seq, ends, window)
-    probs = distribution(logits[..., :plan.hierarchy.vocab_size], plan.sampling)
+    logits = logits[..., :plan.hierarchy.vocab_size]
+    if plan.greedy:
+        probs = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+        probs = distribution(logits, plan.sampling)
     if state is None:
         return probs, st
     advanced = advanced.with_lengths(jnp.where(rows, first + count - 1, state.lengths))
@@ -263,10 +273,13 @@ def _draft(plan: _Plan, st: _State, base: jax.Array, rows: jax.Array) -> _State:
 
     def draft_one(t, st, window):
         probs, st = _score(plan, 0, st, base + t, 1, window, rows)
-        st, key = st.next_key()
-        token = sample(key, probs[:, 0])
-        seq = st.seq.at[jnp.arange(batch), base + t].set(token, mode="drop")
-        return st.replace(seq=seq, probs=_set_tuple(st.probs, 0, st.probs[0].at[:, t].set(probs[:, 0])))
+        if plan.greedy:
+            token = probs[:, 0]
+        else:
+            st, key = st.next_key()
+            token = sample(key, probs[:, 0])
+            st = st.replace(probs=_set_tuple(st.probs, 0, st.probs[0].at[:, t].set(probs[:, 0])))
+        return st.replace(seq=st.seq.at[jnp.arange(batch), base + t].set(token, mode="drop"))
 
     st = draft_one(0, st, plan.schedule.draft_widths()[0])
     st = plan.loops.fori_loop(1, steps, lambda t, s: draft_one(t, s, 1), st)
@@ -286,10 +299,13 @@ def _verify(plan: _Plan, level: int, st: _State, draft_base: jax.Array,
     draft_len = st.counts[level - 1]
     drafts = _gather(st.seq, draft_base[:, None] + jnp.arange(width)[None, :])
     p, st = _score(plan, level, st, draft_base, schedule.scored(level), schedule.verify_width(level), rows)
-    st, key = st.next_key()
-    tau, next_token = verify(
-        plan.hierarchy.verifiers[level - 1], key, drafts, draft_len, st.probs[level - 1], p
-    )
+    if plan.greedy:
+        tau, next_token = verify_greedy(drafts, draft_len, p)
+    else:
+        st, key = st.next_key()
+        tau, next_token = verify(
+            plan.hierarchy.verifiers[level - 1], key, drafts, draft_len, st.probs[level - 1], p
+        )
     accepted_end = draft_base + tau
     seq = _scatter_rows(st.seq, accepted_end[:, None], next_token[:, None], rows[:, None])
     caches = list(st.caches)
@@ -323,11 +339,12 @@ def _fill(plan: _Plan, level: int, st: _State, base: jax.Array, rows: jax.Array)
         draft_base = base + count
         st = _fill(plan, level - 1, st, draft_base, need)
         st, tau, p = _verify(plan, level, st, draft_base, need)
-        offsets = jnp.arange(p.shape[1])[None, :]
-        keep = need[:, None] & (offsets <= tau[:, None])
-        probs = _scatter_rows(st.probs[level], count[:, None] + offsets, p, keep)
-        return st.replace(probs=_set_tuple(st.probs, level, probs),
-                          counts=_set_tuple(st.counts, level, count + jnp.where(need, tau + 1, 0)))
+        if not plan.greedy:
+            offsets = jnp.arange(p.shape[1])[None, :]
+            keep = need[:, None] & (offsets <= tau[:, None])
+            probs = _scatter_rows(st.probs[level], count[:, None] + offsets, p, keep)
+            st = st.replace(probs=_set_tuple(st.probs, level, probs))
+        return st.replace(counts=_set_tuple(st.counts, level, count + jnp.where(need, tau + 1, 0)))
 
     return plan.loops.while_loop(lambda s: jnp.any(needs_more(s)), body, st)
 
@@ -366,7 +383,8 @@ def _generate(plan: _Plan, prompt: jax.Array, prompt_lengths: jax.Array, key: ja
         seq=seq,
         caches=tuple(_prefill(m, prompt, prompt_lengths, cache_size) for m in h.models),
         counts=(zeros,) * depth,
-        probs=tuple(jnp.zeros((batch, cap, h.vocab_size), jnp.float32) for cap in h.capacities),
+        probs=tuple(None if plan.greedy else jnp.zeros((batch, cap, h.vocab_size), jnp.float32)
+                    for cap in h.capacities),
         committed=prompt_lengths, out=OutputBuffer.init(batch, max_new_tokens, pad_id), key=key,
         forward_passes=jnp.zeros((batch, depth + 1), jnp.int32),
         proposed=jnp.zeros((batch, depth), jnp.int32), accepted=jnp.zeros((batch, depth), jnp.int32),

@@ -144,6 +144,19 @@ def outcome(rule: str, draft_tokens, draft_len, q, p) -> Outcome:
     return _OUTCOMES[rule](draft_tokens, draft_len, q.astype(jnp.float32), p.astype(jnp.float32))
 
 
+def verify_greedy(draft_tokens, draft_len, predicted) -> Verdict:
+    """Every lossless rule at temperature 0, without V-sized laws. With one-hot q and p, x_i is
+    accepted iff it is the verifier's argmax (p_i(x_i) = 1 = q_i(x_i)), and after the first
+    rejection both the residual (p - q)^+ and the bonus are one-hot on the verifier's argmax.
+    `predicted` [B, G+1] holds the verifier's argmax at each draft offset and the one after."""
+    width = draft_tokens.shape[1]
+    chex.assert_shape(predicted, (draft_tokens.shape[0], width + 1))
+    in_draft = jnp.arange(width)[None, :] < draft_len[:, None]
+    agree = (draft_tokens == predicted[:, :width]) & in_draft
+    tau = jnp.sum(jnp.cumprod(agree.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
+    return Verdict(num_accepted=tau, next_token=jnp.take_along_axis(predicted, tau[:, None], axis=1)[:, 0])
+
+
 def verify(rule: str, key: jax.Array, draft_tokens, draft_len, q, p) -> Verdict:
     """Accept a prefix of each row's drafts and draw the next token (correction or bonus)."""
     tau_probs, next_dists = outcome(rule, draft_tokens, draft_len, q, p)

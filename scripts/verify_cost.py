@@ -1,0 +1,92 @@
+"""c(k): the cost of one k-token forward of a model, for each weight dtype and layout, side by side.
+
+    .venv/bin/python scripts/verify_cost.py checkpoints/smollm2-135m-instruct [--ks 1,2,4,8,16]
+
+Every configuration runs in its own process (XLA_FLAGS are read once per process), on the same
+model, cache size and context, with the one timing rule of `hsd_jax.planning.timing` (compile
+excluded, median of repeats). Prints one table (ms and the ratio to k=1) and, with --json, writes
+it. Run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+LLVM_GEMM_FLAGS = (
+    "--xla_cpu_experimental_ynn_fusion_type=-individual_dot --xla_cpu_multi_thread_eigen=false "
+    "--xla_backend_extra_options=xla_force_enable_experimental_llvm_ir_gemm,"
+    "xla_llvm_ir_gemm_tile_size=16:4:1*vectwidth --xla_cpu_prefer_vector_width=512"
+)
+CONFIGS = {  # name: (dtype, layout, extra XLA flags)
+    "f32-stacked": ("float32", "stacked", ""),
+    "f32-unstacked": ("float32", "unstacked", ""),
+    "f32-unstacked-llvm-gemm": ("float32", "unstacked", LLVM_GEMM_FLAGS),
+    "bf16-unstacked": ("bfloat16", "unstacked", ""),
+    "bf16-unstacked-llvm-gemm": ("bfloat16", "unstacked", LLVM_GEMM_FLAGS),
+    "int8": ("float32", "int8", ""),
+}
+
+
+def child(model_dir: str, dtype: str, layout: str, ks: list[int], repeats: int, context: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from hsd_jax.io.checkpoint import load_model
+    from hsd_jax.models import INT8
+    from hsd_jax.planning.timing import median_seconds
+
+    model = load_model(model_dir, dtype=dtype, layout="unstacked" if layout == "int8" else layout)
+    if layout == "int8":
+        model = model.with_layout(INT8)
+    step = jax.jit(lambda m, t, c: m.step(t, c)[0])
+    out = {}
+    for k in ks:
+        cache = model.init_cache(1, 256).with_lengths(jnp.full((1,), context, jnp.int32))
+        out[k] = median_seconds(step, model, jnp.ones((1, k), jnp.int32), cache, repeats=repeats)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_dir")
+    p.add_argument("--ks", default="1,2,4,8,16")
+    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--json")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    ks = [int(k) for k in args.ks.split(",")]
+    if args.child:
+        dtype, layout, _ = CONFIGS[args.child]
+        print(json.dumps(child(args.model_dir, dtype, layout, ks, args.repeats, args.context)))
+        return 0
+    rows = {}
+    for name in args.configs.split(","):
+        flags = CONFIGS[name][2]
+        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
+        cmd = [sys.executable, __file__, args.model_dir, "--child", name, "--ks", args.ks,
+               "--repeats", str(args.repeats), "--context", str(args.context)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode:
+            rows[name] = {"error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
+        else:
+            rows[name] = {int(k): v for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+        row = rows[name]
+        if "error" in row:
+            print(f"{name:<26} error: {row['error']}")
+        else:
+            cells = "  ".join(f"k={k}: {row[k] * 1e3:6.1f} ms ({row[k] / row[ks[0]]:.2f}x)" for k in ks)
+            print(f"{name:<26} {cells}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model_dir, "ks": ks, "context": args.context, "configs": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
