@@ -26,9 +26,17 @@ from hsd_jax.planning.timing import median_seconds
 
 
 def tiny_target(vocab: int, layers: int = 1, hidden: int = 64) -> Model:
-    config = ModelConfig(model_type="llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=hidden // 4,
-                         max_position_embeddings=4096)
+    config = ModelConfig(
+        model_type="llama",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_layers=layers,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=hidden // 4,
+        max_position_embeddings=4096,
+    )
     return Model(init_params(config, jax.random.PRNGKey(0), scale=0.5), config).with_layout("unstacked")
 
 
@@ -57,7 +65,9 @@ def measure(vocab: int, buffers: tuple[int, ...], temperature: float, repeats: i
         cache = target.init_cache(1, 512).with_lengths(jnp.full((1,), 128, jnp.int32))
         return median_seconds(step, target, jnp.ones((1, k), jnp.int32), cache, repeats=repeats)
 
-    widths = [schedule.draft_widths()] + [(schedule.verify_width(level),) for level in range(1, len(buffers) + 1)]
+    widths = [schedule.draft_widths()] + [
+        (schedule.verify_width(level),) for level in range(1, len(buffers) + 1)
+    ]
     forward_s = 0.0
     for level, level_widths in enumerate(widths):
         per_batch = sum(c(w) for w in level_widths) / len(level_widths)
@@ -80,9 +90,12 @@ def main(argv=None) -> int:
     for spec in args.buffers.split(";"):
         row = measure(args.vocab, tuple(int(b) for b in spec.split(",")), args.temperature, args.repeats)
         rows.append(row)
-        print(f"buffers {spec:>6}: {row['round_ms']:6.2f} ms/round = {row['forwards_ms']:6.2f} ms of forwards "
-              f"+ {row['overhead_ms']:5.2f} ms overhead ({row['tokens_per_round']:.1f} tokens/round; "
-              f"AR {row['ar_token_ms']:.2f} ms/token, c(1) {row['c1_ms']:.2f} ms)", flush=True)
+        print(
+            f"buffers {spec:>6}: {row['round_ms']:6.2f} ms/round = {row['forwards_ms']:6.2f} ms of forwards "
+            f"+ {row['overhead_ms']:5.2f} ms overhead ({row['tokens_per_round']:.1f} tokens/round; "
+            f"AR {row['ar_token_ms']:.2f} ms/token, c(1) {row['c1_ms']:.2f} ms)",
+            flush=True,
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

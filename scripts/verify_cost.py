@@ -84,7 +84,9 @@ def main(argv=None) -> int:
             print(f"{name:<26} {cells}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model_dir, "ks": ks, "context": args.context, "configs": rows}, f, indent=2)
+            json.dump(
+                {"model": args.model_dir, "ks": ks, "context": args.context, "configs": rows}, f, indent=2
+            )
     return 0
 
 

@@ -72,7 +72,8 @@ class Hierarchy:
                                 "or another hsd_jax.decoding.drafter.Drafter")
         if models[-1].init_state(1, 1) is None:
             raise ValueError(
-                f"the target (the last model) must be a neural Model (one with a KV cache), not {describe(models[-1])}; "
+                f"the target (the last model) must be a neural Model (one with a KV cache), "
+                f"not {describe(models[-1])}; "
                 "order models smallest (M_0) to target (M_K)"
             )
         sizes = [m.num_params for m in models]
