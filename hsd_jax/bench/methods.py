@@ -255,7 +255,7 @@ def run_methods(plan_path: str, stats_path: str, prompts_file: str, *, methods: 
         if method == "ar":
             runs[method] = time_jax_method(hierarchical(Hierarchy([target])), prompts, lengths)
         elif method == "sd":
-            draft = from_source(sd_source, vocab_size=target.vocab_size)
+            draft = from_source(sd_source, vocab_size=target.vocab_size, dtype=target.dtype)
             runs[method] = time_jax_method(
                 hierarchical(Hierarchy([draft, target], [sd_buffer])), prompts, lengths
             )

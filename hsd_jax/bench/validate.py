@@ -84,7 +84,7 @@ def measure(stats: Stats, hierarchies: Sequence[tuple[Sequence[str], Sequence[in
     hierarchy starts."""
     mode = acceptance_mode(0.0)
     target_source = stats.model(stats.target).source
-    target = from_source(target_source)
+    target = from_source(target_source, dtype=stats.dtype or None)
     levels = {stats.target: target}
     tokenizer = load_tokenizer(parse_source(target_source).directory())
     texts = load_prompts(prompts_file)[:num_prompts or None]
@@ -93,7 +93,8 @@ def measure(stats: Stats, hierarchies: Sequence[tuple[Sequence[str], Sequence[in
 
     def level(name: str):
         if name not in levels:
-            levels[name] = from_source(stats.model(name).source, vocab_size=target.vocab_size)
+            levels[name] = from_source(stats.model(name).source, vocab_size=target.vocab_size,
+                                       dtype=target.dtype)
         return levels[name]
 
     def prefill_seconds(name: str) -> float:

@@ -55,3 +55,13 @@ def mesh_from_args(args: argparse.Namespace) -> Any:
 def progress_printer(message: str) -> None:
     """The progress callback the commands hand to long-running library functions."""
     print(message, flush=True)
+
+
+DTYPE_CHOICES = ("float32", "bfloat16")
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser, default_help: str = "as stored") -> None:
+    """--dtype: the weight dtype to run every model in (float32 accumulation either way)."""
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                        help=f"weight dtype to run in (default: {default_help}); bfloat16 halves the "
+                             "bytes read and flattens a k-token verification on CPU")

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from hsd_jax.cli.common import add_mesh_argument, add_sampling, int_list, mesh_from_args
+from hsd_jax.cli.common import add_dtype_argument, add_mesh_argument, add_sampling, int_list, mesh_from_args
 from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
 from hsd_jax.io.checkpoint import encode_prompt, load_tokenizer
 from hsd_jax.io.sources import from_source, parse_source
@@ -40,6 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to --prompt")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_mesh_argument(p)
+    add_dtype_argument(p, "the plan's, else as stored")
     p.add_argument(
         "--compare-ar",
         action="store_true",
@@ -74,15 +75,15 @@ def load_hierarchy(args: argparse.Namespace) -> Hierarchy:
     --model/--draft/--ngram/--buffers/--verifier."""
     if args.plan:
         plan = load_plan(args.plan)
-        hierarchy = hierarchy_from_plan(plan)
+        hierarchy = hierarchy_from_plan(plan, dtype=args.dtype)
         if args.model is None:
             args.model = str(plan.directory())
         return hierarchy
     if args.model is None:
         raise ValueError("give the target with --model DIR, or a plan with --plan plan.json")
     check_same_tokenizer(args.model, args.draft)
-    target = from_source(args.model)
-    models = [from_source(d, vocab_size=target.vocab_size) for d in args.draft]
+    target = from_source(args.model, dtype=args.dtype)
+    models = [from_source(d, vocab_size=target.vocab_size, dtype=args.dtype) for d in args.draft]
     if args.ngram:
         models.insert(0, from_source(f"ngram:{args.ngram}", vocab_size=target.vocab_size))
     models.append(target)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from hsd_jax.cli.common import add_mesh_argument, int_list, mesh_from_args, progress_printer
+from hsd_jax.cli.common import (
+    add_dtype_argument,
+    add_mesh_argument,
+    int_list,
+    mesh_from_args,
+    progress_printer,
+)
 from hsd_jax.io.files import write_json
 from hsd_jax.io.prompts import load_prompts
 from hsd_jax.planning.profile import profile_family
@@ -27,6 +33,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--cache-size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=7)
+    add_dtype_argument(p)
     add_mesh_argument(p)
     return p
 
@@ -36,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ngram:
         sources.insert(0, f"ngram:{args.ngram}")
     prompts = load_prompts(args.prompts)[:args.num_prompts or None]
-    stats = profile_family(sources, prompts, temperature=args.temperature, max_k=args.max_k,
+    stats = profile_family(sources, prompts, temperature=args.temperature, max_k=args.max_k, dtype=args.dtype,
                            sparse_ks=args.sparse_k, max_new_tokens=args.max_new_tokens,
                            cache_size=args.cache_size, repeats=args.repeats, mesh=mesh_from_args(args),
                            progress=progress_printer)

@@ -47,6 +47,11 @@ class Plan:
     base_dir: str | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
+    def dtype(self) -> str | None:
+        """The weight dtype the plan was made for (its stats' profiling dtype), if recorded."""
+        return self.stats.get("dtype") or None
+
+    @property
     def predicted_speedup(self) -> float:
         return self.ar_latency_s / self.predicted_latency_s
 
@@ -185,7 +190,8 @@ def hierarchy_from_plan(
     `plan` is a plan.json path, a `Plan` or its dict. Relative model directories resolve against
     `base_dir` when given, else the plan file's directory (a path, or a Plan from `load_plan`),
     else the working directory. "ngram:N" becomes an `NGramDrafter` with the target's vocabulary;
-    `dtype` casts the weights; `shared_vocab_size` is passed on for models whose vocabularies
+    `dtype` casts the weights (default: the dtype the plan's stats were profiled in, else as
+    stored); `shared_vocab_size` is passed on for models whose vocabularies
     differ only by padding (see `Hierarchy`)."""
     if isinstance(plan, Mapping):
         plan = Plan.from_json(plan)
@@ -194,6 +200,7 @@ def hierarchy_from_plan(
     elif not isinstance(plan, Plan):
         raise ValueError(f"a plan is a plan.json path, a Plan or its dict; got {type(plan).__name__}")
     base = plan._base(base_dir)
+    dtype = plan.dtype if dtype is None else dtype
     sources = [parse_source(s) for s in plan.sources]
     if sources[-1].is_ngram:
         raise ValueError(

@@ -194,11 +194,13 @@ def _symmetric_profiles(names: Sequence[str], profiles: dict) -> dict[str, dict[
 def profile_family(sources: Sequence[str], prompts: Sequence[str], *, names: Sequence[str] | None = None,
                    temperature: float = 1.0, max_k: int = 16, sparse_ks: Sequence[int] = (),
                    max_new_tokens: int = 64, cache_size: int = 256, repeats: int = 7,
-                   mesh: Any = None, progress: Progress = None) -> dict[str, Any]:
+                   mesh: Any = None, dtype: Any = None, progress: Progress = None) -> dict[str, Any]:
     """Profile every source (the last is the target) into the planner's stats JSON (built as a
     `Stats`, returned as its `to_json()`; `io.files.write_json` writes it, `load_stats` reads it);
     with a `mesh`, on it (`sharding.family_rules`: drafts replicated, the target tensor-parallel).
-    `progress(message)` is called as each long step starts."""
+    `dtype` casts every model's weights (default: as stored) and is recorded in the stats, so that
+    plans made from them load their models in it. `progress(message)` is called as each long
+    step starts."""
     if not prompts:
         raise ValueError("profiling needs at least one prompt: the acceptances are measured on the "
                          "target's continuations of the prompts, and the prompt list is empty")
@@ -210,9 +212,9 @@ def profile_family(sources: Sequence[str], prompts: Sequence[str], *, names: Seq
     names = list(names) if names else [s.name for s in parsed]
     if len(names) != len(parsed):
         raise ValueError(f"{len(names)} names for {len(parsed)} sources; give one name per source")
-    target = from_source(parsed[-1])
+    target = from_source(parsed[-1], dtype=dtype)
     vocab = target.vocab_size
-    levels = [from_source(s, vocab_size=vocab) for s in parsed[:-1]] + [target]
+    levels = [from_source(s, vocab_size=vocab, dtype=dtype) for s in parsed[:-1]] + [target]
     if mesh is not None:
         levels = shard_levels(levels, mesh)
         target = levels[-1]
