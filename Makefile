@@ -33,7 +33,7 @@ EVAL_PROMPTS := hsd_jax/io/data/eval_prompts.jsonl
 # The shipped plans are used as they are; without them, profile the family and plan.
 checkpoints/stats.json: | $(TARGET_DIR)/hsd_config.json
 	$(BIN)/hsd-jax profile --models $(FAMILY) --ngram 3 --prompts $(EVAL_PROMPTS) --num-prompts 24 \
-		--max-k 12 --sparse-k 16,24,32,40 --dtype bfloat16 --out checkpoints/stats.json
+		--max-k 12 --sparse-k 16,24,32,40 --out checkpoints/stats.json
 
 checkpoints/plan.json: | checkpoints/stats.json
 	$(BIN)/hsd-jax plan --stats checkpoints/stats.json --out checkpoints/plan.json --temperature-mode greedy
