@@ -93,7 +93,8 @@ def test_no_recompilation_between_chunks_or_requests(models, spec):
     source = models[-1] if len(spec) == 1 else Hierarchy([models[s] for s in spec], (2, 2))
 
     def make(key, prompts, r):
-        return Streamer(source, prompts, LENGTHS, key, max_new_tokens=NEW, temperature=1.0, rounds_per_chunk=r)
+        return Streamer(source, prompts, LENGTHS, key, max_new_tokens=NEW, temperature=1.0,
+                        rounds_per_chunk=r)
 
     first = make(jax.random.PRNGKey(0), PROMPTS, 1)
     first.warm_up()
