@@ -267,6 +267,8 @@ def test_profile_and_bench_on_a_mesh(model_dir_8_heads, tmp_path, capsys):
     results = json.loads(bench_path.read_text())
     assert results["mesh"] == {"data": 1, "model": 8}
     assert results["methods"]["hsd"]["identical_to_ar"] is True
+    for entry in results["methods"].values():  # streamed too: time to first token and decode rate apart
+        assert entry["ttft_s"] > 0 and entry["stream_tokens_per_s"] > 0 and "decode_tokens_per_s" in entry
     assert main(["bench", "--model", str(model_dir), "--mesh", "model=8"]) == 2
     assert "--mesh applies to `bench --plan`" in capsys.readouterr().err
 
