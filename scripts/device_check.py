@@ -493,8 +493,9 @@ def main(argv=None) -> int:
     for name, fn, need in sections:
         if not only or name in only or name == "devices":
             check.section(name, fn, need)
-    check.result["ok"] = not check.result["errors"] and bool(
-        check.result["sections"].get("identity", {}).get("all_identical", False)
+    identity_ran = "identity" in check.result["sections"]
+    check.result["ok"] = not check.result["errors"] and (
+        not identity_ran or bool(check.result["sections"]["identity"]["all_identical"])
     )
     check.save()
     check.log(f"wrote {check.json_path} and {check.log_path}; ok={check.result['ok']}")
