@@ -4,6 +4,8 @@
     out = hsd_jax.ar_generate(model, prompt_tokens, prompt_lengths, key, max_new_tokens=64)
     h = hsd_jax.Hierarchy([draft0, draft1, model], buffers=(4, 8), verifier="block")
     out = hsd_jax.hsd_generate(h, prompt_tokens, prompt_lengths, key, max_new_tokens=64)
+    for chunk in hsd_jax.stream(h, prompt_tokens, prompt_lengths, key, max_new_tokens=64):
+        ...  # chunk[b]: row b's newly committed tokens (same tokens as hsd_generate, as they come)
 
 Sharded over a device mesh (see `hsd_jax.sharding`; several hosts: `hsd_jax.distributed`):
 
@@ -20,6 +22,7 @@ from hsd_jax.decoding.drafter import Drafter
 from hsd_jax.decoding.hsd import Hierarchy, HSDStats, hsd_generate
 from hsd_jax.decoding.ngram import NGramDrafter
 from hsd_jax.decoding.sampling import SamplingParams
+from hsd_jax.decoding.stream import Streamer, stream
 from hsd_jax.io.checkpoint import load_model, load_tokenizer, save_model
 from hsd_jax.io.sources import from_source
 from hsd_jax.models import (
@@ -64,4 +67,6 @@ __all__ = [
     "shard_hierarchy",
     "shard_model",
     "sharding",
+    "stream",
+    "Streamer",
 ]

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
+from hsd_jax.cli import generate as generate_cli
 from hsd_jax.cli.main import main
 from hsd_jax.io.checkpoint import load_model
 
@@ -59,11 +60,25 @@ def _generate(capsys, *args) -> dict:
 def test_generate_json_ar_and_hierarchy_agree(model_dir, capsys):
     common = ["--model", str(model_dir), "--prompt", "Hello there", "--chat", "--max-new-tokens", "12"]
     ar = _generate(capsys, *common)
-    assert set(ar) >= {"tokens", "text", "seconds", "tokens_per_s"} and len(ar["tokens"]) == ar["num_tokens"]
+    assert set(ar) >= {"tokens", "text", "seconds", "tokens_per_s", "ttft_s", "decode_tokens_per_s"}
+    assert len(ar["tokens"]) == ar["num_tokens"]
     hsd = _generate(capsys, *common, "--ngram", "2", "--draft", str(model_dir), "--buffers", "3,2",
                     "--verifier", "block,tokenwise")
     assert hsd["tokens"] == ar["tokens"]  # greedy: identical to the target's AR
     assert len(hsd["stats"]["proposed"]) == 2 and hsd["stats"]["target_rounds"] >= 1
+
+
+def test_generate_stream_prints_the_text_as_it_comes(model_dir, capsys, monkeypatch):
+    common = ["--model", str(model_dir), "--prompt", "Hello there", "--chat", "--max-new-tokens", "12",
+              "--ngram", "2", "--buffers", "2", "--rounds-per-chunk", "1"]
+    result = _generate(capsys, *common, "--stream")  # --json: one object at the end, nothing before it
+    assert result["ttft_s"] > 0 and result["rounds_per_chunk"] == 1
+    assert result["decode_tokens_per_s"] is None or result["decode_tokens_per_s"] > 0
+    pieces: list[str] = []
+    monkeypatch.setattr(generate_cli, "_print_now", pieces.append)
+    assert main(["generate", *common, "--stream"]) == 0
+    assert "".join(pieces) == result["text"] and sum(bool(p) for p in pieces) >= 2
+    assert "first token after" in capsys.readouterr().err
 
 
 def test_generate_prompt_ids_and_errors(model_dir, capsys):
@@ -252,6 +267,8 @@ def test_profile_and_bench_on_a_mesh(model_dir_8_heads, tmp_path, capsys):
     results = json.loads(bench_path.read_text())
     assert results["mesh"] == {"data": 1, "model": 8}
     assert results["methods"]["hsd"]["identical_to_ar"] is True
+    for entry in results["methods"].values():  # streamed too: time to first token and decode rate apart
+        assert entry["ttft_s"] > 0 and entry["stream_tokens_per_s"] > 0 and "decode_tokens_per_s" in entry
     assert main(["bench", "--model", str(model_dir), "--mesh", "model=8"]) == 2
     assert "--mesh applies to `bench --plan`" in capsys.readouterr().err
 

@@ -25,6 +25,7 @@ import numpy as np
 from hsd_jax.bench.hf_baseline import hf_generate_timed, load_hf_reference
 from hsd_jax.decoding.ar import ar_generate, default_cache_size
 from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
+from hsd_jax.decoding.stream import Streamer
 from hsd_jax.io.checkpoint import encode_prompt, load_model, load_tokenizer
 from hsd_jax.io.prompts import load_prompts, pad_prompts
 from hsd_jax.io.sources import from_source, parse_source
@@ -38,6 +39,7 @@ from hsd_jax.planning import (
     machine_name,
     median_seconds,
     time_once,
+    time_stream,
     timed_runs,
 )
 
@@ -180,6 +182,19 @@ def time_jax_method(
     return rows
 
 
+def time_stream_method(make: Callable[[np.ndarray, np.ndarray], Streamer], prompts: np.ndarray,
+                       lengths: np.ndarray) -> list[dict[str, Any]]:
+    """Per prompt: `StreamTiming.as_dict()` of one streamed generation `make(prompt[1, W], lengths[1])`,
+    after compiling the stream once (same padded width for every prompt: nothing recompiles)."""
+    make(prompts[:1], lengths[:1]).warm_up()
+    return [time_stream(make(prompts[i:i + 1], lengths[i:i + 1])).as_dict() for i in range(len(prompts))]
+
+
+def _median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
 def _time_hf_method(
     method: str,
     target_dir: str,
@@ -205,10 +220,12 @@ def _time_hf_method(
 
 def run_methods(plan_path: str, stats_path: str, prompts_file: str, *, methods: Sequence[str] = METHODS,
                 max_new_tokens: int = 64, temperature: float = 0.0, num_prompts: int = 0,
-                hf_draft_dir: str | None = None, seed: int = 0, mesh: Any = None,
+                hf_draft_dir: str | None = None, seed: int = 0, mesh: Any = None, rounds_per_chunk: int = 4,
                 progress: Progress = None) -> dict[str, Any]:
     """Every method on the same prompts in one process: tokens/s (median over prompts), per-prompt
     seconds and tokens, speed-up over our AR and, at temperature 0, token identity with our AR.
+    Our methods also run streamed (`rounds_per_chunk` target rounds per chunk): `ttft_s` (time to
+    the first chunk, prefill included) and `decode_tokens_per_s` (after it), medians over prompts.
     With a `mesh` our methods run on it (`sharding.family_rules`); transformers' stay on the CPU.
     `progress(message)` is called as each method starts."""
     unknown = set(methods) - set(METHODS)
@@ -226,12 +243,20 @@ def run_methods(plan_path: str, stats_path: str, prompts_file: str, *, methods: 
     sd_source = stats.model(sd_name).source
     key = jax.random.PRNGKey(seed)
 
+    def placed(h):
+        if mesh is None:
+            return h, lambda p, n: (p, n)
+        return shard_hierarchy(h, mesh, rule=None), lambda p, n: shard_batch(mesh, p, n)
+
     def hierarchical(h):
-        if mesh is not None:
-            h = shard_hierarchy(h, mesh, rule=None)
-            return lambda p, n: hsd_generate(h, *shard_batch(mesh, p, n), key, max_new_tokens=max_new_tokens,
-                                             temperature=temperature)
-        return lambda p, n: hsd_generate(h, p, n, key, max_new_tokens=max_new_tokens, temperature=temperature)
+        h, place = placed(h)
+        return lambda p, n: hsd_generate(h, *place(p, n), key, max_new_tokens=max_new_tokens,
+                                         temperature=temperature)
+
+    def streamed(h):
+        h, place = placed(h)
+        return lambda p, n: Streamer(h, *place(p, n), key, max_new_tokens=max_new_tokens,
+                                     temperature=temperature, rounds_per_chunk=rounds_per_chunk)
 
     results: dict[str, Any] = {
         "machine": machine_name(),
@@ -244,23 +269,26 @@ def run_methods(plan_path: str, stats_path: str, prompts_file: str, *, methods: 
         "prompts": len(texts),
         "prompts_file": prompts_file,
         "mesh": None if mesh is None else dict(mesh.shape),
+        "rounds_per_chunk": rounds_per_chunk,
         "plan": plan.label,
         "sd": f"{sd_name}[{sd_buffer}] > {plan.chain[-1]}",
         "methods": {},
     }
     runs: dict[str, list] = {}
+    streams: dict[str, list] = {}
     for method in methods:
         if progress:
             progress(f"bench: {method} on {len(texts)} prompts")
-        if method == "ar":
-            runs[method] = time_jax_method(hierarchical(Hierarchy([target])), prompts, lengths)
-        elif method == "sd":
-            draft = from_source(sd_source, vocab_size=target.vocab_size, dtype=target.dtype)
-            runs[method] = time_jax_method(
-                hierarchical(Hierarchy([draft, target], [sd_buffer])), prompts, lengths
-            )
-        elif method == "hsd":
-            runs[method] = time_jax_method(hierarchical(hierarchy), prompts, lengths)
+        if method in ("ar", "sd", "hsd"):
+            if method == "ar":
+                h = Hierarchy([target])
+            elif method == "sd":
+                draft = from_source(sd_source, vocab_size=target.vocab_size, dtype=target.dtype)
+                h = Hierarchy([draft, target], [sd_buffer])
+            else:
+                h = hierarchy
+            runs[method] = time_jax_method(hierarchical(h), prompts, lengths)
+            streams[method] = time_stream_method(streamed(h), prompts, lengths)
         else:
             runs[method] = _time_hf_method(
                 method,
@@ -278,6 +306,12 @@ def run_methods(plan_path: str, stats_path: str, prompts_file: str, *, methods: 
         if method in ("sd", "hsd") and rows[0][2] is not None:
             entry["tokens_per_target_call"] = float(np.mean([np.asarray(r[2].tokens_per_target_call)[0]
                                                              for r in rows]))
+        if method in streams:
+            entry["ttft_s"] = _median(r["ttft_s"] for r in streams[method])
+            entry["decode_tokens_per_s"] = _median(r["decode_tokens_per_s"] for r in streams[method])
+            entry["stream_tokens_per_s"] = _median(r["tokens_per_s"] for r in streams[method])
+            for row, timing in zip(per_prompt, streams[method]):
+                row["stream"] = timing
         if temperature == 0 and reference is not None:
             entry["identical_to_ar"] = all(t == r[1] for (_, t, _), r in zip(rows, reference))
         results["methods"][method] = entry

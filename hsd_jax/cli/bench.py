@@ -27,6 +27,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--hf-draft", help="draft directory exported for transformers' assisted generation")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--rounds-per-chunk", type=int, default=4,
+                   help="target rounds per chunk of the streamed runs (ttft_s, decode_tokens_per_s)")
     p.add_argument("--repeats", type=int, default=3, help="(AR-only bench) timed repeats per prompt")
     p.add_argument("--json", dest="json_out", help="write the results to this JSON file")
     p.add_argument("--plot", help="write a bar chart of tokens/s to this PNG")
@@ -42,8 +44,11 @@ def methods_lines(results: dict[str, Any]) -> list[str]:
     ]
     for name, entry in results["methods"].items():
         same = entry.get("identical_to_ar")
+        ttft, decode = entry.get("ttft_s"), entry.get("decode_tokens_per_s")
         lines.append(
             f"{name:>12}: {entry['tokens_per_s']:7.1f} tokens/s  {entry.get('speedup_vs_ar', 0):5.2f}x AR"
+            + ("" if ttft is None else f"  first token {ttft * 1e3:6.1f} ms")
+            + ("" if decode is None else f"  decode {decode:7.1f} tokens/s")
             + ("" if same is None else f"  identical to AR: {same}")
         )
     lines.append(f"hsd = {results['plan']}; sd = {results['sd']}")
@@ -79,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
             num_prompts=args.num_prompts,
             hf_draft_dir=args.hf_draft,
             mesh=mesh_from_args(args),
+            rounds_per_chunk=args.rounds_per_chunk,
             progress=progress_printer,
         )
         lines = methods_lines(results)

@@ -6,19 +6,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
 from hsd_jax.cli.common import add_dtype_argument, add_mesh_argument, add_sampling, int_list, mesh_from_args
-from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
+from hsd_jax.decoding.hierarchy import Hierarchy
+from hsd_jax.decoding.stream import Streamer
 from hsd_jax.io.checkpoint import encode_prompt, load_tokenizer
+from hsd_jax.io.detokenize import TextStream
 from hsd_jax.io.sources import from_source, parse_source
 from hsd_jax.parallel.sharding import shard_hierarchy
 from hsd_jax.planning import hierarchy_from_plan, load_plan
-from hsd_jax.planning.timing import time_once
+from hsd_jax.planning.timing import time_stream
 
 STATS_FIELDS = ("forward_passes", "proposed", "accepted", "target_rounds", "tokens_per_target_call")
 
@@ -38,7 +41,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     group.add_argument("--prompt", help="prompt text")
     group.add_argument("--prompt-ids", type=int_list, help="comma-separated token ids")
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to --prompt")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json", action="store_true", help="print one JSON object (at the end)")
+    p.add_argument("--stream", action="store_true", help="print the text as it is committed")
+    p.add_argument("--rounds-per-chunk", type=int, default=4,
+                   help="target rounds (AR: tokens) per streamed chunk after the first (default 4)")
     add_mesh_argument(p)
     add_dtype_argument(p, "the plan's, else as stored")
     p.add_argument(
@@ -102,8 +108,10 @@ def hierarchy_from_args(args: argparse.Namespace) -> Hierarchy:
 # -------------------------------------------------------------------------------- command
 
 
-def generate(args: argparse.Namespace) -> tuple[dict[str, Any], Hierarchy]:
-    """Generate for the prompt (compile excluded from the timing): the result dict and the hierarchy."""
+def generate(args: argparse.Namespace,
+             on_text: Callable[[str], None] | None = None) -> tuple[dict[str, Any], Hierarchy]:
+    """Generate for the prompt through the stream (compiled first, so compile is excluded from the
+    timing): the result dict and the hierarchy. `on_text(text)` gets the text as it is committed."""
     hierarchy = hierarchy_from_args(args)
     target = hierarchy.target
     tokenizer = load_tokenizer(parse_source(args.model).directory())
@@ -112,37 +120,36 @@ def generate(args: argparse.Namespace) -> tuple[dict[str, Any], Hierarchy]:
     lengths = np.asarray([len(ids)], np.int32)
     eos = target.config.eos_token_id if tokenizer.eos_token_id is None else tokenizer.eos_token_id
 
-    def run(h):
-        return hsd_generate(
-            h,
-            prompt,
-            lengths,
-            jax.random.PRNGKey(args.seed),
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            eos_token_id=eos,
-        )
+    def timed(h, show):
+        streamer = Streamer(h, prompt, lengths, jax.random.PRNGKey(args.seed),
+                            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p,
+                            eos_token_id=eos, rounds_per_chunk=args.rounds_per_chunk)
+        start = time.perf_counter()
+        streamer.warm_up()
+        compile_seconds = time.perf_counter() - start
+        text = TextStream(tokenizer)
+        timing = time_stream(streamer, (lambda chunk: show(text.push(chunk[0]))) if show else None)
+        if show:
+            show(text.flush())
+        return streamer.output, timing, compile_seconds
 
-    def timed(h):
-        compile_seconds, _ = time_once(run, h)  # compile (and a first run) with the same shapes
-        seconds, out = time_once(run, h)
-        return out, seconds, compile_seconds
-
-    out, seconds, compile_seconds = timed(hierarchy)
+    out, timing, compile_seconds = timed(hierarchy, on_text)
     n = int(out.num_tokens[0])
     tokens = np.asarray(out.tokens[0, :n]).tolist()
     text = tokenizer.decode(tokens, skip_special_tokens=True)
-    result = {"tokens": tokens, "text": text, "num_tokens": n, "seconds": seconds,
-              "tokens_per_s": n / seconds, "compile_and_first_run_seconds": compile_seconds,
-              "hierarchy": repr(hierarchy)}
+    result = {"tokens": tokens, "text": text, "num_tokens": n, "seconds": timing.seconds,
+              "tokens_per_s": n / timing.seconds, "ttft_s": timing.ttft_s,
+              "decode_tokens_per_s": timing.decode_tokens_per_s, "rounds_per_chunk": args.rounds_per_chunk,
+              "compile_seconds": compile_seconds, "hierarchy": repr(hierarchy)}
     if hierarchy.depth:
         result["stats"] = {k: np.asarray(getattr(out.stats, k))[0].tolist() for k in STATS_FIELDS}
     if args.compare_ar and hierarchy.depth:
-        ar_out, ar_seconds, _ = timed(Hierarchy([target]))
+        ar_out, ar_timing, _ = timed(Hierarchy([target]), None)
         ar_n = int(ar_out.num_tokens[0])
-        result["ar"] = {"num_tokens": ar_n, "seconds": ar_seconds, "tokens_per_s": ar_n / ar_seconds,
+        result["ar"] = {"num_tokens": ar_n, "seconds": ar_timing.seconds,
+                        "tokens_per_s": ar_n / ar_timing.seconds, "ttft_s": ar_timing.ttft_s,
+                        "decode_tokens_per_s": ar_timing.decode_tokens_per_s,
                         "identical": np.asarray(ar_out.tokens[0, :ar_n]).tolist() == tokens}
     return result, hierarchy
 
@@ -174,14 +181,24 @@ def report_lines(
     return lines
 
 
+def _print_now(text: str) -> None:
+    print(text, end="", flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
-    result, hierarchy = generate(args)
+    if args.rounds_per_chunk < 1:
+        raise ValueError(f"--rounds-per-chunk must be >= 1, got {args.rounds_per_chunk}")
+    streaming = args.stream and not args.json
+    result, hierarchy = generate(args, _print_now if streaming else None)
     if args.json:
         print(json.dumps(result))
         return 0
     n, seconds = result["num_tokens"], result["seconds"]
-    print(result["text"])
-    print(f"\n[{n} tokens in {seconds:.2f}s, {n / seconds:.1f} tokens/s; {hierarchy}]", file=sys.stderr)
+    print("" if streaming else result["text"])
+    decode = result["decode_tokens_per_s"]
+    then = "" if decode is None else f", then {decode:.1f} tokens/s"
+    print(f"\n[{n} tokens in {seconds:.2f}s, {n / seconds:.1f} tokens/s; first token after "
+          f"{result['ttft_s'] * 1e3:.0f} ms{then}; {hierarchy}]", file=sys.stderr)
     for line in report_lines(result, hierarchy, args.temperature, args.compare_ar):
         print(line)
     return 0

@@ -1,4 +1,5 @@
-"""Autoregressive generation: prefill, then one `lax.while_loop` of single-token steps.
+"""Autoregressive generation: prefill, then one `lax.while_loop` of single-token steps (`ar_steps`,
+shared by the one-shot program and the stream).
 
 Shared with `hsd.py`: input validation, prefill and the output buffer in which every row
 commits tokens at its own pace and finishes at EOS or `max_new_tokens`.
@@ -137,10 +138,21 @@ def prefill(model: Model, prompt_tokens: jax.Array, prompt_lengths: jax.Array,
     return model.logits(last), cache.with_lengths(prompt_lengths)
 
 
-@partial(jax.jit, static_argnames=("max_new_tokens", "sampling", "eos_token_id", "cache_size", "pad_id"))
-def _ar_generate(model: Model, prompt_tokens: jax.Array, prompt_lengths: jax.Array, key: jax.Array, *,
-                 max_new_tokens: int, sampling: SamplingParams, eos_token_id: int | None,
-                 cache_size: int, pad_id: int) -> GenerationOutput:
+@struct.dataclass
+class ARState:
+    """Everything plain decoding carries between steps (the stream's state)."""
+
+    step: jax.Array  # tokens sampled so far (the next sample's key is fold_in(key, step))
+    token: jax.Array  # [B] the last sampled token, not yet fed to the model
+    cache: KVCache
+    out: OutputBuffer
+    key: jax.Array
+
+
+def ar_init(model: Model, prompt_tokens: jax.Array, prompt_lengths: jax.Array, key: jax.Array, *,
+            max_new_tokens: int, sampling: SamplingParams, eos_token_id: int | None, cache_size: int,
+            pad_id: int) -> ARState:
+    """Prefill and sample the first token (committed)."""
     batch = prompt_tokens.shape[0]
     prompt_lengths = prompt_lengths.astype(jnp.int32)
     logits, cache = prefill(model, prompt_tokens, prompt_lengths, model.init_cache(batch, cache_size))
@@ -148,21 +160,79 @@ def _ar_generate(model: Model, prompt_tokens: jax.Array, prompt_lengths: jax.Arr
     out = OutputBuffer.init(batch, max_new_tokens, pad_id).commit(
         token[:, None], jnp.ones((batch,), jnp.int32), eos_token_id
     )
+    return ARState(step=jnp.int32(1), token=token, cache=cache, out=out, key=key)
 
-    def cond(state):
-        step, _, _, out = state
-        return (step < max_new_tokens) & ~jnp.all(out.done)
 
-    def body(state):
-        step, token, cache, out = state
-        active = ~out.done
-        logits, stepped = model.step(token[:, None], cache)
-        cache = stepped.with_lengths(jnp.where(active, stepped.lengths, cache.lengths))
-        token, _ = sample_logits(jax.random.fold_in(key, step), logits[:, -1], sampling)
-        return step + 1, token, cache, out.commit(token[:, None], active.astype(jnp.int32), eos_token_id)
+def ar_steps(model: Model, st: ARState, *, sampling: SamplingParams, eos_token_id: int | None,
+             limit: jax.Array | None = None) -> ARState:
+    """Single-token steps until every row is done, or at most `limit` more of them: the one-shot
+    program and the stream run this same loop."""
 
-    _, _, _, out = jax.lax.while_loop(cond, body, (jnp.int32(1), token, cache, out))
-    return GenerationOutput(tokens=out.tokens, num_tokens=out.num_tokens)
+    def more(carry):
+        i, st = carry
+        going = (st.step < st.out.capacity) & ~jnp.all(st.out.done)
+        return going if limit is None else going & (i < limit)
+
+    def body(carry):
+        i, st = carry
+        active = ~st.out.done
+        logits, stepped = model.step(st.token[:, None], st.cache)
+        cache = stepped.with_lengths(jnp.where(active, stepped.lengths, st.cache.lengths))
+        token, _ = sample_logits(jax.random.fold_in(st.key, st.step), logits[:, -1], sampling)
+        out = st.out.commit(token[:, None], active.astype(jnp.int32), eos_token_id)
+        return i + 1, st.replace(step=st.step + 1, token=token, cache=cache, out=out)
+
+    return jax.lax.while_loop(more, body, (jnp.int32(0), st))[1]
+
+
+@partial(jax.jit, static_argnames=("max_new_tokens", "sampling", "eos_token_id", "cache_size", "pad_id"))
+def _ar_generate(model: Model, prompt_tokens: jax.Array, prompt_lengths: jax.Array, key: jax.Array, *,
+                 max_new_tokens: int, sampling: SamplingParams, eos_token_id: int | None,
+                 cache_size: int, pad_id: int) -> GenerationOutput:
+    """The one-shot program: prefill, then steps until every row is done."""
+    st = ar_init(model, prompt_tokens, prompt_lengths, key, max_new_tokens=max_new_tokens, sampling=sampling,
+                 eos_token_id=eos_token_id, cache_size=cache_size, pad_id=pad_id)
+    st = ar_steps(model, st, sampling=sampling, eos_token_id=eos_token_id)
+    return GenerationOutput(tokens=st.out.tokens, num_tokens=st.out.num_tokens)
+
+
+def _ar_view(st: ARState) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """What the stream reads after each call: copies (never donated) of the output buffer."""
+    return jnp.copy(st.out.tokens), jnp.copy(st.out.num_tokens), jnp.copy(st.out.done)
+
+
+@partial(jax.jit, static_argnames=("max_new_tokens", "sampling", "eos_token_id", "cache_size", "pad_id"))
+def ar_start(model: Model, prompt_tokens: jax.Array, prompt_lengths: jax.Array, key: jax.Array, *,
+             max_new_tokens: int, sampling: SamplingParams, eos_token_id: int | None, cache_size: int,
+             pad_id: int):
+    """The stream's first call: prefill and the first token (the state and its view)."""
+    st = ar_init(model, prompt_tokens, prompt_lengths, key, max_new_tokens=max_new_tokens, sampling=sampling,
+                 eos_token_id=eos_token_id, cache_size=cache_size, pad_id=pad_id)
+    return st, _ar_view(st)
+
+
+@partial(jax.jit, static_argnames=("sampling", "eos_token_id"), donate_argnames=("st",))
+def ar_continue(model: Model, st: ARState, limit: jax.Array, *, sampling: SamplingParams,
+                eos_token_id: int | None):
+    """The stream's next call: at most `limit` (traced: no recompilation) more steps."""
+    st = ar_steps(model, st, sampling=sampling, eos_token_id=eos_token_id, limit=limit)
+    return st, _ar_view(st)
+
+
+def prepare_ar(model: Model, prompt_tokens, prompt_lengths, *, max_new_tokens: int, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, eos_token_id: int | None = None,
+               cache_size: int | None = None) -> dict[str, Any]:
+    """Validate a request for plain decoding; the static arguments of its programs."""
+    prompt_len = np.shape(prompt_tokens)[1] if np.ndim(prompt_tokens) == 2 else 0
+    if cache_size is None:
+        cache_size = default_cache_size(prompt_len, max_new_tokens if isinstance(max_new_tokens, int) else 0)
+        cache_size = min(cache_size, _learned_positions(model) or cache_size)
+    sampling = validate_request(
+        model.vocab_size, prompt_tokens, prompt_lengths, max_new_tokens=max_new_tokens,
+        cache_size=cache_size, max_positions=_learned_positions(model),
+        sampling=SamplingParams(temperature, top_k, top_p), eos_token_id=eos_token_id)
+    return dict(max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=eos_token_id,
+                cache_size=cache_size, pad_id=eos_token_id if eos_token_id is not None else 0)
 
 
 def ar_generate(model: Model, prompt_tokens, prompt_lengths, key: jax.Array, *, max_new_tokens: int,
@@ -173,25 +243,11 @@ def ar_generate(model: Model, prompt_tokens, prompt_lengths, key: jax.Array, *, 
     Rows with different prompt lengths, and rows that hit `eos_token_id`, finish independently.
     Returns `tokens [B, max_new_tokens]` (pad = EOS id, or 0) and `num_tokens [B]`.
     """
-    prompt_len = np.shape(prompt_tokens)[1] if np.ndim(prompt_tokens) == 2 else 0
-    if cache_size is None:
-        cache_size = default_cache_size(prompt_len, max_new_tokens if isinstance(max_new_tokens, int) else 0)
-        cache_size = min(cache_size, _learned_positions(model) or cache_size)
-    sampling = validate_request(
-        model.vocab_size, prompt_tokens, prompt_lengths, max_new_tokens=max_new_tokens,
-        cache_size=cache_size, max_positions=_learned_positions(model),
-        sampling=SamplingParams(temperature, top_k, top_p), eos_token_id=eos_token_id)
-    return _ar_generate(
-        model,
-        jnp.asarray(prompt_tokens, jnp.int32),
-        jnp.asarray(prompt_lengths, jnp.int32),
-        key,
-        max_new_tokens=max_new_tokens,
-        sampling=sampling,
-        eos_token_id=eos_token_id,
-        cache_size=cache_size,
-        pad_id=eos_token_id if eos_token_id is not None else 0,
-    )
+    static = prepare_ar(model, prompt_tokens, prompt_lengths, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                        cache_size=cache_size)
+    return _ar_generate(model, jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32),
+                        key, **static)
 
 
 def _learned_positions(model: Model) -> int | None:

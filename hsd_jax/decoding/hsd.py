@@ -21,7 +21,7 @@ valid cache entries or their live buffers, and their lengths, counts and stats a
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -37,119 +37,14 @@ from hsd_jax.decoding.ar import (
     default_cache_size,
     validate_request,
 )
-from hsd_jax.decoding.drafter import Drafter, describe
+from hsd_jax.decoding.drafter import Drafter
+from hsd_jax.decoding.hierarchy import Hierarchy, register_plan_loader
 from hsd_jax.decoding.sampling import SamplingParams, distribution, sample
 from hsd_jax.decoding.schedule import Schedule
-from hsd_jax.decoding.verify import check_rule, verify, verify_greedy
-from hsd_jax.models import Model
+from hsd_jax.decoding.verify import verify, verify_greedy
 
-_PLAN_LOADER: Callable[..., Hierarchy] | None = None
-
-
-def register_plan_loader(loader: Callable[..., Hierarchy]) -> None:
-    """`planning` registers how a plan becomes a Hierarchy, so this module need not import it."""
-    global _PLAN_LOADER
-    _PLAN_LOADER = loader
-
-
-# ------------------------------------------------------------------------------------ API
-
-
-@jax.tree_util.register_pytree_node_class
-class Hierarchy:
-    """A chain of models M_0 < ... < M_K (target last), buffer targets T_0..T_{K-1} and the
-    verification rule each level M_1..M_K uses. A pytree: weights are leaves, the rest static."""
-
-    def __init__(self, models: Sequence[Drafter], buffers: Sequence[int] = (),
-                 verifier: str | Sequence[str] = "tokenwise", *, shared_vocab_size: int | None = None,
-                 allow_inexact: bool = False):
-        models = tuple(models)
-        if not models:
-            raise ValueError("a Hierarchy needs at least the target model")
-        for i, m in enumerate(models):
-            if not isinstance(m, Drafter):
-                raise TypeError(f"models[{i}] is a {type(m).__name__}; expected hsd_jax.Model, NGramDrafter "
-                                "or another hsd_jax.decoding.drafter.Drafter")
-        if models[-1].init_state(1, 1) is None:
-            raise ValueError(
-                f"the target (the last model) must be a neural Model (one with a KV cache), "
-                f"not {describe(models[-1])}; "
-                "order models smallest (M_0) to target (M_K)"
-            )
-        sizes = [m.num_params for m in models]
-        for i in range(len(models) - 1):
-            if sizes[i] > sizes[-1]:
-                raise ValueError(
-                    f"models[{i}] has {sizes[i]:,} parameters, more than the target models[-1] "
-                    f"({sizes[-1]:,}); order models smallest (M_0) to target (M_K), target last")
-        depth = len(models) - 1
-        buffers = tuple(buffers)
-        if len(buffers) != depth:
-            raise ValueError(
-                f"{len(models)} models need {depth} buffer targets (T_0..T_{{K-1}}), got {len(buffers)}"
-            )
-        for i, t in enumerate(buffers):
-            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 1:
-                raise ValueError(f"buffer T_{i} must be an integer >= 1, got {t!r}")
-        schedule = Schedule.of(buffers)
-        verifiers = (verifier,) * depth if isinstance(verifier, str) else tuple(verifier)
-        if len(verifiers) != depth:
-            raise ValueError(
-                f"give one verifier for all levels or one per level M_1..M_K ({depth}), got {len(verifiers)}"
-            )
-        verifiers = tuple(check_rule(v, allow_inexact) for v in verifiers)
-        vocab_sizes = [m.vocab_size for m in models]
-        if shared_vocab_size is None:
-            if len(set(vocab_sizes)) > 1:
-                raise ValueError(
-                    f"models have different vocabulary sizes {vocab_sizes}. If they share one tokenizer "
-                    "and differ only by padding, pass shared_vocab_size=<the tokenizer's size> to slice "
-                    "every model's logits to it; otherwise they cannot draft for each other")
-            shared_vocab_size = vocab_sizes[0]
-        elif shared_vocab_size > min(vocab_sizes) or shared_vocab_size < 1:
-            raise ValueError(f"shared_vocab_size={shared_vocab_size} must be in [1, {min(vocab_sizes)}] "
-                             f"(the smallest model vocabulary of {vocab_sizes})")
-        self._set(models, schedule.buffers, verifiers, int(shared_vocab_size))
-
-    def _set(self, models, buffers, verifiers, vocab_size):
-        self.models, self.buffers, self.verifiers, self.vocab_size = models, buffers, verifiers, vocab_size
-        self.schedule = Schedule(buffers)
-
-    @classmethod
-    def from_plan(cls, plan, **kwargs) -> Hierarchy:
-        """The hierarchy of a plan (a `planning.Plan`, its dict, or a plan.json path); keyword
-        arguments as `planning.hierarchy_from_plan` (dtype, shared_vocab_size). Relative sources
-        resolve against the plan file's directory."""
-        if _PLAN_LOADER is None:
-            raise RuntimeError("no plan loader is registered: import hsd_jax (or hsd_jax.planning) first")
-        return _PLAN_LOADER(plan, **kwargs)
-
-    @property
-    def depth(self) -> int:
-        """K: the number of levels above M_0."""
-        return len(self.models) - 1
-
-    @property
-    def target(self) -> Model:
-        return self.models[-1]
-
-    @property
-    def capacities(self) -> tuple[int, ...]:
-        """Buffer size of each level < K: T_i plus the largest overshoot, cap_i = T_i + cap_{i-1}."""
-        return self.schedule.capacities
-
-    def tree_flatten(self):
-        return (self.models,), (self.buffers, self.verifiers, self.vocab_size)
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        obj = object.__new__(cls)
-        obj._set(children[0], *aux)
-        return obj
-
-    def __repr__(self) -> str:
-        names = [describe(m) for m in self.models]
-        return f"Hierarchy({' < '.join(names)}, buffers={self.buffers}, verifiers={self.verifiers})"
+__all__ = ["HSDStats", "Hierarchy", "ar_stats", "hsd_continue", "hsd_generate", "hsd_output", "hsd_start",
+           "prepare_hsd", "register_plan_loader"]
 
 
 @struct.dataclass
@@ -373,14 +268,15 @@ def _prefill(model: Drafter, prompt: jax.Array, prompt_lengths: jax.Array, cache
     return state.with_lengths(prompt_lengths - 1)
 
 
-def _generate(plan: _Plan, prompt: jax.Array, prompt_lengths: jax.Array, key: jax.Array,
-              max_new_tokens: int, cache_size: int, pad_id: int) -> GenerationOutput:
+def _init(plan: _Plan, prompt: jax.Array, prompt_lengths: jax.Array, key: jax.Array,
+          max_new_tokens: int, cache_size: int, pad_id: int) -> _State:
+    """The state after prefill: every model has cached its prompt; nothing is committed yet."""
     h = plan.hierarchy
     batch, prompt_width = prompt.shape
     depth = h.depth
     seq = jnp.zeros((batch, cache_size), jnp.int32).at[:, :prompt_width].set(prompt)
     zeros = jnp.zeros((batch,), jnp.int32)
-    st = _State(
+    return _State(
         seq=seq,
         caches=tuple(_prefill(m, prompt, prompt_lengths, cache_size) for m in h.models),
         counts=(zeros,) * depth,
@@ -390,7 +286,27 @@ def _generate(plan: _Plan, prompt: jax.Array, prompt_lengths: jax.Array, key: ja
         forward_passes=jnp.zeros((batch, depth + 1), jnp.int32),
         proposed=jnp.zeros((batch, depth), jnp.int32), accepted=jnp.zeros((batch, depth), jnp.int32),
         rounds=zeros)
-    st = plan.loops.while_loop(lambda s: ~jnp.all(s.out.done), partial(_round, plan), st)
+
+
+def _rounds(plan: _Plan, st: _State, limit: jax.Array | None = None) -> _State:
+    """Target rounds until every row is done, or at most `limit` more of them (the stream's chunk):
+    the one-shot program and the stream run this same loop over the same `_round`."""
+    step = partial(_round, plan)
+    if limit is None:
+        return plan.loops.while_loop(lambda s: ~jnp.all(s.out.done), step, st)
+
+    def body(carry):
+        i, s = carry
+        return i + 1, step(s)
+
+    def more(carry):
+        return (carry[0] < limit) & ~jnp.all(carry[1].out.done)
+
+    _, st = plan.loops.while_loop(more, body, (jnp.int32(0), st))
+    return st
+
+
+def hsd_output(st: _State) -> GenerationOutput:
     stats = HSDStats(forward_passes=st.forward_passes, proposed=st.proposed, accepted=st.accepted,
                      target_rounds=st.rounds,
                      tokens_per_target_call=st.out.num_tokens / jnp.maximum(st.rounds, 1))
@@ -402,11 +318,62 @@ _STATIC = ("max_new_tokens", "sampling", "eos_token_id", "cache_size", "pad_id",
 
 def _run(hierarchy: Hierarchy, prompt, prompt_lengths, key, *, max_new_tokens, sampling, eos_token_id,
          cache_size, pad_id, trace: bool) -> GenerationOutput:
+    """The one-shot program: prefill, then target rounds until every row is done."""
     plan = _Plan(hierarchy, sampling, eos_token_id, _COMPILED if trace else _PYTHON)
-    return _generate(plan, prompt, prompt_lengths, key, max_new_tokens, cache_size, pad_id)
+    st = _init(plan, prompt, prompt_lengths, key, max_new_tokens, cache_size, pad_id)
+    return hsd_output(_rounds(plan, st))
 
 
 _run_jit = jax.jit(_run, static_argnames=_STATIC)
+
+
+def _view(st: _State) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """What the stream reads after each call: copies (never donated) of the output buffer."""
+    return jnp.copy(st.out.tokens), jnp.copy(st.out.num_tokens), jnp.copy(st.out.done)
+
+
+@partial(jax.jit, static_argnames=_STATIC[:-1])
+def hsd_start(hierarchy: Hierarchy, prompt, prompt_lengths, key, *, max_new_tokens, sampling, eos_token_id,
+           cache_size, pad_id):
+    """The stream's first call: prefill only (the state and its view)."""
+    plan = _Plan(hierarchy, sampling, eos_token_id, _COMPILED)
+    st = _init(plan, prompt, prompt_lengths, key, max_new_tokens, cache_size, pad_id)
+    return st, _view(st)
+
+
+@partial(jax.jit, static_argnames=("sampling", "eos_token_id"), donate_argnames=("st",))
+def hsd_continue(hierarchy: Hierarchy, st: _State, limit: jax.Array, *, sampling, eos_token_id):
+    """The stream's next call: at most `limit` (a traced int: no recompilation) more target rounds."""
+    st = _rounds(_Plan(hierarchy, sampling, eos_token_id, _COMPILED), st, limit)
+    return st, _view(st)
+
+
+def prepare_hsd(hierarchy: Hierarchy, prompt_tokens, prompt_lengths, *, max_new_tokens: int,
+                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                eos_token_id: int | None = None, cache_size: int | None = None) -> dict[str, Any]:
+    """Validate a request for a hierarchy of depth >= 1; the static arguments of its programs."""
+    prompt_width = np.shape(prompt_tokens)[1] if np.ndim(prompt_tokens) == 2 else 0
+    headroom = sum(hierarchy.capacities) + hierarchy.depth + 2
+    if cache_size is None:
+        cache_size = default_cache_size(
+            prompt_width, max_new_tokens if isinstance(max_new_tokens, int) else 0, headroom
+        )
+    learned = [m.config.max_position_embeddings for m in hierarchy.models
+               if getattr(getattr(m, "config", None), "positions", None) == "learned"]
+    sampling = validate_request(
+        hierarchy.vocab_size, prompt_tokens, prompt_lengths, max_new_tokens=max_new_tokens,
+        cache_size=cache_size, max_positions=min(learned) if learned else None,
+        sampling=SamplingParams(temperature, top_k, top_p), eos_token_id=eos_token_id, headroom=headroom)
+    return dict(max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=eos_token_id,
+                cache_size=cache_size, pad_id=eos_token_id if eos_token_id is not None else 0)
+
+
+def ar_stats(num_tokens: jax.Array) -> HSDStats:
+    """The stats of plain AR seen as a depth-0 hierarchy: one target pass per token."""
+    batch = num_tokens.shape[0]
+    empty = jnp.zeros((batch, 0), jnp.int32)
+    return HSDStats(forward_passes=num_tokens[:, None], proposed=empty, accepted=empty,
+                    target_rounds=num_tokens, tokens_per_target_call=jnp.ones(batch))
 
 
 def hsd_generate(hierarchy: Hierarchy, prompt_tokens, prompt_lengths, key: jax.Array, *,
@@ -424,24 +391,10 @@ def hsd_generate(hierarchy: Hierarchy, prompt_tokens, prompt_lengths, key: jax.A
         out = ar_generate(hierarchy.target, prompt_tokens, prompt_lengths, key, max_new_tokens=max_new_tokens,
                           temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
                           cache_size=cache_size)
-        batch = out.num_tokens.shape[0]
-        empty = jnp.zeros((batch, 0), jnp.int32)
-        rounds = out.num_tokens
-        return out.replace(stats=HSDStats(forward_passes=rounds[:, None], proposed=empty, accepted=empty,
-                                          target_rounds=rounds, tokens_per_target_call=jnp.ones(batch)))
-    prompt_width = np.shape(prompt_tokens)[1] if np.ndim(prompt_tokens) == 2 else 0
-    headroom = sum(hierarchy.capacities) + hierarchy.depth + 2
-    if cache_size is None:
-        cache_size = default_cache_size(
-            prompt_width, max_new_tokens if isinstance(max_new_tokens, int) else 0, headroom
-        )
-    learned = [m.config.max_position_embeddings for m in hierarchy.models
-               if getattr(getattr(m, "config", None), "positions", None) == "learned"]
-    sampling = validate_request(
-        hierarchy.vocab_size, prompt_tokens, prompt_lengths, max_new_tokens=max_new_tokens,
-        cache_size=cache_size, max_positions=min(learned) if learned else None,
-        sampling=SamplingParams(temperature, top_k, top_p), eos_token_id=eos_token_id, headroom=headroom)
+        return out.replace(stats=ar_stats(out.num_tokens))
+    static = prepare_hsd(hierarchy, prompt_tokens, prompt_lengths, max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                         cache_size=cache_size)
     run = _run_jit if trace else _run
     return run(hierarchy, jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32), key,
-               max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=eos_token_id,
-               cache_size=cache_size, pad_id=eos_token_id if eos_token_id is not None else 0, trace=trace)
+               trace=trace, **static)

@@ -40,7 +40,7 @@ from hsd_jax.planning.stats import (
                                       load_stats,
                                       save_stats,
 )
-from hsd_jax.planning.timing import median_seconds, time_once, timed_runs
+from hsd_jax.planning.timing import StreamTiming, median_seconds, time_once, time_stream, timed_runs
 
 __all__ = [
     "Acceptance",
@@ -76,5 +76,7 @@ __all__ = [
     "solve",
     "surrogate_latency",
     "time_once",
+    "time_stream",
+    "StreamTiming",
     "timed_runs",
 ]

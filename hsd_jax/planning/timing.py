@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -37,3 +38,47 @@ def time_once(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
     start = time.perf_counter()
     out = jax.block_until_ready(fn(*args))
     return time.perf_counter() - start, out
+
+
+@dataclasses.dataclass
+class StreamTiming:
+    """One streamed generation, timed: time to first token (prefill and the first committed chunk)
+    and the decode rate after it, kept apart so that neither hides the other."""
+
+    ttft_s: float  # from the call to the first chunk (compile excluded when the stream was warmed up)
+    seconds: float  # from the call to the last chunk
+    tokens: int  # committed tokens, all rows
+    first_chunk_tokens: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Tokens after the first chunk per second after it (None when the first chunk held them all)."""
+        decode_s = self.seconds - self.ttft_s
+        rest = self.tokens - self.first_chunk_tokens
+        return rest / decode_s if rest > 0 and decode_s > 0 else None
+
+    def as_dict(self) -> dict[str, float | None]:
+        return {"ttft_s": self.ttft_s, "seconds": self.seconds, "tokens": self.tokens,
+                "tokens_per_s": self.tokens_per_s, "decode_tokens_per_s": self.decode_tokens_per_s}
+
+
+def time_stream(chunks: Iterable[Sequence[Any]],
+                on_chunk: Callable[[Sequence[Any]], None] | None = None) -> StreamTiming:
+    """Time one pass over a stream of chunks (each a sequence of per-row token arrays, as
+    `decoding.stream` yields them), calling `on_chunk(chunk)` as each arrives."""
+    start = time.perf_counter()
+    first_s, first_tokens, tokens = None, 0, 0
+    for chunk in chunks:
+        n = sum(len(row) for row in chunk)
+        if first_s is None:
+            first_s, first_tokens = time.perf_counter() - start, n
+        tokens += n
+        if on_chunk is not None:
+            on_chunk(chunk)
+    seconds = time.perf_counter() - start
+    return StreamTiming(ttft_s=seconds if first_s is None else first_s, seconds=seconds, tokens=tokens,
+                        first_chunk_tokens=first_tokens)
