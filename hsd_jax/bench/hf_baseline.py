@@ -44,7 +44,9 @@ def load_hf_causal_lm(model_dir: str | Path):
         raise ValueError(f"{model_dir} is an hsd-jax model directory; write it as a Hugging Face model "
                          f"first: `hsd-jax export-hf {model_dir} OUT`")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        # local files only, and never code from the directory (an `auto_map` in its config)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=torch.float32, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load {model_dir} with transformers: {e}") from e
     return model.eval()
