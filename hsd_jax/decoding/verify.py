@@ -38,7 +38,7 @@ class Verdict(NamedTuple):
 
 
 def check_rule(rule: str, allow_inexact: bool = False) -> str:
-    if rule not in RULES:
+    if not isinstance(rule, str) or rule not in RULES:
         raise ValueError(f"unknown verifier {rule!r}; choose one of {', '.join(RULES)}")
     if rule in INEXACT_RULES and not allow_inexact:
         raise ValueError(
