@@ -43,7 +43,7 @@ def check_rule(rule: str, allow_inexact: bool = False) -> str:
     if rule in INEXACT_RULES and not allow_inexact:
         raise ValueError(
             f"verifier {rule!r} is not lossless (its exact-enumeration test measures a bias; see the "
-            "README, 'Verification rules'); pass allow_inexact=True to use it anyway")
+            "README, 'Verification rules'); pass allow_inexact=True (--allow-inexact) to use it anyway")
     return rule
 
 

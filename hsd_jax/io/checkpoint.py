@@ -190,18 +190,25 @@ def load_model(directory: str | Path, *, dtype: Any = None, sharding: Sharding |
     return Model(params=params, config=config, sharding=placement).with_layout(layout)
 
 
+class NotAModelDirectory(FileNotFoundError, ValueError):
+    """A path given as a model directory is missing or is not one (both a FileNotFoundError and a
+    ValueError)."""
+
+
 def require_model_dir(directory: str | Path) -> Path:
-    """`directory` as a Path if it is an hsd-jax model directory; else a FileNotFoundError saying
+    """`directory` as a Path if it is an hsd-jax model directory; else a `NotAModelDirectory` saying
     what it is instead (missing, a file, or a directory without hsd_config.json)."""
     directory = Path(directory)
     if not directory.exists():
-        raise FileNotFoundError(f"model directory {directory} does not exist; give the directory `hsd-jax "
+        raise NotAModelDirectory(f"model directory {directory} does not exist; give the directory `hsd-jax "
                                 "convert SOURCE OUT_DIR` wrote (a local path: hsd-jax never downloads)")
     if not directory.is_dir():
-        raise FileNotFoundError(f"{directory} is a file, not a model directory; give the directory `hsd-jax "
+        raise NotAModelDirectory(f"{directory} is a file, not a model directory; give the directory `hsd-jax "
                                 "convert SOURCE OUT_DIR` wrote")
     if not (directory / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{directory} is not an hsd-jax model directory (no {CONFIG_FILE}); convert "
+        if (directory / PARAMS_DIR).is_dir():
+            raise corrupt_error(directory, f"{CONFIG_FILE} is missing")
+        raise NotAModelDirectory(f"{directory} is not an hsd-jax model directory (no {CONFIG_FILE}); convert "
                                 "a Hugging Face model or a GGUF file into one with "
                                 "`hsd-jax convert SOURCE OUT_DIR`")
     return directory
