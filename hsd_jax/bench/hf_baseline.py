@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from hsd_jax.decoding.sampling import MIN_TEMPERATURE
 from hsd_jax.io.export import export_hf
 from hsd_jax.models.config import CONFIG_FILE
 from hsd_jax.planning.timing import timed_runs
@@ -74,6 +75,8 @@ def generate_kwargs(model, max_new_tokens: int, temperature: float = 0.0) -> dic
     """`generate` arguments for exactly `max_new_tokens` tokens, greedy or pure temperature sampling."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature < MIN_TEMPERATURE:  # greedy, as our sampling treats it
+        temperature = 0.0
     kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                                   eos_token_id=None, pad_token_id=_pad_token_id(model),
                                   do_sample=temperature > 0, repetition_penalty=1.0)
