@@ -182,12 +182,14 @@ def test_generate_with_a_plan_reports_against_ar(model_dir, tmp_path, capsys):
     }
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(plan))
+    assert main(["generate", "--plan", str(path), "--prompt-ids", "1,2,3", "--max-new-tokens", "6"]) == 2
+    assert "outside its directory" in capsys.readouterr().err  # an absolute source needs the flag
     result = _generate(capsys, "--plan", str(path), "--prompt-ids", "1,2,3,4,5", "--max-new-tokens", "12",
-                       "--compare-ar")
+                       "--compare-ar", "--allow-outside-plan-dir")
     assert result["ar"]["identical"] and result["num_tokens"] == 12
     assert result["stats"]["target_rounds"] >= 1
     assert main(["generate", "--plan", str(path), "--prompt-ids", "1,2,3", "--max-new-tokens", "6",
-                 "--compare-ar"]) == 0
+                 "--compare-ar", "--allow-outside-plan-dir"]) == 0
     printed = capsys.readouterr().out
     assert "speed-up" in printed and "level 1 accepts" in printed and "identical to AR: True" in printed
 
@@ -260,6 +262,7 @@ def test_profile_and_bench_on_a_mesh(model_dir_8_heads, tmp_path, capsys):
                 "model=8",
                 "--json",
                 str(bench_path),
+                "--allow-outside-plan-dir",
             ]
         )
         == 0

@@ -176,3 +176,13 @@ def test_several_data_files_train_as_one(data_path, tmp_path):
     np.testing.assert_array_equal(both["lengths"][n:], narrow["lengths"])
     with pytest.raises(ValueError, match="no distillation data"):
         load_dataset([])
+
+
+def test_distill_removes_its_default_work_dir(target_dir, data_path, tmp_path):
+    """Without --work-dir the checkpoints live in OUT_DIR.work, removed once the draft is written."""
+    out = tmp_path / "draft"
+    spec = DraftSpec(layers=(0,), head_vocab_size=40)
+    distill(target_dir, data_path, out, spec, TrainConfig(steps=2, batch_size=6, warmup_steps=0,
+                                                          checkpoint_every=1), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["draft"]
+    load_model(out)

@@ -184,10 +184,12 @@ def test_prompt_longer_than_cache(model):
         _call(model, cache_size=8)
 
 
-def test_prompt_beyond_learned_positions():
-    config = tiny_config(positions="learned", max_position_embeddings=8)
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_prompt_beyond_the_context_length(positions):
+    """Every model's context length is checked, not only learned-position ones."""
+    config = tiny_config(positions=positions, max_position_embeddings=8)
     model = Model(init_params(config, jax.random.PRNGKey(0)), config)
-    with pytest.raises(ValueError, match="exceeds the model's 8 learned positions"):
+    with pytest.raises(ValueError, match="more than the model's context length of 8 positions"):
         _call(model, max_new_tokens=6)
 
 

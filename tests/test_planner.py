@@ -296,7 +296,10 @@ def test_hierarchy_from_plan(tmp_path):
     from hsd_jax import Hierarchy
 
     save_plan(plan, tmp_path / "plan.json")
-    again = Hierarchy.from_plan(tmp_path / "plan.json", base_dir=tmp_path / "base", dtype="float32")
+    with pytest.raises(ValueError, match="outside its directory"):  # a plan file's absolute source
+        Hierarchy.from_plan(tmp_path / "plan.json", base_dir=tmp_path / "base", dtype="float32")
+    again = Hierarchy.from_plan(tmp_path / "plan.json", base_dir=tmp_path / "base", dtype="float32",
+                                allow_outside_plan_dir=True)
     assert again.buffers == hierarchy.buffers and [type(m) for m in again.models] == [
         type(m) for m in hierarchy.models
     ]

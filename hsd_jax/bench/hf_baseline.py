@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from hsd_jax.decoding.sampling import MIN_TEMPERATURE
 from hsd_jax.io.export import export_hf
 from hsd_jax.models.config import CONFIG_FILE
 from hsd_jax.planning.timing import timed_runs
@@ -44,7 +45,9 @@ def load_hf_causal_lm(model_dir: str | Path):
         raise ValueError(f"{model_dir} is an hsd-jax model directory; write it as a Hugging Face model "
                          f"first: `hsd-jax export-hf {model_dir} OUT`")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        # local files only, and never code from the directory (an `auto_map` in its config)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=torch.float32, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load {model_dir} with transformers: {e}") from e
     return model.eval()
@@ -72,6 +75,8 @@ def generate_kwargs(model, max_new_tokens: int, temperature: float = 0.0) -> dic
     """`generate` arguments for exactly `max_new_tokens` tokens, greedy or pure temperature sampling."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature < MIN_TEMPERATURE:  # greedy, as our sampling treats it
+        temperature = 0.0
     kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                                   eos_token_id=None, pad_token_id=_pad_token_id(model),
                                   do_sample=temperature > 0, repetition_penalty=1.0)

@@ -124,11 +124,12 @@ def run_bench(model_dir: str, *, prompts_file: str | None = None, max_new_tokens
               repeats: int = 3) -> dict[str, Any]:
     """Our AR against transformers' `generate` on the same weights (`load_hf_reference`), and
     against the memory roofline."""
-    model = load_model(model_dir)
-    tokenizer = load_tokenizer(model_dir)
     texts = list(DEFAULT_PROMPTS) if prompts_file is None else load_prompts(prompts_file)
     if not texts:
-        raise ValueError(f"{prompts_file} holds no prompts")
+        raise ValueError(f"{prompts_file} holds no prompts; give a JSONL file with a \"prompt\" field "
+                         "per line")
+    model = load_model(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     prompts = [encode_prompt(tokenizer, text, chat=True) for text in texts]
     hf_model = load_hf_reference(model_dir)
     weights = weight_bytes(model)
@@ -253,7 +254,8 @@ def _per_token_bytes(rows, level_bytes: Sequence[int]) -> float | None:
 def run_methods(plan_path: str, stats_path: str, prompts_file: str, *, methods: Sequence[str] = METHODS,
                 max_new_tokens: int = 64, temperature: float = 0.0, num_prompts: int = 0,
                 hf_draft_dir: str | None = None, gguf_path: str | None = None, seed: int = 0,
-                mesh: Any = None, rounds_per_chunk: int = 4, progress: Progress = None) -> dict[str, Any]:
+                mesh: Any = None, rounds_per_chunk: int = 4, progress: Progress = None,
+                allow_outside_plan_dir: bool = False) -> dict[str, Any]:
     """Every method on the same prompts in one process: tokens/s (median over prompts), per-prompt
     seconds and tokens, speed-up over our AR, the weight bytes each reads per token and, at
     temperature 0, token identity with our AR (for llama.cpp also the fraction of prompts whose
@@ -270,11 +272,14 @@ def run_methods(plan_path: str, stats_path: str, prompts_file: str, *, methods: 
     if peers:
         llama_cpp = require_llama_cpp()
         gguf_path = str(gguf_path or smollm2_gguf_path())
+    texts = load_prompts(prompts_file)[:num_prompts or None]
+    if not texts:
+        raise ValueError(f"{prompts_file} holds no prompts; give a JSONL file with a \"prompt\" field "
+                         "per line")
     plan, stats = load_plan(plan_path), load_stats(stats_path)
-    hierarchy = hierarchy_from_plan(plan)
+    hierarchy = hierarchy_from_plan(plan, allow_outside_plan_dir=allow_outside_plan_dir)
     target, target_dir = hierarchy.target, str(plan.directory())
     tokenizer = load_tokenizer(target_dir)
-    texts = load_prompts(prompts_file)[:num_prompts or None]
     encoded = [encode_prompt(tokenizer, t) for t in texts]
     prompts, lengths = pad_prompts(encoded)
     mode = "greedy" if temperature == 0 else "sampled"

@@ -10,7 +10,7 @@ from hsd_jax.bench.llamacpp import LLAMACPP_METHODS
 from hsd_jax.bench.methods import METHODS, run_bench, run_methods
 from hsd_jax.bench.plots import plot_methods
 from hsd_jax.cli.common import add_mesh_argument, mesh_from_args, progress_printer
-from hsd_jax.io.files import write_json
+from hsd_jax.io.files import check_output_file, write_json
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -37,6 +37,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="(AR-only bench) timed repeats per prompt")
     p.add_argument("--json", dest="json_out", help="write the results to this JSON file")
     p.add_argument("--plot", help="write a bar chart of tokens/s to this PNG")
+    p.add_argument("--allow-outside-plan-dir", action="store_true",
+                   help="let --plan name models outside the plan file's directory")
     add_mesh_argument(p)
     return p
 
@@ -84,6 +86,9 @@ def ar_bench_lines(results: dict[str, Any]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    for out in (args.json_out, args.plot):
+        if out:
+            check_output_file(out)  # before the run, not after it
     if args.plan:
         if not (args.stats and args.prompts):
             raise ValueError("bench --plan needs --stats stats.json and --prompts FILE.jsonl")
@@ -100,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
             mesh=mesh_from_args(args),
             rounds_per_chunk=args.rounds_per_chunk,
             progress=progress_printer,
+            allow_outside_plan_dir=args.allow_outside_plan_dir,
         )
         lines = methods_lines(results)
     elif args.model:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hsd_jax.io.checkpoint import require_model_dir
+from hsd_jax.io.files import check_output_dir, check_output_file
 from hsd_jax.io.prompts import instructions_path, load_prompts
 from hsd_jax.train.distill import DraftSpec, TrainConfig, distill, make_dataset
 
@@ -42,14 +44,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--work-dir", help="orbax checkpoints to resume from (default: OUT_DIR.work)")
+    p.add_argument("--work-dir", help="orbax checkpoints to resume from (default: OUT_DIR.work, removed "
+                                      "once the draft is written)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    # every argument and output path is checked before hours of data generation and training
+    spec = DraftSpec.parse(args.layers, args.head_vocab)
+    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                        warmup_steps=args.warmup, checkpoint_every=args.checkpoint_every, seed=args.seed)
+    require_model_dir(args.target)
+    check_output_dir(args.out_dir, args.overwrite)
     paths = args.data or [DEFAULT_DATA]
+    for path in paths:
+        check_output_file(path)
     temperatures = args.answer_temperature or []
     if len(temperatures) > len(paths):
         raise ValueError(f"{len(temperatures)} --answer-temperature values for {len(paths)} --data files; "
@@ -69,9 +80,6 @@ def run(args: argparse.Namespace) -> int:
                 temperature=temperature,
                 seed=index,
             )
-    spec = DraftSpec.parse(args.layers, args.head_vocab)
-    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                        warmup_steps=args.warmup, checkpoint_every=args.checkpoint_every, seed=args.seed)
     summary = distill(args.target, paths, args.out_dir, spec, train, work_dir=args.work_dir,
                       overwrite=args.overwrite)
     print(f"wrote {args.out_dir}: {summary['steps']} steps, {summary['answer_tokens_seen']} answer tokens, "

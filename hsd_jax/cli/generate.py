@@ -14,9 +14,10 @@ import jax
 import numpy as np
 
 from hsd_jax.cli.common import add_dtype_argument, add_mesh_argument, add_sampling, int_list, mesh_from_args
-from hsd_jax.decoding.hierarchy import Hierarchy
+from hsd_jax.decoding.hierarchy import MAX_BUFFER, Hierarchy
+from hsd_jax.decoding.ngram import MAX_NGRAM
 from hsd_jax.decoding.stream import Streamer
-from hsd_jax.io.checkpoint import encode_prompt, load_tokenizer
+from hsd_jax.io.checkpoint import encode_prompt, load_tokenizer, require_model_dir, tokenizer_fingerprint
 from hsd_jax.io.detokenize import TextStream
 from hsd_jax.io.sources import from_source, parse_source
 from hsd_jax.parallel.sharding import shard_hierarchy
@@ -41,6 +42,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     group.add_argument("--prompt", help="prompt text")
     group.add_argument("--prompt-ids", type=int_list, help="comma-separated token ids")
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to --prompt")
+    p.add_argument("--allow-inexact", action="store_true",
+                   help="admit an inexact verifier (zhou): its output law is NOT exactly the target's")
+    p.add_argument("--allow-outside-plan-dir", action="store_true",
+                   help="let --plan name models outside the plan file's directory (absolute or ../ paths)")
     p.add_argument("--json", action="store_true", help="print one JSON object (at the end)")
     p.add_argument("--stream", action="store_true", help="print the text as it is committed")
     p.add_argument("--rounds-per-chunk", type=int, default=4,
@@ -61,19 +66,49 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def check_same_tokenizer(target: str, drafts: Sequence[str]) -> None:
     """Raise ValueError unless every draft (a directory or int8:DIR; n-gram drafts have no
-    tokenizer) has the target's tokenizer."""
-    reference = load_tokenizer(parse_source(target).directory()).get_vocab()
+    tokenizer) has the target's tokenizer: the same vocabulary, merges and added tokens in its
+    files (the loaded objects may differ by class: transformers' Qwen2 class adds a token)."""
+    reference = tokenizer_fingerprint(parse_source(target).directory())
     for draft in drafts:
         source = parse_source(draft)
         if source.is_ngram:
             continue
-        vocab = load_tokenizer(source.directory()).get_vocab()
-        if vocab != reference:
-            differ = len(set(vocab.items()) ^ set(reference.items()))
+        fingerprint = tokenizer_fingerprint(require_model_dir(source.directory()))
+        if fingerprint != reference:
+            vocab, ref = fingerprint["vocab"], reference["vocab"]
+            differ = len(set(vocab.items()) ^ set(ref.items()))
+            what = f"{differ} vocabulary entries differ" if differ else "their merges or added tokens differ"
             raise ValueError(
                 f"draft {draft} has a different tokenizer from the target {target} "
-                f"({differ} vocabulary entries differ); every level must share the target's tokenizer"
+                f"({what}); every level must share the target's tokenizer"
             )
+
+
+def precheck(args: argparse.Namespace) -> None:
+    """Refuse a bad request before any model is loaded or any memory allocated."""
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not 0 <= args.ngram <= MAX_NGRAM:
+        raise ValueError(f"--ngram must be in [1, {MAX_NGRAM}] (0: none), got {args.ngram}")
+    if args.buffers is not None and not all(1 <= t <= MAX_BUFFER for t in args.buffers):
+        raise ValueError(f"--buffers must be integers in [1, {MAX_BUFFER}], got {args.buffers}")
+    if args.prompt is not None:
+        try:
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"--prompt is not valid UTF-8 text (byte {e.start}); pass UTF-8 text, or "
+                             "token ids with --prompt-ids") from None
+        if not args.prompt.strip() and not args.chat:
+            raise ValueError("--prompt is empty; give some text (or --chat, or --prompt-ids)")
+    if args.prompt_ids is not None and not args.prompt_ids:
+        raise ValueError("--prompt-ids is empty; give at least one token id")
+    if args.model is None and not args.plan:
+        raise ValueError("give the target with --model DIR, or a plan with --plan plan.json")
+    if args.model is not None:
+        require_model_dir(args.model)
+    for draft in args.draft:
+        if not parse_source(draft).is_ngram:
+            require_model_dir(parse_source(draft).directory())
 
 
 def load_hierarchy(args: argparse.Namespace) -> Hierarchy:
@@ -81,12 +116,15 @@ def load_hierarchy(args: argparse.Namespace) -> Hierarchy:
     --model/--draft/--ngram/--buffers/--verifier."""
     if args.plan:
         plan = load_plan(args.plan)
-        hierarchy = hierarchy_from_plan(plan, dtype=args.dtype)
+        hierarchy = hierarchy_from_plan(
+            plan,
+            dtype=args.dtype,
+            allow_outside_plan_dir=args.allow_outside_plan_dir,
+            allow_inexact=args.allow_inexact,
+        )
         if args.model is None:
             args.model = str(plan.directory())
         return hierarchy
-    if args.model is None:
-        raise ValueError("give the target with --model DIR, or a plan with --plan plan.json")
     check_same_tokenizer(args.model, args.draft)
     target = from_source(args.model, dtype=args.dtype)
     models = [from_source(d, vocab_size=target.vocab_size, dtype=args.dtype) for d in args.draft]
@@ -95,13 +133,16 @@ def load_hierarchy(args: argparse.Namespace) -> Hierarchy:
     models.append(target)
     buffers = args.buffers if args.buffers is not None else [4] * (len(models) - 1)
     verifier = args.verifier.split(",") if "," in args.verifier else args.verifier
-    return Hierarchy(models, buffers, verifier)
+    return Hierarchy(models, buffers, verifier, allow_inexact=args.allow_inexact)
 
 
 def hierarchy_from_args(args: argparse.Namespace) -> Hierarchy:
-    """`load_hierarchy`; with --mesh, the target tensor-parallel and the drafts replicated on it."""
-    hierarchy = load_hierarchy(args)
+    """`load_hierarchy`; with --mesh, the target tensor-parallel and the drafts replicated on it.
+    Multi-process start-up (`distributed.initialize`, in `mesh_from_args`) runs before any model
+    is loaded: JAX refuses to initialise once a backend is in use."""
+    precheck(args)
     mesh = mesh_from_args(args)
+    hierarchy = load_hierarchy(args)
     return hierarchy if mesh is None else shard_hierarchy(hierarchy, mesh, rule=None)
 
 
@@ -116,6 +157,8 @@ def generate(args: argparse.Namespace,
     target = hierarchy.target
     tokenizer = load_tokenizer(parse_source(args.model).directory())
     ids = args.prompt_ids if args.prompt_ids is not None else encode_prompt(tokenizer, args.prompt, args.chat)
+    if not ids:
+        raise ValueError(f"--prompt {args.prompt!r} encodes to no tokens; give some text")
     prompt = np.asarray([ids], np.int32)
     lengths = np.asarray([len(ids)], np.int32)
     eos = target.config.eos_token_id if tokenizer.eos_token_id is None else tokenizer.eos_token_id

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from hsd_jax.io.files import write_bytes
+from hsd_jax.io.files import check_output_file, write_bytes
 from hsd_jax.planning import MODES, Plan, load_stats, save_plan, solve
+from hsd_jax.planning.plan import outside_sources
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -111,6 +112,9 @@ def plot_plans(
 def run(args: argparse.Namespace) -> int:
     """`hsd-jax plan`: solve, print the chosen hierarchy and runner-ups, write plan.json (its model
     directories relative to the plan file's directory, where they resolve) and the plot."""
+    for out in (args.out, args.plot):
+        if out:
+            check_output_file(out)  # before solving, not after it
     stats = load_stats(args.stats)
     measured = _load_measured(args.measure)
     plans = solve(stats, n_max=args.n_max, mode=args.temperature_mode, top=args.top,
@@ -127,8 +131,13 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         print(f"measured labels not among these plans: {unknown}")
     # the stats' model directories are relative to the working directory it was profiled from
-    save_plan(best.relative_to(Path(args.out).absolute().parent, base_dir=Path.cwd()), args.out)
+    written = best.relative_to(Path(args.out).absolute().parent, base_dir=Path.cwd())
+    save_plan(written, args.out)
     print(f"wrote {args.out}")
+    outside = outside_sources(written)
+    if outside:
+        print(f"note: {args.out} names models outside its directory ({', '.join(outside)}); loading it "
+              "needs --allow-outside-plan-dir (or write the plan beside the models)")
     if args.plot:
         plot_plans(plans, args.plot, measured)
         print(f"wrote {args.plot}")

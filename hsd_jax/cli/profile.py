@@ -11,7 +11,7 @@ from hsd_jax.cli.common import (
     mesh_from_args,
     progress_printer,
 )
-from hsd_jax.io.files import write_json
+from hsd_jax.io.files import check_output_file, write_json
 from hsd_jax.io.prompts import load_prompts
 from hsd_jax.planning.profile import profile_family
 
@@ -39,10 +39,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_file(args.out)  # before the run, not after it
     sources = list(args.models)
     if args.ngram:
         sources.insert(0, f"ngram:{args.ngram}")
     prompts = load_prompts(args.prompts)[:args.num_prompts or None]
+    if not prompts:
+        raise ValueError(f"{args.prompts} holds no prompts; give a JSONL file with a \"prompt\" field "
+                         "per line")
     stats = profile_family(sources, prompts, temperature=args.temperature, max_k=args.max_k, dtype=args.dtype,
                            sparse_ks=args.sparse_k, max_new_tokens=args.max_new_tokens,
                            cache_size=args.cache_size, repeats=args.repeats, mesh=mesh_from_args(args),

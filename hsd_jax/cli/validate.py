@@ -12,7 +12,7 @@ import numpy as np
 from hsd_jax.bench.plots import plot_validation
 from hsd_jax.bench.validate import candidates, format_rows, measure, summarise
 from hsd_jax.cli.common import progress_printer
-from hsd_jax.io.files import write_text
+from hsd_jax.io.files import check_output_file, write_text
 from hsd_jax.planning import load_plan, load_stats
 
 
@@ -40,6 +40,9 @@ def _plain(value: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    for out in (args.json_out, args.plot):
+        if out:
+            check_output_file(out)  # before the run, not after it
     stats = load_stats(args.stats)
     plan = load_plan(args.plan) if args.plan else None
     hierarchies = candidates(stats, plan, top=args.top, use_grid=args.grid)

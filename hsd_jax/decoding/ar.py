@@ -7,6 +7,8 @@ commits tokens at its own pace and finishes at EOS or `max_new_tokens`.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -66,22 +68,53 @@ class OutputBuffer:
         return OutputBuffer(tokens=tokens, num_tokens=num_tokens, done=done)
 
 
+def positive_int(name: str, value: Any) -> int:
+    """`value` as a Python int >= 1 (numpy integers accepted); a ValueError naming `name` otherwise."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _check_ids(name: str, array: Any) -> None:
+    dtype = getattr(array, "dtype", None)
+    if dtype is None:
+        dtype = np.asarray(array).dtype
+    if not (jnp.issubdtype(dtype, jnp.integer) and dtype != jnp.bool_):
+        raise TypeError(f"{name} must hold integers (token ids / lengths), got dtype {dtype}; "
+                        "convert with np.asarray(..., np.int32) after checking the values")
+
+
+def context_length(models: Sequence[Any]) -> int | None:
+    """The smallest context length (`max_position_embeddings`) of the models that have one."""
+    configs = [getattr(m, "config", None) for m in models]
+    lengths = [c.max_position_embeddings for c in configs if hasattr(c, "max_position_embeddings")]
+    return min(lengths) if lengths else None
+
+
 def validate_request(vocab_size: int, prompt_tokens, prompt_lengths, *, max_new_tokens: int,
                      cache_size: int, max_positions: int | None, sampling: SamplingParams,
                      eos_token_id: int | None, headroom: int = 0) -> SamplingParams:
-    """Check shapes, lengths, ids and sampling parameters; raise ValueError naming the fix.
+    """Check shapes, dtypes, lengths, ids and sampling parameters; raise ValueError (TypeError for a
+    non-integer dtype) naming the fix. `max_positions` is the models' context length.
 
     Value checks run only on concrete arrays: inside a caller's `jax.jit` they are skipped.
     """
     sampling = sampling.validate(vocab_size)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if eos_token_id is not None and not 0 <= int(eos_token_id) < vocab_size:
-        raise ValueError(f"eos_token_id={eos_token_id} is outside the vocabulary [0, {vocab_size})")
+    positive_int("max_new_tokens", max_new_tokens)
+    if eos_token_id is not None:
+        if isinstance(eos_token_id, (bool, np.bool_)) or not isinstance(eos_token_id, (int, np.integer)):
+            raise TypeError(f"eos_token_id must be an integer token id or None, got {eos_token_id!r}")
+        if not 0 <= int(eos_token_id) < vocab_size:
+            raise ValueError(f"eos_token_id={eos_token_id} is outside the vocabulary [0, {vocab_size})")
     if np.ndim(prompt_tokens) != 2 or np.ndim(prompt_lengths) != 1:
         raise ValueError("prompt_tokens must be [batch, prompt_len] and prompt_lengths [batch]; got shapes "
                          f"{np.shape(prompt_tokens)} and {np.shape(prompt_lengths)}")
+    _check_ids("prompt_tokens", prompt_tokens)
+    _check_ids("prompt_lengths", prompt_lengths)
     batch, prompt_len = np.shape(prompt_tokens)
+    if batch == 0 or prompt_len == 0:
+        raise ValueError(f"the prompt is empty (prompt_tokens has shape {np.shape(prompt_tokens)}); every "
+                         "row needs at least one token")
     if np.shape(prompt_lengths)[0] != batch:
         raise ValueError(
             f"prompt_lengths has {np.shape(prompt_lengths)[0]} rows but prompt_tokens has {batch}"
@@ -90,10 +123,10 @@ def validate_request(vocab_size: int, prompt_tokens, prompt_lengths, *, max_new_
     spec = f" plus {headroom} speculative positions" if headroom else ""
     if max_positions is not None and need > max_positions:
         raise ValueError(
-            f"the prompt ({prompt_len} tokens) plus max_new_tokens={max_new_tokens}{spec} exceeds the "
-            "model's "
-            f"{max_positions} learned positions; shorten the prompt or lower max_new_tokens"
-        )
+            f"the prompt ({prompt_len} tokens) plus max_new_tokens={max_new_tokens}{spec} needs {need} "
+            f"positions, more than the model's context length of {max_positions} positions "
+            "(max_position_embeddings); shorten the prompt or lower max_new_tokens"
+            + (" or the buffers" if headroom else ""))
     if need > cache_size:
         raise ValueError(
             f"the prompt ({prompt_len} tokens) plus max_new_tokens={max_new_tokens}{spec} needs a cache of "
@@ -116,6 +149,55 @@ def validate_request(vocab_size: int, prompt_tokens, prompt_lengths, *, max_new_
             f"vocabulary [0, {vocab_size}); check that the prompt was encoded with this model's tokenizer"
         )
     return sampling
+
+
+MEMORY_CHECK_BYTES = 256 << 20  # requests estimated below this skip the (cheap) memory look-up
+
+
+def available_memory_bytes() -> int | None:
+    """Memory a request may still use: free device memory on an accelerator, else the host's
+    MemAvailable (/proc/meminfo) or free pages (sysconf); None when unknown."""
+    if jax.default_backend() != "cpu":
+        try:
+            stats = [d.memory_stats() or {} for d in jax.local_devices()]
+            free = [s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats if "bytes_limit" in s]
+            if free:
+                return sum(free)
+        except Exception:  # memory_stats is optional on some backends
+            pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(models: Sequence[Any], batch: int, cache_size: int, vocab_size: int,
+                 buffer_positions: int = 0) -> int:
+    """Estimate the bytes a generation allocates beyond the weights (every model's KV cache, the
+    probability buffers and the output) and refuse, before allocating, a request that cannot fit."""
+    total = 0
+    for m in models:
+        config = getattr(m, "config", None)
+        if config is None or not hasattr(config, "num_kv_heads"):
+            continue
+        itemsize = np.dtype(getattr(m, "dtype", np.float32)).itemsize
+        total += 2 * config.num_layers * batch * cache_size * config.num_kv_heads * config.head_dim * itemsize
+    total += batch * (buffer_positions + 2) * vocab_size * 4 + 2 * batch * cache_size * 4
+    if total > MEMORY_CHECK_BYTES:
+        available = available_memory_bytes()
+        if available is not None and total > available:
+            raise ValueError(
+                f"this request needs about {total / 2**30:.1f} GiB for KV caches and buffers (batch {batch}, "
+                f"{cache_size} positions) but only {available / 2**30:.1f} GiB is available; lower "
+                "max_new_tokens, the batch or the buffers")
+    return total
 
 
 def default_cache_size(prompt_len: int, max_new_tokens: int, headroom: int = 0) -> int:
@@ -223,14 +305,20 @@ def prepare_ar(model: Model, prompt_tokens, prompt_lengths, *, max_new_tokens: i
                top_k: int = 0, top_p: float = 1.0, eos_token_id: int | None = None,
                cache_size: int | None = None) -> dict[str, Any]:
     """Validate a request for plain decoding; the static arguments of its programs."""
+    max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
     prompt_len = np.shape(prompt_tokens)[1] if np.ndim(prompt_tokens) == 2 else 0
+    context = context_length([model])
     if cache_size is None:
-        cache_size = default_cache_size(prompt_len, max_new_tokens if isinstance(max_new_tokens, int) else 0)
-        cache_size = min(cache_size, _learned_positions(model) or cache_size)
+        cache_size = default_cache_size(prompt_len, max_new_tokens)
+        cache_size = min(cache_size, context or cache_size)
+    else:
+        cache_size = positive_int("cache_size", cache_size)
     sampling = validate_request(
         model.vocab_size, prompt_tokens, prompt_lengths, max_new_tokens=max_new_tokens,
-        cache_size=cache_size, max_positions=_learned_positions(model),
+        cache_size=cache_size, max_positions=context,
         sampling=SamplingParams(temperature, top_k, top_p), eos_token_id=eos_token_id)
+    check_memory([model], np.shape(prompt_tokens)[0], cache_size, model.vocab_size)
+    eos_token_id = None if eos_token_id is None else int(eos_token_id)
     return dict(max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=eos_token_id,
                 cache_size=cache_size, pad_id=eos_token_id if eos_token_id is not None else 0)
 
@@ -248,7 +336,3 @@ def ar_generate(model: Model, prompt_tokens, prompt_lengths, key: jax.Array, *, 
                         cache_size=cache_size)
     return _ar_generate(model, jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32),
                         key, **static)
-
-
-def _learned_positions(model: Model) -> int | None:
-    return model.config.max_position_embeddings if model.config.positions == "learned" else None

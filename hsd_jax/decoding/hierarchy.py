@@ -14,6 +14,7 @@ from hsd_jax.decoding.verify import check_rule
 from hsd_jax.models import Model
 
 _PLAN_LOADER: Callable[..., Hierarchy] | None = None
+MAX_BUFFER = 256  # the largest buffer target T_i (the planner searches 1..32)
 
 
 def register_plan_loader(loader: Callable[..., Hierarchy]) -> None:
@@ -30,6 +31,9 @@ class Hierarchy:
     def __init__(self, models: Sequence[Drafter], buffers: Sequence[int] = (),
                  verifier: str | Sequence[str] = "tokenwise", *, shared_vocab_size: int | None = None,
                  allow_inexact: bool = False):
+        if isinstance(models, (str, bytes)) or not isinstance(models, Sequence):
+            raise TypeError(f"models must be a sequence of drafters (M_0 first, target last), got "
+                            f"{type(models).__name__}")
         models = tuple(models)
         if not models:
             raise ValueError("a Hierarchy needs at least the target model")
@@ -50,15 +54,23 @@ class Hierarchy:
                     f"models[{i}] has {sizes[i]:,} parameters, more than the target models[-1] "
                     f"({sizes[-1]:,}); order models smallest (M_0) to target (M_K), target last")
         depth = len(models) - 1
+        if isinstance(buffers, (str, bytes)) or not isinstance(buffers, (Sequence, np.ndarray)):
+            raise TypeError(f"buffers must be a sequence of integers (T_0..T_{{K-1}}), got {buffers!r}")
         buffers = tuple(buffers)
         if len(buffers) != depth:
             raise ValueError(
                 f"{len(models)} models need {depth} buffer targets (T_0..T_{{K-1}}), got {len(buffers)}"
             )
         for i, t in enumerate(buffers):
-            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 1:
-                raise ValueError(f"buffer T_{i} must be an integer >= 1, got {t!r}")
-        schedule = Schedule.of(buffers)
+            if (
+                isinstance(t, (bool, np.bool_))
+                or not isinstance(t, (int, np.integer))
+                or not 1 <= t <= MAX_BUFFER
+            ):
+                raise ValueError(f"buffer T_{i} must be an integer in [1, {MAX_BUFFER}], got {t!r}")
+        schedule = Schedule.of(tuple(int(t) for t in buffers))
+        if not isinstance(verifier, (str, Sequence)):
+            raise TypeError(f"verifier must be a rule name or one per level, got {verifier!r}")
         verifiers = (verifier,) * depth if isinstance(verifier, str) else tuple(verifier)
         if len(verifiers) != depth:
             raise ValueError(
@@ -73,7 +85,9 @@ class Hierarchy:
                     "and differ only by padding, pass shared_vocab_size=<the tokenizer's size> to slice "
                     "every model's logits to it; otherwise they cannot draft for each other")
             shared_vocab_size = vocab_sizes[0]
-        elif shared_vocab_size > min(vocab_sizes) or shared_vocab_size < 1:
+        elif (isinstance(shared_vocab_size, (bool, np.bool_))
+              or not isinstance(shared_vocab_size, (int, np.integer))
+              or not 1 <= shared_vocab_size <= min(vocab_sizes)):
             raise ValueError(f"shared_vocab_size={shared_vocab_size} must be in [1, {min(vocab_sizes)}] "
                              f"(the smallest model vocabulary of {vocab_sizes})")
         self._set(models, schedule.buffers, verifiers, int(shared_vocab_size))

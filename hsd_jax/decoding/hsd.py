@@ -34,17 +34,30 @@ from hsd_jax.decoding.ar import (
     GenerationOutput,
     OutputBuffer,
     ar_generate,
+    check_memory,
+    context_length,
     default_cache_size,
+    positive_int,
     validate_request,
 )
 from hsd_jax.decoding.drafter import Drafter
-from hsd_jax.decoding.hierarchy import Hierarchy, register_plan_loader
+from hsd_jax.decoding.hierarchy import MAX_BUFFER, Hierarchy, register_plan_loader
 from hsd_jax.decoding.sampling import SamplingParams, distribution, sample
 from hsd_jax.decoding.schedule import Schedule
 from hsd_jax.decoding.verify import verify, verify_greedy
 
-__all__ = ["HSDStats", "Hierarchy", "ar_stats", "hsd_continue", "hsd_generate", "hsd_output", "hsd_start",
-           "prepare_hsd", "register_plan_loader"]
+__all__ = [
+    "MAX_BUFFER",
+    "HSDStats",
+    "Hierarchy",
+    "ar_stats",
+    "hsd_continue",
+    "hsd_generate",
+    "hsd_output",
+    "hsd_start",
+    "prepare_hsd",
+    "register_plan_loader",
+]
 
 
 @struct.dataclass
@@ -352,18 +365,20 @@ def prepare_hsd(hierarchy: Hierarchy, prompt_tokens, prompt_lengths, *, max_new_
                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                 eos_token_id: int | None = None, cache_size: int | None = None) -> dict[str, Any]:
     """Validate a request for a hierarchy of depth >= 1; the static arguments of its programs."""
+    max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
     prompt_width = np.shape(prompt_tokens)[1] if np.ndim(prompt_tokens) == 2 else 0
     headroom = sum(hierarchy.capacities) + hierarchy.depth + 2
     if cache_size is None:
-        cache_size = default_cache_size(
-            prompt_width, max_new_tokens if isinstance(max_new_tokens, int) else 0, headroom
-        )
-    learned = [m.config.max_position_embeddings for m in hierarchy.models
-               if getattr(getattr(m, "config", None), "positions", None) == "learned"]
+        cache_size = default_cache_size(prompt_width, max_new_tokens, headroom)
+    else:
+        cache_size = positive_int("cache_size", cache_size)
     sampling = validate_request(
         hierarchy.vocab_size, prompt_tokens, prompt_lengths, max_new_tokens=max_new_tokens,
-        cache_size=cache_size, max_positions=min(learned) if learned else None,
+        cache_size=cache_size, max_positions=context_length(hierarchy.models),
         sampling=SamplingParams(temperature, top_k, top_p), eos_token_id=eos_token_id, headroom=headroom)
+    check_memory(hierarchy.models, np.shape(prompt_tokens)[0], cache_size, hierarchy.vocab_size,
+                 sum(hierarchy.capacities))
+    eos_token_id = None if eos_token_id is None else int(eos_token_id)
     return dict(max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=eos_token_id,
                 cache_size=cache_size, pad_id=eos_token_id if eos_token_id is not None else 0)
 

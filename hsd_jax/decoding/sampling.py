@@ -2,7 +2,9 @@
 
 A draft must report exactly the distribution it sampled from (research.md §2), so the target,
 the drafts and plain AR all go through `distribution` here: temperature, then top-k, then top-p,
-in the order transformers applies them. Temperature 0 is greedy: a one-hot at the argmax.
+in the order transformers applies them. Temperature 0 is greedy: a one-hot at the argmax. A
+temperature below MIN_TEMPERATURE is greedy too: it is that limit, and dividing float32 logits by
+it would overflow (1e-45 turned every logit into +-inf and every draw into token 0).
 """
 
 from __future__ import annotations
@@ -12,6 +14,13 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+MIN_TEMPERATURE = 1e-4  # below this (and above 0) sampling is greedy: the limit T -> 0
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,17 +35,20 @@ class SamplingParams:
 
     def validate(self, vocab_size: int | None = None) -> SamplingParams:
         t, k, p = self.temperature, self.top_k, self.top_p
-        if not isinstance(t, (int, float)) or math.isnan(t) or t < 0 or math.isinf(t):
+        if not _is_real(t) or math.isnan(t) or t < 0 or math.isinf(t):
             raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {t!r}")
+        if isinstance(k, np.integer) and not isinstance(k, np.bool_):
+            k = int(k)
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {k!r}")
         if vocab_size is not None and k > vocab_size:
             raise ValueError(
                 f"top_k={k} exceeds the vocabulary size {vocab_size}; use top_k <= {vocab_size} or 0"
             )
-        if not isinstance(p, (int, float)) or math.isnan(p) or not 0.0 < p <= 1.0:
+        if not _is_real(p) or math.isnan(p) or not 0.0 < p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {p!r}")
-        return dataclasses.replace(self, temperature=float(t), top_p=float(p))
+        t = float(t) if t >= MIN_TEMPERATURE else 0.0
+        return dataclasses.replace(self, temperature=t, top_k=k, top_p=float(p))
 
 
 def distribution(logits: jax.Array, params: SamplingParams) -> jax.Array:

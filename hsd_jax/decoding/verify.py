@@ -38,12 +38,12 @@ class Verdict(NamedTuple):
 
 
 def check_rule(rule: str, allow_inexact: bool = False) -> str:
-    if rule not in RULES:
+    if not isinstance(rule, str) or rule not in RULES:
         raise ValueError(f"unknown verifier {rule!r}; choose one of {', '.join(RULES)}")
     if rule in INEXACT_RULES and not allow_inexact:
         raise ValueError(
             f"verifier {rule!r} is not lossless (its exact-enumeration test measures a bias; see the "
-            "README, 'Verification rules'); pass allow_inexact=True to use it anyway")
+            "README, 'Verification rules'); pass allow_inexact=True (--allow-inexact) to use it anyway")
     return rule
 
 

@@ -9,6 +9,7 @@ nothing that loads.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import orbax.checkpoint as ocp
 
 from hsd_jax.io.files import atomic_directory
 from hsd_jax.models import Model, ModelConfig, Params, abstract_params, stack_layers
-from hsd_jax.models.config import CONFIG_FILE
+from hsd_jax.models.config import CONFIG_FILE, ConfigMismatchError
 from hsd_jax.parallel.sharding import ModelSharding, Rule
 
 PARAMS_DIR = "params"
@@ -157,9 +158,11 @@ def load_model(directory: str | Path, *, dtype: Any = None, sharding: Sharding |
     `layout` is the runtime layer layout (see `model.with_layout`). With `mesh` (and a `rule`, see
     `hsd_jax.sharding`) every device reads only its own shards, layout 'auto' is 'stacked', and the
     model's KV caches are pinned to the mesh."""
-    directory = Path(directory)
+    directory = require_model_dir(directory)
     try:
         config = ModelConfig.load(directory)
+    except ConfigMismatchError:
+        raise
     except (OSError, ValueError, TypeError) as e:
         raise corrupt_error(directory, f"cannot read {CONFIG_FILE}: {e}") from e
     stored_dtype = _stored_dtype(directory, config)
@@ -186,14 +189,75 @@ def load_model(directory: str | Path, *, dtype: Any = None, sharding: Sharding |
     return Model(params=params, config=config, sharding=placement).with_layout(layout)
 
 
+class NotAModelDirectory(FileNotFoundError, ValueError):
+    """A path given as a model directory is missing or is not one (both a FileNotFoundError and a
+    ValueError)."""
+
+
+def require_model_dir(directory: str | Path) -> Path:
+    """`directory` as a Path if it is an hsd-jax model directory; else a `NotAModelDirectory` saying
+    what it is instead (missing, a file, or a directory without hsd_config.json)."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise NotAModelDirectory(f"model directory {directory} does not exist; give the directory `hsd-jax "
+                                "convert SOURCE OUT_DIR` wrote (a local path: hsd-jax never downloads)")
+    if not directory.is_dir():
+        raise NotAModelDirectory(f"{directory} is a file, not a model directory; give the directory `hsd-jax "
+                                "convert SOURCE OUT_DIR` wrote")
+    if not (directory / CONFIG_FILE).is_file():
+        if (directory / PARAMS_DIR).is_dir():
+            raise corrupt_error(directory, f"{CONFIG_FILE} is missing")
+        raise NotAModelDirectory(f"{directory} is not an hsd-jax model directory (no {CONFIG_FILE}); convert "
+                                "a Hugging Face model or a GGUF file into one with "
+                                "`hsd-jax convert SOURCE OUT_DIR`")
+    return directory
+
+
+TOKENIZER_DEFINITIONS = ("tokenizer.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model")
+
+
 def load_tokenizer(directory: str | Path):
-    """The transformers tokenizer saved next to the weights (read offline)."""
+    """The transformers tokenizer saved next to the weights, read offline. Code shipped in a model
+    directory (an `auto_map` in tokenizer_config.json) is never run: trust_remote_code=False."""
     from transformers import AutoTokenizer
 
-    try:  # never run code from a model directory
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model directory {directory} does not exist; give a local directory "
+                                "(hsd-jax never downloads)")
+    if not any((directory / name).is_file() for name in TOKENIZER_DEFINITIONS):
+        raise ValueError(f"{directory} has no tokenizer ({', '.join(TOKENIZER_DEFINITIONS)}); convert the "
+                         "model with `hsd-jax convert`, which copies the source's tokenizer files")
+    try:
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"no usable tokenizer in {directory}: {e}") from e
+    except (OSError, ValueError, ImportError) as e:
+        brief = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ValueError(f"no usable tokenizer in {directory}: {brief}") from e
+
+
+def tokenizer_fingerprint(directory: str | Path) -> dict[str, object]:
+    """What decides a tokenizer's ids, read from its files (not from a loaded object, whose
+    model-specific class may add tokens): tokenizer.json's vocabulary, merges and added tokens,
+    else the bytes of the vocabulary files."""
+    directory = Path(directory)
+    path = directory / "tokenizer.json"
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            model = data.get("model") or {}
+            merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+            added = sorted((t["id"], t["content"]) for t in data.get("added_tokens") or [])
+            vocab = model.get("vocab") or {}
+            if isinstance(vocab, list):  # unigram: [piece, score] pairs
+                vocab = {piece[0]: i for i, piece in enumerate(vocab)}
+            return {"vocab": dict(vocab), "merges": merges, "added": added, "type": model.get("type")}
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ValueError(f"{path} is not a readable tokenizer.json ({e})") from None
+    found = {name: hashlib.sha256((directory / name).read_bytes()).hexdigest()
+             for name in TOKENIZER_DEFINITIONS[1:] if (directory / name).is_file()}
+    if not found:
+        raise ValueError(f"{directory} has no tokenizer files ({', '.join(TOKENIZER_DEFINITIONS)})")
+    return {"files": found, "vocab": {}}
 
 
 def encode_prompt(tokenizer, text: str, chat: bool = True) -> list[int]:

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hsd_jax.io.checkpoint import PARAMS_DIR, copy_tokenizer_files, save_params
-from hsd_jax.io.files import atomic_directory
+from hsd_jax.io.files import atomic_directory, check_output_dir
 from hsd_jax.io.tensors import (
     GGUFSource,
     TensorSource,
@@ -59,9 +59,16 @@ def open_source(source: str | Path) -> Source:
         return Source(from_hf_dict(gguf.hf_config), gguf.hf_config, gguf,
                       functools.partial(_save_gguf_tokenizer, path))
     if path.is_dir() and (path / "config.json").is_file():
-        hf_config = json.loads((path / "config.json").read_text())
+        try:
+            hf_config = json.loads((path / "config.json").read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path / 'config.json'} is not valid JSON ({e})") from None
         config = from_hf_dict(hf_config)  # raises on an unsupported architecture before any I/O
         return Source(config, hf_config, _weight_files(path), functools.partial(copy_tokenizer_files, path))
+    if not path.exists():
+        raise FileNotFoundError(f"{source} does not exist; give a local Hugging Face model directory, a "
+                                f".gguf file or one of {', '.join(SMOLLM2_ALIASES)} "
+                                "(hsd-jax never downloads)")
     raise FileNotFoundError(
         f"{source} is neither a Hugging Face model directory (with config.json), a .gguf file, "
         f"nor one of {', '.join(SMOLLM2_ALIASES)}")
@@ -297,6 +304,7 @@ def convert(source: str | Path, out_dir: str | Path, dtype: str = "float32", pro
     """Convert SOURCE into an hsd-jax model directory OUT_DIR (written atomically)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    check_output_dir(out_dir, overwrite)  # before reading a byte of the source
     src = open_source(source)
     entries = plan(src.config, src.tensors)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:

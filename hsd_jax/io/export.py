@@ -36,7 +36,7 @@ import numpy as np
 
 from hsd_jax.io.checkpoint import copy_tokenizer_files, corrupt_error, load_model
 from hsd_jax.io.convert import get_leaf, plan
-from hsd_jax.io.files import atomic_directory
+from hsd_jax.io.files import atomic_directory, check_output_dir
 from hsd_jax.io.tensors import TensorSource
 from hsd_jax.models import Params, stack_layers
 from hsd_jax.models.config import CONFIG_FILE, ModelConfig, UnsupportedArchitectureError, from_hf_dict
@@ -263,6 +263,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, *, dtype: str = "float
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(EXPORT_DTYPES)}")
     model_dir = Path(model_dir)
+    check_output_dir(out_dir, overwrite)
     if not (model_dir / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{model_dir} is not an hsd-jax model directory (no {CONFIG_FILE}); "
                                 "convert a model first with `hsd-jax convert SOURCE OUT_DIR`")

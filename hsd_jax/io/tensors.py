@@ -53,17 +53,30 @@ class _FileMapSource(TensorSource):
         return self._files.keys()
 
 
+def unreadable(path: Path, error: BaseException) -> ValueError:
+    """A damaged weight file: the file, the reader's first line and the fix."""
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    return ValueError(f"cannot read the weights in {path} ({type(error).__name__}: {first}); the file is "
+                      "truncated, damaged or not in the format its name says: download or save it again")
+
+
 class SafetensorsSource(_FileMapSource):
     @staticmethod
     def names_in(path: Path) -> list[str]:
-        with safe_open(path, framework="flax") as f:
-            return list(f.keys())
+        try:
+            with safe_open(path, framework="flax") as f:
+                return list(f.keys())
+        except Exception as e:  # safetensors raises its own error types for damaged headers
+            raise unreadable(path, e) from None
 
     def load(self, name: str) -> np.ndarray:
         # The numpy backend cannot represent bfloat16; the flax one can. Keep it on the host.
-        with jax.default_device(jax.devices("cpu")[0]):
-            with safe_open(self._files[name], framework="flax") as f:
-                return np.asarray(f.get_tensor(name), dtype=np.float32)
+        try:
+            with jax.default_device(jax.devices("cpu")[0]):
+                with safe_open(self._files[name], framework="flax") as f:
+                    return np.asarray(f.get_tensor(name), dtype=np.float32)
+        except Exception as e:  # a header that promises more bytes than a truncated file holds
+            raise unreadable(self._files[name], e) from None
 
 
 class TorchBinSource(_FileMapSource):
@@ -75,7 +88,10 @@ class TorchBinSource(_FileMapSource):
     def _read(path: Path) -> dict[str, Any]:
         import torch
 
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:  # weights_only: never unpickle code
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise unreadable(path, e) from None
 
     @staticmethod
     def names_in(path: Path) -> list[str]:
@@ -108,7 +124,13 @@ def _weight_files(directory: Path) -> TensorSource:
         ("pytorch_model.bin", "pytorch_model.bin.index.json", TorchBinSource),
     ):
         if (directory / index).is_file():
-            weight_map = json.loads((directory / index).read_text())["weight_map"]
+            try:
+                weight_map = json.loads((directory / index).read_text())["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError("weight_map is not an object")
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{directory / index} is not a valid index ({type(e).__name__}: {e}); "
+                                 "it needs a 'weight_map' object {tensor name: shard file}") from None
             return source_cls(
                 {n: _shard_path(directory, f, index) for n, f in weight_map.items()}, directory / index
             )
@@ -154,7 +176,10 @@ class GGUFSource(TensorSource):
 
     def __init__(self, path: Path):
         super().__init__(path)
-        self.reader = GGUFReader(path)
+        try:
+            self.reader = GGUFReader(path)
+        except Exception as e:  # gguf raises ValueError, struct.error, IndexError, ... on damaged files
+            raise unreadable(path, e) from None
         self.metadata = {k: f.contents() for k, f in self.reader.fields.items()
                          if f.types and f.types[0] != GGUFValueType.ARRAY}
         self._tensors = {_gguf_to_hf_name(t.name): t for t in self.reader.tensors}

@@ -7,6 +7,7 @@ The decoder in `model.py` reads only this dataclass; `from_hf_dict` maps a Huggi
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -14,10 +15,17 @@ from typing import Any, Literal
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox")
 CONFIG_FILE = "hsd_config.json"
+# sha256 of the config the weights were written with (`ModelConfig.fingerprint`), saved beside it:
+# an edit of hsd_config.json after conversion (rope_theta, the activation, ...) is refused on load.
+CONFIG_HASH_FILE = "hsd_config.sha256"
 
 
 class UnsupportedArchitectureError(ValueError):
     """The checkpoint's `model_type` is not one the decoder implements."""
+
+
+class ConfigMismatchError(ValueError):
+    """hsd_config.json is not the config the weights beside it were written with."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +65,9 @@ class ModelConfig:
     embedding_sha256: str = ""
 
     def __post_init__(self):
+        if not (0 <= self.rotary_dim and 2 * ((self.rotary_dims + 1) // 2) <= self.head_dim):
+            raise ValueError(f"rotary_dim={self.rotary_dim} does not fit head_dim={self.head_dim} (it "
+                             f"rotates 2 * ceil(rotary_dim / 2) dimensions of each head)")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
@@ -69,10 +80,17 @@ class ModelConfig:
 
     @property
     def rotary_dims(self) -> int:
+        """The rotary width as configured (transformers' `int(head_dim * partial_rotary_factor)`).
+        An odd width d rotates 2 * ceil(d / 2) dimensions, as transformers does (`llama3_inv_freq`)."""
         return self.rotary_dim or self.head_dim
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
+
+    def fingerprint(self) -> str:
+        """sha256 of the config's content (key order and whitespace do not matter)."""
+        canonical = json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
     @classmethod
     def from_json(cls, text: str) -> ModelConfig:
@@ -85,7 +103,9 @@ class ModelConfig:
         return cls(**raw)
 
     def save(self, directory: str | Path) -> None:
+        """Write hsd_config.json and the hash that pins it to the weights written beside it."""
         Path(directory, CONFIG_FILE).write_text(self.to_json())
+        Path(directory, CONFIG_HASH_FILE).write_text(self.fingerprint() + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> ModelConfig:
@@ -95,7 +115,15 @@ class ModelConfig:
                 f"{path} not found: {directory} is not an hsd-jax model directory "
                 "(convert a Hugging Face model first with `hsd-jax convert SOURCE OUT_DIR`)"
             )
-        return cls.from_json(path.read_text())
+        config = cls.from_json(path.read_text())
+        pinned = Path(directory, CONFIG_HASH_FILE)
+        if pinned.is_file() and pinned.read_text().strip() != config.fingerprint():
+            raise ConfigMismatchError(
+                f"{path} was edited after the weights in {directory} were written ({CONFIG_HASH_FILE} holds "
+                "the sha256 of the config they were written with): the weights would run under another "
+                "architecture. Restore the original hsd_config.json, or re-convert the model with "
+                "`hsd-jax convert SOURCE OUT_DIR --overwrite`")
+        return config
 
 
 def _first_id(value: Any) -> int | None:
@@ -129,7 +157,21 @@ def _llama3_scaling(rope: dict[str, Any]) -> tuple[tuple[str, float], ...]:
 
 
 def from_hf_dict(hf: dict[str, Any]) -> ModelConfig:
-    """Map a Hugging Face config dict onto ModelConfig, or raise naming the unknown model_type."""
+    """Map a Hugging Face config dict onto ModelConfig, or raise a ValueError naming the unknown
+    model_type, the missing field or the value of the wrong type."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"a Hugging Face config must be a JSON object, got {type(hf).__name__}")
+    try:
+        return _from_hf_dict(hf)
+    except KeyError as e:
+        raise ValueError(f"config.json has no {e.args[0]!r} field, which a {hf.get('model_type')} model "
+                         "needs; use the config.json the checkpoint was saved with") from None
+    except (TypeError, ZeroDivisionError, AttributeError) as e:
+        raise ValueError(f"config.json has a missing or wrongly typed value ({type(e).__name__}: {e}); "
+                         "use the config.json the checkpoint was saved with") from None
+
+
+def _from_hf_dict(hf: dict[str, Any]) -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedArchitectureError(
@@ -216,8 +258,8 @@ def _activation(name: str) -> str:
 
 def llama3_inv_freq(config: ModelConfig) -> list[float]:
     """Rotary inverse frequencies, with Llama 3.1 frequency scaling when configured."""
-    dims = config.rotary_dims
-    inv_freq = [1.0 / config.rope_theta ** (2 * i / dims) for i in range(dims // 2)]
+    dims = config.rotary_dims  # transformers: arange(0, dims, 2) / dims, so an odd width rounds up
+    inv_freq = [1.0 / config.rope_theta ** (2 * i / dims) for i in range((dims + 1) // 2)]
     if not config.rope_scaling:
         return inv_freq
     s = dict(config.rope_scaling)

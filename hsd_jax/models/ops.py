@@ -55,9 +55,14 @@ def activation(x: jax.Array, name: str) -> jax.Array:
 
 
 def rotary(x: jax.Array, cos: jax.Array, sin: jax.Array, rotary_dims: int) -> jax.Array:
-    """HF's rotate-half RoPE on the first `rotary_dims` of each head. x: [B, T, H, D]."""
-    rot, passthrough = x[..., :rotary_dims], x[..., rotary_dims:]
-    half = rotary_dims // 2
+    """HF's rotate-half RoPE on the first dimensions of each head. x: [B, T, H, D]; cos, sin
+    [B, T, ceil(rotary_dims / 2)]. Like transformers, an odd `rotary_dims` (e.g. GPT-NeoX's head_dim
+    12 x 0.25 = 3) rotates 2 * ceil(rotary_dims / 2) dimensions: the width of its cos/sin tables."""
+    half = cos.shape[-1]
+    width = 2 * half
+    if width > x.shape[-1] or half != (rotary_dims + 1) // 2:
+        raise ValueError(f"rotary width {rotary_dims} does not fit heads of {x.shape[-1]} dimensions")
+    rot, passthrough = x[..., :width], x[..., width:]
     x1, x2 = rot[..., :half], rot[..., half:]
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

@@ -4,6 +4,10 @@
 loads the plan's models into an `hsd_jax.Hierarchy`. Relative model directories in a plan file
 resolve against the plan file's directory, so a plan keeps working from any working directory
 (`Plan.relative_to` re-expresses sources for a plan written elsewhere).
+
+A plan read from a file is input like any other: its model sources must lie inside the plan
+file's directory. An absolute source, one that climbs out with `..`, or a link leading out is
+refused unless the caller says so (`allow_outside_plan_dir=True`, `--allow-outside-plan-dir`).
 """
 
 from __future__ import annotations
@@ -168,7 +172,14 @@ class Plan:
 
 def load_plan(path: str | os.PathLike) -> Plan:
     """Read plan.json; its relative sources will resolve against the file's directory."""
-    plan = Plan.from_json(Path(path).read_text(), where=str(path))
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give the plan.json file `hsd-jax plan` wrote")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not a plan.json (not UTF-8 text: {e})") from None
+    plan = Plan.from_json(text, where=str(path))
     plan.base_dir = str(Path(path).absolute().parent)
     return plan
 
@@ -178,12 +189,28 @@ def save_plan(plan: Plan, path: str | os.PathLike) -> Path:
     return write_json(path, plan.to_json())
 
 
+def outside_sources(plan: Plan, base_dir: str | os.PathLike | None = None) -> list[str]:
+    """The plan's model sources that are absolute or resolve (links followed) outside the
+    directory they are relative to."""
+    root = Path(plan._base(base_dir)).resolve()
+    outside = []
+    for text in plan.sources:
+        source = parse_source(text)
+        if source.is_ngram:
+            continue
+        if Path(source.path).is_absolute() or not (root / source.path).resolve().is_relative_to(root):
+            outside.append(text)
+    return outside
+
+
 def hierarchy_from_plan(
     plan: Plan | Mapping | str | os.PathLike,
     *,
     base_dir: str | os.PathLike | None = None,
     dtype: Any = None,
     shared_vocab_size: int | None = None,
+    allow_outside_plan_dir: bool = False,
+    allow_inexact: bool = False,
 ) -> Hierarchy:
     """Load the plan's models into an `hsd_jax.Hierarchy` with the plan's buffers and verifier.
 
@@ -192,7 +219,9 @@ def hierarchy_from_plan(
     else the working directory. "ngram:N" becomes an `NGramDrafter` with the target's vocabulary;
     `dtype` casts the weights (default: the dtype the plan's stats were profiled in, else as
     stored); `shared_vocab_size` is passed on for models whose vocabularies
-    differ only by padding (see `Hierarchy`)."""
+    differ only by padding (see `Hierarchy`). A plan read from a file may name models only inside
+    its directory unless `allow_outside_plan_dir`; `allow_inexact` admits the plan's inexact
+    verifier (see `Hierarchy`)."""
     if isinstance(plan, Mapping):
         plan = Plan.from_json(plan)
     elif isinstance(plan, (str, os.PathLike)):
@@ -201,6 +230,13 @@ def hierarchy_from_plan(
         raise ValueError(f"a plan is a plan.json path, a Plan or its dict; got {type(plan).__name__}")
     base = plan._base(base_dir)
     dtype = plan.dtype if dtype is None else dtype
+    outside = outside_sources(plan, base_dir) if plan.base_dir is not None else []
+    if outside and not allow_outside_plan_dir:
+        raise ValueError(
+            f"the plan names models outside its directory {Path(base).absolute()}: {', '.join(outside)}. "
+            "A plan from elsewhere should not make hsd-jax read arbitrary paths; move the models (or the "
+            "plan) so that they lie below the plan file, or pass --allow-outside-plan-dir "
+            "(allow_outside_plan_dir=True) if you trust this plan")
     sources = [parse_source(s) for s in plan.sources]
     if sources[-1].is_ngram:
         raise ValueError(
@@ -208,7 +244,8 @@ def hierarchy_from_plan(
         )
     target = from_source(sources[-1], base_dir=base, dtype=dtype)
     models = [from_source(s, vocab_size=target.vocab_size, base_dir=base, dtype=dtype) for s in sources[:-1]]
-    return Hierarchy([*models, target], plan.buffers, plan.verifier, shared_vocab_size=shared_vocab_size)
+    return Hierarchy([*models, target], plan.buffers, plan.verifier, shared_vocab_size=shared_vocab_size,
+                     allow_inexact=allow_inexact)
 
 
 register_plan_loader(hierarchy_from_plan)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 
 from hsd_jax.decoding.ar import ar_generate
 from hsd_jax.io.checkpoint import embedding_fingerprint, encode_prompt, load_model, load_tokenizer, save_model
-from hsd_jax.io.files import write_bytes, write_json
+from hsd_jax.io.files import check_output_dir, write_bytes, write_json
 from hsd_jax.io.prompts import pad_prompts
 from hsd_jax.models import INTEGER_PARAMS, Model, Params, hidden_states, stack_layers
 
@@ -237,6 +238,17 @@ class TrainConfig:
     checkpoint_every: int = 100
     seed: int = 0
 
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"--warmup ({self.warmup_steps}) must be in [0, --steps) = [0, {self.steps}); "
+                             "lower --warmup or raise --steps")
+        if not self.learning_rate > 0:
+            raise ValueError(f"--learning-rate must be > 0, got {self.learning_rate}")
+
 
 WIDTH_BUCKET = 32
 
@@ -284,11 +296,13 @@ def distill(
     progress: bool = True,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Train a draft and save it as an hsd-jax model directory; resumes from `work_dir`.
+    """Train a draft and save it as an hsd-jax model directory; resumes from `work_dir` (default
+    OUT_DIR.work, removed once the draft is written; a given `work_dir` is kept).
 
     Returns a summary: steps, tokens seen, wall time, final loss.
     """
-    out_dir = Path(out_dir)
+    out_dir = check_output_dir(out_dir, overwrite)  # before the training, not after it
+    default_work = work_dir is None
     work_dir = Path(work_dir) if work_dir is not None else out_dir.with_name(out_dir.name + ".work")
     data_paths = [data_path] if isinstance(data_path, (str, Path)) else list(data_path)
     data = load_dataset(data_paths)
@@ -379,4 +393,6 @@ def distill(
         ],
     }
     write_json(out_dir / "distill_summary.json", summary)
+    if default_work:
+        shutil.rmtree(work_dir, ignore_errors=True)
     return summary
