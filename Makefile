@@ -17,9 +17,12 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# The real-model checks run in a second process: once, after ~450 tests in one process, XLA:CPU
+# (jaxlib 0.10.2) segfaulted while compiling SmolLM2's forward; alone they pass.
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --ignore=tests/test_smollm2.py
+	$(BIN)/python -m pytest -q tests/test_smollm2.py
 
 DEMO_PROMPT := Write a Python function that checks whether a number is prime.
 
