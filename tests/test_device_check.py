@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -31,7 +32,8 @@ def test_device_check_smoke(tmp_path):
         assert set(shape["ms"]) == {"batch_1", "batch_2"}
         assert all(v > 0 for v in shape["ms"]["batch_1"].values())
     overhead = sections["overhead"]
-    assert overhead["while_loop_iteration_us"] > 0 and len(overhead["hsd_rounds"]) == 1
+    # a difference of two timings: its sign is noise on a busy machine, its presence is the check
+    assert math.isfinite(overhead["while_loop_iteration_us"]) and len(overhead["hsd_rounds"]) == 1
     for batch in ("batch_2",):
         assert set(sections["throughput"][batch]) == {"ar", "hsd"}
         assert sections["throughput"][batch]["ar"]["tokens_per_s"] > 0

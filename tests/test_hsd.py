@@ -175,7 +175,7 @@ def test_different_vocab_sizes(models):
 def test_target_not_last(models):
     with pytest.raises(ValueError, match="order models smallest"):
         Hierarchy([models[-1], models[0]], (3,))
-    with pytest.raises(ValueError, match="target .* must be a model with a KV cache"):
+    with pytest.raises(ValueError, match="target .* must be a neural Model"):
         Hierarchy([models[0], NGramDrafter(2, VOCAB)], (3,))
 
 
