@@ -187,3 +187,77 @@ def test_distill_removes_its_default_work_dir(target_dir, data_path, tmp_path):
                                                           checkpoint_every=1), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["draft"]
     load_model(out)
+
+
+def test_milestones_and_resuming_from_a_committed_draft(target_dir, data_path, tmp_path, monkeypatch):
+    """A run writes its bf16 draft every `milestone_every` steps; another run (no work dir: another
+    machine) continues from that draft's weights and step count with a fresh optimizer."""
+    import hsd_jax.train.distill as distill_module
+
+    written = []
+    real_write_json = distill_module.write_json
+
+    def record(path, data, *args, **kwargs):
+        written.append(data["steps_done"])
+        return real_write_json(path, data, *args, **kwargs)
+
+    monkeypatch.setattr(distill_module, "write_json", record)
+    spec = DraftSpec(layers=(0,), head_vocab_size=40)
+    train = dict(batch_size=6, warmup_steps=1, learning_rate=3e-3, checkpoint_every=2)
+    milestone = tmp_path / "milestone"
+    first = distill(target_dir, data_path, milestone, spec,
+                    TrainConfig(steps=6, milestone_every=2, **train), progress=False)
+    assert written == [2, 4, 6] and first["steps_done"] == 6 and first["resumed_with"] == "nothing"
+    assert not (tmp_path / "milestone.work").exists()  # the default work dir is gone: the draft remains
+
+    data = dict(np.load(data_path))
+    committed = load_model(milestone, layout="stacked")
+    resumed = distill(target_dir, data_path, tmp_path / "resumed", spec,
+                      TrainConfig(steps=14, rewarm_steps=3, **train), resume_from=milestone, progress=False)
+    assert resumed["resumed_from"] == 6
+    assert resumed["resumed_with"] == "draft weights at step 6, fresh optimizer"
+    assert [step for step, _ in resumed["loss"]] == [10, 14]
+    after = load_model(tmp_path / "resumed", layout="stacked")
+    np.testing.assert_array_equal(np.asarray(after.params["head_ids"]),
+                                  np.asarray(committed.params["head_ids"]))
+    assert _loss(after, data) < _loss(committed, data)
+    with pytest.raises(ValueError, match="already trained 6 steps"):
+        distill(target_dir, data_path, tmp_path / "again", spec, TrainConfig(steps=6, **train),
+                resume_from=milestone, progress=False)
+    with pytest.raises(ValueError, match="has 1 layers but --layers names 2"):
+        distill(target_dir, data_path, tmp_path / "again", DraftSpec((0, 1), 40),
+                TrainConfig(steps=8, **train), resume_from=milestone, progress=False)
+
+
+def test_the_rewarm_schedule_continues_the_cosine():
+    from hsd_jax.train.distill import learning_rate
+
+    cfg = TrainConfig(steps=100, warmup_steps=10, learning_rate=1e-3, rewarm_steps=4)
+    fresh, resumed = learning_rate(cfg), learning_rate(cfg, rewarm_from=50)
+    assert float(fresh(0)) == 0.0 and float(fresh(10)) == pytest.approx(1e-3)
+    assert float(resumed(0)) == pytest.approx(float(fresh(50)) / 4)
+    assert float(resumed(3)) == pytest.approx(float(fresh(53)))
+    assert float(resumed(30)) == pytest.approx(float(fresh(80)))
+
+
+def test_bf16_products_train_the_float32_master(target_dir, data_path):
+    data = dict(np.load(data_path))
+    target = load_model(target_dir, layout="stacked")
+    draft = init_draft(target, DraftSpec((0, 1), 40), frequent_token_ids(data, 40, always=[0]),
+                       embedding_source="../target")
+    frozen = {k: draft.params[k] for k in ("embed", "head_ids")}
+    trainable = {k: v for k, v in draft.params.items() if k not in frozen}
+    width = data["tokens"].shape[1]
+    mask = ((np.arange(width)[None] >= data["answer_start"][:, None] - 1)
+            & (np.arange(width)[None] < data["lengths"][:, None] - 1)).astype(np.float32)
+    args = (draft.config, jnp.asarray(data["tokens"]), jnp.asarray(mask), jnp.asarray(data["teacher_ids"]),
+            jnp.asarray(data["teacher_logp"]))
+    grad = jax.grad(distill_loss)
+    f32, bf16 = grad(trainable, frozen, *args), grad(trainable, frozen, *args, jnp.bfloat16)
+    for a, b in zip(jax.tree.leaves(f32), jax.tree.leaves(bf16)):
+        assert b.dtype == jnp.float32
+        cosine = float(jnp.sum(a * b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + 1e-30))
+        assert cosine > 0.98, cosine
+    loss32 = float(distill_loss(trainable, frozen, *args))
+    loss16 = float(distill_loss(trainable, frozen, *args, jnp.bfloat16))
+    assert abs(loss16 - loss32) < 0.03 * loss32

@@ -22,7 +22,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--layers", required=True, help="target layers that initialise the draft, e.g. 0,29")
     p.add_argument("--head-vocab", type=int, default=8192, help="frequent-token head size (q = 0 elsewhere)")
     p.add_argument("--data", action="append",
-                   help="cached answers + teacher top-k, made if absent; repeat to train on several "
+                   help="cached answers + teacher top-k (a file, made if absent, or a `make-data` shard "
+                        "directory); repeat to train on several "
                         f"(default: {DEFAULT_DATA})")
     p.add_argument(
         "--answer-temperature",
@@ -44,8 +45,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--work-dir", help="orbax checkpoints to resume from (default: OUT_DIR.work, removed "
-                                      "once the draft is written)")
+    p.add_argument("--work-dir", help="orbax checkpoints (weights and optimizer state) to resume from "
+                                      "(default: OUT_DIR.work, removed once the draft is written)")
+    p.add_argument("--resume-from", help="a draft directory written by distill (e.g. a committed milestone): "
+                                         "continue from its weights and step count with a fresh optimizer")
+    p.add_argument("--milestone-every", type=int, default=0,
+                   help="write the bf16 draft to OUT_DIR every N steps (0: only at the end)")
+    p.add_argument("--rewarm", type=int, default=100, help="warm-up steps after --resume-from")
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype of the training products (float32 master weights either way)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     return p
@@ -55,12 +63,17 @@ def run(args: argparse.Namespace) -> int:
     # every argument and output path is checked before hours of data generation and training
     spec = DraftSpec.parse(args.layers, args.head_vocab)
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                        warmup_steps=args.warmup, checkpoint_every=args.checkpoint_every, seed=args.seed)
+                        warmup_steps=args.warmup, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                        compute_dtype=args.compute_dtype, milestone_every=args.milestone_every,
+                        rewarm_steps=args.rewarm)
     require_model_dir(args.target)
+    if args.resume_from:
+        require_model_dir(args.resume_from)
     check_output_dir(args.out_dir, args.overwrite)
     paths = args.data or [DEFAULT_DATA]
     for path in paths:
-        check_output_file(path)
+        if not Path(path).is_dir():  # a directory holds `hsd-jax make-data` shards
+            check_output_file(path)
     temperatures = args.answer_temperature or []
     if len(temperatures) > len(paths):
         raise ValueError(f"{len(temperatures)} --answer-temperature values for {len(paths)} --data files; "
@@ -68,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
     temperatures += [0.0] * (len(paths) - len(temperatures))
     prompts = None
     for index, (path, temperature) in enumerate(zip(paths, temperatures)):
+        if args.make_data and Path(path).is_dir():
+            raise ValueError(f"{path} is a directory of shards; extend it with `hsd-jax make-data`, not "
+                             "--make-data")
         if args.make_data or not Path(path).exists():
             prompts = prompts or load_prompts(args.instructions or instructions_path())
             make_dataset(
@@ -81,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
                 seed=index,
             )
     summary = distill(args.target, paths, args.out_dir, spec, train, work_dir=args.work_dir,
-                      overwrite=args.overwrite)
+                      resume_from=args.resume_from, overwrite=args.overwrite)
     print(f"wrote {args.out_dir}: {summary['steps']} steps, {summary['answer_tokens_seen']} answer tokens, "
           f"final loss {summary['loss'][-1][1]:.4f}, {summary['wall_s']:.0f}s")
     return 0

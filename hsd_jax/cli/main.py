@@ -16,10 +16,10 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from hsd_jax.cli import bench, convert, distill, export, generate, plan, profile, validate
+from hsd_jax.cli import bench, convert, distill, export, generate, make_data, plan, profile, validate
 
 # In the order `hsd-jax --help` lists them.
-COMMANDS = (convert, generate, distill, profile, plan, export, validate, bench)
+COMMANDS = (convert, generate, make_data, distill, profile, plan, export, validate, bench)
 # The errors a command reports as `hsd-jax <command>: error: ...` (exit status 2). ValueError
 # includes UnicodeError and the library's UnsupportedArchitectureError; OSError the file errors.
 USER_ERRORS = (ValueError, TypeError, KeyError, OSError)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import shutil
 import time
@@ -33,6 +34,8 @@ from hsd_jax.io.checkpoint import embedding_fingerprint, encode_prompt, load_mod
 from hsd_jax.io.files import check_output_dir, write_bytes, write_json
 from hsd_jax.io.prompts import pad_prompts
 from hsd_jax.models import INTEGER_PARAMS, Model, Params, hidden_states, stack_layers
+from hsd_jax.models.ops import dense
+from hsd_jax.train.magpie import SHARD, shard_paths
 
 DATA_FILE = "distill_data.npz"
 FROZEN = ("embed",) + INTEGER_PARAMS
@@ -125,7 +128,14 @@ SEQUENCE_ARRAYS = ("tokens", "teacher_ids", "teacher_logp")  # [N, S, ...]: padd
 
 
 def load_dataset(path: str | Path | Sequence[str | Path]) -> dict[str, np.ndarray]:
-    """One data file, or several (e.g. greedy and sampled answers) as one set of rows."""
+    """One data file, a directory of `hsd-jax make-data` shards, or several of either (e.g. greedy
+    and sampled answers) as one set of rows."""
+    if isinstance(path, (str, Path)) and Path(path).is_dir():
+        shards = shard_paths(path)
+        if not shards:
+            raise ValueError(f"{path} holds no data shards ({SHARD.format(0)}, ...); make them with "
+                             "`hsd-jax make-data`")
+        path = shards
     if not isinstance(path, (str, Path)):
         parts = [load_dataset(p) for p in path]
         if not parts:
@@ -203,17 +213,22 @@ def _split(params: Params) -> tuple[Params, Params]:
 
 
 def distill_loss(
-    trainable: Params, frozen: Params, config, tokens, mask, teacher_ids, teacher_logp
+    trainable: Params, frozen: Params, config, tokens, mask, teacher_ids, teacher_logp, compute_dtype=None
 ) -> jax.Array:
     """Mean over answer positions of KL(p || q) on the teacher's top-k support.
 
     p is the teacher's top-k renormalised over the ids the draft's head covers (the rest of p's
-    mass is a constant for the draft); q is the draft's softmax over its head.
+    mass is a constant for the draft); q is the draft's softmax over its head. `compute_dtype`
+    (e.g. bfloat16) casts the float weights for the products, which accumulate in float32; the
+    gradient flows back to the float32 master weights.
     """
     params = {**trainable, **frozen}
+    if compute_dtype is not None:
+        cast = lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+        params = jax.tree.map(cast, params)
     cache = Model(params, config).init_cache(tokens.shape[0], tokens.shape[1])
     x, _ = hidden_states(params, config, tokens, cache)
-    log_q = jax.nn.log_softmax(jnp.einsum("btd,dv->btv", x, params["lm_head"]).astype(jnp.float32), axis=-1)
+    log_q = jax.nn.log_softmax(dense(x, params["lm_head"], out_dtype=jnp.float32), axis=-1)
     to_head = jnp.full((config.vocab_size,), -1, jnp.int32).at[params["head_ids"]].set(
         jnp.arange(config.head_vocab_size, dtype=jnp.int32))
     head_index = to_head[teacher_ids]
@@ -237,8 +252,17 @@ class TrainConfig:
     weight_decay: float = 0.01
     checkpoint_every: int = 100
     seed: int = 0
+    compute_dtype: str = "float32"  # or "bfloat16": weights cast for the products (f32 master copy)
+    milestone_every: int = 0  # > 0: write the bf16 draft to OUT_DIR every this many steps
+    rewarm_steps: int = 100  # warm-up when resuming from a draft without its optimizer state
 
     def __post_init__(self):
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"compute dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
+        for name in ("milestone_every", "rewarm_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 0, got {value!r}")
         for name in ("steps", "batch_size", "checkpoint_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -279,10 +303,38 @@ def length_bucketed_batches(lengths: np.ndarray, batch_size: int, steps: int, se
     return np.stack(batches[:steps])
 
 
-def _optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps, cfg.steps,
-                                                  end_value=cfg.learning_rate * 0.05)
+def learning_rate(cfg: TrainConfig, rewarm_from: int | None = None) -> optax.Schedule:
+    """Warm-up + cosine over `cfg.steps`. Resumed at step `rewarm_from` without the optimizer's
+    moments, the schedule continues from there behind a fresh linear warm-up of `cfg.rewarm_steps`
+    (optax counts from 0 again, hence the shift)."""
+    base = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps, cfg.steps,
+                                              end_value=cfg.learning_rate * 0.05)
+    if rewarm_from is None:
+        return base
+    return lambda count: base(count + rewarm_from) * jnp.minimum(1.0, (count + 1) / max(cfg.rewarm_steps, 1))
+
+
+def _optimizer(cfg: TrainConfig, rewarm_from: int | None = None) -> optax.GradientTransformation:
+    schedule = learning_rate(cfg, rewarm_from)
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=cfg.weight_decay))
+
+
+def _resume_point(draft_dir: Path, target: Model, spec: DraftSpec) -> tuple[Params, int]:
+    """A committed draft's float32 weights and the step it was written at (its summary's
+    `steps_done`): the start of a run that has the draft but not its optimizer state."""
+    draft = load_model(draft_dir, dtype=jnp.float32, layout="stacked")
+    if draft.config.num_layers != len(spec.layers):
+        raise ValueError(f"{draft_dir} has {draft.config.num_layers} layers but --layers names "
+                         f"{len(spec.layers)}; resume with the draft's own --layers")
+    if draft.config.embedding_sha256 != embedding_fingerprint(target.params["embed"]):
+        raise ValueError(f"{draft_dir} was trained for another target (its embedding differs); resume it "
+                         "with its own target")
+    try:
+        done = int(json.loads((draft_dir / "distill_summary.json").read_text())["steps_done"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{draft_dir}/distill_summary.json does not say how many steps the draft has "
+                         f"trained ({e}); it cannot be resumed") from None
+    return draft.params, done
 
 
 def distill(
@@ -293,13 +345,23 @@ def distill(
     train: TrainConfig,
     *,
     work_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
     progress: bool = True,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Train a draft and save it as an hsd-jax model directory; resumes from `work_dir` (default
-    OUT_DIR.work, removed once the draft is written; a given `work_dir` is kept).
+    """Train a draft and save it as an hsd-jax model directory.
 
-    Returns a summary: steps, tokens seen, wall time, final loss.
+    Resuming, in order of preference:
+    - from `work_dir` (default OUT_DIR.work, removed once the draft is written; a given `work_dir`
+      is kept): orbax checkpoints of the weights *and* the optimizer state, every
+      `checkpoint_every` steps; the run continues exactly (same data: same batches).
+    - from `resume_from`, a draft directory this function wrote (a milestone, e.g. a committed
+      one): its bf16 weights and step count, a fresh AdamW state, and the schedule continued from
+      that step behind a `rewarm_steps` warm-up. Its head's token ids are kept.
+
+    With `train.milestone_every`, the bf16 draft is written to OUT_DIR every that many steps, so
+    OUT_DIR is always a loadable, resumable draft. Returns a summary: steps, tokens seen, wall
+    time, losses.
     """
     out_dir = check_output_dir(out_dir, overwrite)  # before the training, not after it
     default_work = work_dir is None
@@ -307,38 +369,85 @@ def distill(
     data_paths = [data_path] if isinstance(data_path, (str, Path)) else list(data_path)
     data = load_dataset(data_paths)
     target = load_model(target_dir, layout="stacked")
-    head_ids = frequent_token_ids(data, spec.head_vocab_size, always=[target.config.eos_token_id or 0])
-    draft = init_draft(target, spec, head_ids,
-                       embedding_source=os.path.relpath(Path(target_dir).resolve(), out_dir.resolve()))
-    del target
-    trainable, frozen = _split(draft.params)
-    optimizer = _optimizer(train)
-    state = {"params": trainable, "opt_state": optimizer.init(trainable)}
-
+    embedding_source = os.path.relpath(Path(target_dir).resolve(), out_dir.resolve())
     manager = ocp.CheckpointManager(work_dir.absolute(), options=ocp.CheckpointManagerOptions(
         max_to_keep=2, save_interval_steps=train.checkpoint_every))
-    start = 0
+    start, origin = 0, 0
+    if resume_from is not None and manager.latest_step() is None:
+        resumed, start = _resume_point(Path(resume_from), target, spec)
+        origin = start
+        head_ids = np.asarray(resumed["head_ids"])
+    else:
+        head_ids = frequent_token_ids(data, spec.head_vocab_size, always=[target.config.eos_token_id or 0])
+    draft = init_draft(target, dataclasses.replace(spec, head_vocab_size=len(head_ids)), head_ids,
+                       embedding_source=embedding_source)
+    del target
+    if origin:
+        trained = {k: v for k, v in resumed.items() if k not in FROZEN}
+        draft = draft.replace(params={**draft.params, **trained})
+    trainable, frozen = _split(draft.params)
+    state = {"params": trainable, "opt_state": _optimizer(train).init(trainable), "origin": jnp.int32(origin)}
     if manager.latest_step() is not None:
         start = manager.latest_step()
         state = manager.restore(start, args=ocp.args.StandardRestore(state))
+        origin = int(state["origin"])
+    if start >= train.steps:
+        raise ValueError(f"the draft has already trained {start} steps, not fewer than --steps "
+                         f"{train.steps}; "
+                         "raise --steps to train it further")
+    optimizer = _optimizer(train, origin or None)
 
     mask_all = _answer_mask(data).astype(np.float32)
     config = draft.config
+    compute_dtype = None if train.compute_dtype == "float32" else jnp.dtype(train.compute_dtype)
 
     @jax.jit
     def step(state, frozen, tokens, mask, ids, logp):
         loss, grads = jax.value_and_grad(distill_loss)(
-            state["params"], frozen, config, tokens, mask, ids, logp
+            state["params"], frozen, config, tokens, mask, ids, logp, compute_dtype
         )
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
+        params = optax.apply_updates(state["params"], updates)
+        return {**state, "params": params, "opt_state": opt_state}, loss
 
     n = data["tokens"].shape[0]
     batches = length_bucketed_batches(data["lengths"], train.batch_size, train.steps, train.seed)
     loss_history, tokens_seen, began = [], 0, time.perf_counter()
-    bar = tqdm(
-        range(start, train.steps), initial=start, total=train.steps, desc="distil", disable=not progress
-    )
+
+    def summary(done: int) -> dict[str, Any]:
+        return {
+            "steps": train.steps,
+            "steps_done": done,
+            "resumed_from": start,
+            "resumed_with": "optimizer state" if start and not origin else
+                            f"draft weights at step {origin}, fresh optimizer" if origin else "nothing",
+            "answer_tokens_seen": tokens_seen,
+            "wall_s": time.perf_counter() - began,
+            "loss": loss_history,
+            "layers": list(spec.layers),
+            "head_vocab_size": len(head_ids),
+            "train": dataclasses.asdict(train),
+            "data": [str(p) for p in data_paths],
+            "data_answer_tokens": int(mask_all.sum()),
+            "data_sequences": int(n),
+            "data_parts": [
+                {"answer_temperature": round(float(t), 6), "sequences": int(np.sum(part)),
+                 "answer_tokens": int(mask_all[part].sum())}
+                for t, part in ((t, data["temperature"] == t) for t in np.unique(data["temperature"]))
+            ],
+        }
+
+    def write_draft(done: int) -> dict[str, Any]:
+        bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x,
+                            {**state["params"], **frozen})
+        save_model(out_dir, Model(params=bf16, config=config), tokenizer_source_dir=Path(target_dir),
+                   overwrite=True)
+        record = summary(done)
+        write_json(out_dir / "distill_summary.json", record)
+        return record
+
+    bar = tqdm(range(start, train.steps), initial=start, total=train.steps, desc="distil",
+               disable=not progress)
     for i in bar:
         rows = batches[i]
         width = _bucket_width(int(data["lengths"][rows].max()), data["tokens"].shape[1])
@@ -358,41 +467,10 @@ def distill(
             bar.set_postfix(
                 loss=f"{float(loss):.3f}", tok_s=f"{tokens_seen / (time.perf_counter() - began):.0f}"
             )
+        if train.milestone_every and (i + 1) % train.milestone_every == 0 and i + 1 < train.steps:
+            write_draft(i + 1)
     manager.wait_until_finished()
-    final = Model(params={**state["params"], **frozen}, config=config)
-    tokenizer_dir = Path(target_dir)
-    save_model(
-        out_dir,
-        final.replace(
-            params=jax.tree.map(
-                lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, final.params
-            )
-        ),
-        tokenizer_source_dir=tokenizer_dir,
-        overwrite=overwrite,
-    )
-    summary = {
-        "steps": train.steps,
-        "resumed_from": start,
-        "answer_tokens_seen": tokens_seen,
-        "wall_s": time.perf_counter() - began,
-        "loss": loss_history,
-        "layers": list(spec.layers),
-        "head_vocab_size": spec.head_vocab_size,
-        "train": dataclasses.asdict(train),
-        "data": [str(p) for p in data_paths],
-        "data_answer_tokens": int(mask_all.sum()),
-        "data_sequences": int(n),
-        "data_parts": [
-            {
-                "answer_temperature": round(float(t), 6),
-                "sequences": int(np.sum(part)),
-                "answer_tokens": int(mask_all[part].sum()),
-            }
-            for t, part in ((t, data["temperature"] == t) for t in np.unique(data["temperature"]))
-        ],
-    }
-    write_json(out_dir / "distill_summary.json", summary)
+    record = write_draft(train.steps)
     if default_work:
         shutil.rmtree(work_dir, ignore_errors=True)
-    return summary
+    return record
