@@ -275,7 +275,6 @@ def test_sharded_restore_reads_only_each_devices_shards(tmp_path: Path):
         ),
         (dict(num_heads=8, num_kv_heads=2), "data=2,model=4", r"does not divide num_kv_heads=2"),
         (dict(num_heads=8, num_kv_heads=8, intermediate_size=36), "data=1,model=8", r"intermediate_size=36"),
-        (dict(num_heads=8, num_kv_heads=8, vocab=62), "data=2,model=4", r"vocab_size=62"),
     ],
 )
 def test_mesh_not_dividing_the_model_is_a_clear_error(overrides, mesh_spec, message):
@@ -283,6 +282,52 @@ def test_mesh_not_dividing_the_model_is_a_clear_error(overrides, mesh_spec, mess
     with pytest.raises(ValueError, match=message) as info:  # checked before any weight is touched
         shard_model(Model(abstract_params(config), config), parse_mesh(mesh_spec))
     assert "rule='replicated'" in str(info.value) and "use a 'model' size" in str(info.value)
+
+
+@pytest.mark.parametrize("family,vocab", [("gpt2", 50257), ("qwen2", 61), ("llama", 61)])
+def test_a_vocabulary_the_mesh_does_not_divide_is_padded_exactly(family, vocab, tmp_path):
+    """GPT-2's prime 50257 (and an untied / tied 61) on model=4: the embedding and head are padded
+    to a multiple of 4 and split; logits, greedy AR and greedy HSD are the one-device model's."""
+    config = from_hf_dict({**FAMILIES[family], "vocab_size": vocab})
+    target = Model(_random_params(config, seed=1), config)
+    mesh = parse_mesh("data=2,model=4")
+    sharded = shard_model(target, mesh)
+    padded = -(-vocab // 4) * 4
+    assert sharded.params["embed"].shape == (padded, config.hidden_size)
+    assert [s.data.shape[0] for s in sharded.params["embed"].addressable_shards] == [padded // 4] * 8
+    if "lm_head" in sharded.params:
+        assert sharded.params["lm_head"].shape == (config.hidden_size, padded)
+    assert sharded.num_params == target.num_params and sharded.vocab_size == vocab
+
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(0, vocab, (BATCH, 8), dtype=np.int32)
+    lengths = rng.integers(2, 9, (BATCH,), dtype=np.int32)
+    step = lambda m, t: m.step(t, m.init_cache(BATCH, 16))[0]
+    want_logits = np.asarray(_compile(step, target, prompts)[1](target, prompts))
+    got_logits = np.asarray(_compile(step, sharded, shard_batch(mesh, prompts)[0])[1](
+        sharded, shard_batch(mesh, prompts)[0]))
+    assert got_logits.shape == want_logits.shape == (BATCH, 8, vocab)
+    # row-parallel all-reduces sum in another order: float32 round-off only
+    np.testing.assert_allclose(got_logits, want_logits, rtol=1e-5, atol=1e-4)
+
+    key = jax.random.PRNGKey(0)
+    hierarchy = Hierarchy([NGramDrafter(2, vocab), layer_prefix(target, 1), target], (2, 2))
+    ar_want, hsd_want = (np.asarray(x) for x in _compile(_both, hierarchy, prompts, lengths, key)[1](
+        hierarchy, prompts, lengths, key))
+    np.testing.assert_array_equal(hsd_want, ar_want)
+    assert len(np.unique(ar_want)) > 10
+    on_mesh = shard_hierarchy(hierarchy, mesh, ("replicated", "tensor", "tensor"))
+    p, n = shard_batch(mesh, prompts, lengths)
+    ar_got, hsd_got = _compile(_both, on_mesh, p, n, key)[1](on_mesh, p, n, key)
+    np.testing.assert_array_equal(np.asarray(ar_got), ar_want)
+    np.testing.assert_array_equal(np.asarray(hsd_got), ar_want)
+
+    save_model(tmp_path / "m", target)
+    loaded = load_model(tmp_path / "m", mesh=mesh)
+    assert loaded.params["embed"].shape == (padded, config.hidden_size)
+    np.testing.assert_array_equal(np.asarray(loaded.params["embed"])[:vocab],
+                                  np.asarray(target.params["embed"]))
+    assert not np.asarray(loaded.params["embed"])[vocab:].any()
 
 
 def test_vocabulary_can_stay_whole():

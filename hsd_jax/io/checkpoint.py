@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from hsd_jax.io.files import atomic_directory
 from hsd_jax.models import Model, ModelConfig, Params, abstract_params, stack_layers
 from hsd_jax.models.config import CONFIG_FILE, ConfigMismatchError
-from hsd_jax.parallel.sharding import ModelSharding, Rule
+from hsd_jax.parallel.sharding import ModelSharding, Rule, shard_model
 
 PARAMS_DIR = "params"
 TOKENIZER_FILES = (
@@ -176,6 +176,10 @@ def load_model(directory: str | Path, *, dtype: Any = None, sharding: Sharding |
         placement = ModelSharding.create(mesh, rule)
         placement.validate(config)
         layout = placement.layout(layout)
+        if placement.vocab_padding(config):  # restore the embeddings whole, then pad and split them
+            whole = load_model(directory, dtype=dtype, layout=layout, mesh=mesh,
+                               rule={**dict(placement.rule), "vocab": None})
+            return shard_model(whole, mesh, rule)
         sharding = placement.param_shardings(config)
     abstract = _with_sharding(_stored_abstract(config, target), sharding)
     try:

@@ -45,13 +45,16 @@ class Model:
     @property
     def num_params(self) -> int:
         """Distinct weights: a tied head counts once; an int8 weight counts its values, not its
-        scales; index arrays (head_ids) do not count."""
+        scales; index arrays (head_ids) and vocabulary padding (`parallel.sharding`) do not count."""
         params = dict(self.params)
         if self.config.tie_word_embeddings and not self.config.head_vocab_size:
             params.pop("lm_head", None)
         leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Int8Weight))
+        padding = (params["embed"].shape[0] - self.config.vocab_size) * params["embed"].shape[1]
+        if "lm_head" in params and not self.config.head_vocab_size:  # padded with the embedding
+            padding *= 2
         return int(sum(np.prod((x.q if isinstance(x, Int8Weight) else x).shape) for x in leaves
-                       if isinstance(x, Int8Weight) or x.dtype != jnp.int32))
+                       if isinstance(x, Int8Weight) or x.dtype != jnp.int32)) - padding
 
     def describe(self) -> str:
         suffix = "-int8" if self.layout.int8 else ""
@@ -184,6 +187,8 @@ def logits_from_hidden(
         out = dense(x, params["lm_head"], out_dtype=jnp.float32)
     else:  # tied head, stacked layout
         out = jnp.einsum("...d,vd->...v", x, params["embed"], preferred_element_type=jnp.float32)
+    if out.shape[-1] > config.vocab_size:  # a vocabulary padded for tensor parallelism
+        out = out[..., :config.vocab_size]
     if config.head_vocab_size:  # a vocabulary-subset head: q = 0 outside it
         full = jnp.full((*out.shape[:-1], config.vocab_size), jnp.finfo(jnp.float32).min, jnp.float32)
         out = full.at[..., params["head_ids"]].set(out)

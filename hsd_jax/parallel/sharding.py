@@ -25,9 +25,12 @@ dimension (SmolLM2: 49152 x 576), so this is what divides the biggest matrix; th
 column-parallel: each device computes its own V/m logits and greedy argmax and softmax reduce
 over them with [B, T]-sized collectives (top-k/top-p sorts gather the [B, V] rows), where a
 hidden split would all-reduce the full [B, T, V] partial logits of every verification pass; and
-the input lookup costs one [B, T, D] all-reduce. The price: V must divide by the `model` axis.
-For one that does not (GPT-2's 50257 is prime) keep the embeddings whole with
-`rule={**RULES["tensor"], "vocab": None}`.
+the input lookup costs one [B, T, D] all-reduce. A V that the `model` axis does not divide (GPT-2's
+50257 is prime) is padded, as serving stacks do: zero rows are appended to the embedding and zero
+columns to lm_head up to the next multiple, no token id ever reaches them, and the head's logits
+are cut back to V before anything reads them (`models.decoder.logits_from_hidden`), so every
+distribution is the unpadded model's. `rule={**RULES["tensor"], "vocab": None}` keeps the
+embeddings whole instead.
 
 With a mesh, models use the "stacked" layer layout (the storage layout that `param_logical_axes`
 describes). The CPU decode layout fuses q/k/v and gate/up along the very axes that the rule
@@ -210,13 +213,19 @@ class ModelSharding:
         kv = NamedSharding(self.mesh, PartitionSpec(None, DATA, None, dict(self.rule).get("kv_heads"), None))
         return KVCache(k=kv, v=kv, lengths=NamedSharding(self.mesh, PartitionSpec(DATA)))
 
+    def vocab_padding(self, config: ModelConfig) -> int:
+        """Rows of padding that make the vocabulary divisible by its mesh axis (0: none needed)."""
+        axis = dict(self.rule).get("vocab")
+        return 0 if axis is None else -config.vocab_size % self.mesh.shape[axis]
+
     def validate(self, config: ModelConfig) -> None:
         """Raise ValueError naming the axis, the sizes and the fix if the mesh does not divide a
-        split dimension of the model."""
-        sizes = {}  # logical axis -> its size, for every split axis
+        split dimension of the model (the vocabulary is padded instead, see `vocab_padding`)."""
+        sizes = {}  # logical axis -> its size, for every split axis but the (padded) vocabulary
         for axes, shape in zip(jax.tree.leaves(param_logical_axes(config), is_leaf=_is_axes),
                                jax.tree.leaves(param_shapes(config), is_leaf=_is_axes)):
-            sizes.update({a: n for a, n, s in zip(axes, shape, self.spec(axes)) if s is not None})
+            sizes.update({a: n for a, n, s in zip(axes, shape, self.spec(axes))
+                          if s is not None and a != "vocab"})
         for logical, size in sorted(sizes.items()):
             axis = dict(self.rule)[logical]
             parts = self.mesh.shape[axis]
@@ -272,12 +281,23 @@ def shard_model(model: Model, mesh: Mesh, rule: Rule = "tensor") -> Model:
             "with rule='replicated'"
         )
     model = model.with_layout("stacked")
-    params = model.params
+    params = pad_vocabulary(model.params, model.config, sharding.vocab_padding(model.config))
     shardings = sharding.param_shardings(model.config)
     if jax.tree.structure(params) != jax.tree.structure(shardings):
         raise ValueError("the model's weights do not match param_logical_axes(config): "
                          f"{jax.tree.structure(params)} vs {jax.tree.structure(shardings)}")
     return model.replace(params=jax.device_put(params, shardings), sharding=sharding)
+
+
+def pad_vocabulary(params: Params, config: ModelConfig, rows: int) -> Params:
+    """Stacked-layout weights with `rows` zero rows appended to the embedding and zero columns to an
+    untied lm_head (a vocabulary-subset head is not padded: its size is `head_vocab_size`)."""
+    if not rows:
+        return params
+    padded = {**params, "embed": jax.numpy.pad(params["embed"], ((0, rows), (0, 0)))}
+    if "lm_head" in params and not config.head_vocab_size:
+        padded["lm_head"] = jax.numpy.pad(params["lm_head"], ((0, 0), (0, rows)))
+    return padded
 
 
 def family_rules(count: int) -> list[str]:
