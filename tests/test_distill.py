@@ -261,3 +261,22 @@ def test_bf16_products_train_the_float32_master(target_dir, data_path):
     loss32 = float(distill_loss(trainable, frozen, *args))
     loss16 = float(distill_loss(trainable, frozen, *args, jnp.bfloat16))
     assert abs(loss16 - loss32) < 0.03 * loss32
+
+
+def test_resuming_on_grown_data_keeps_the_heads_token_ids(target_dir, data_path, tmp_path):
+    """The work dir resumes with the ids the head was trained on, even when the (grown) data would
+    pick other frequent tokens today."""
+    data = dict(np.load(data_path))
+    shifted = {**data, "teacher_ids": (data["teacher_ids"] + 17) % VOCAB}
+    other = tmp_path / "other.npz"
+    np.savez(other, **shifted)
+    assert set(frequent_token_ids(shifted, 20, always=[0])) != set(frequent_token_ids(data, 20, always=[0]))
+    spec, work = DraftSpec(layers=(0,), head_vocab_size=20), tmp_path / "work"
+    train = dict(batch_size=6, warmup_steps=1, checkpoint_every=2)
+    distill(target_dir, data_path, tmp_path / "a", spec, TrainConfig(steps=4, **train), work_dir=work,
+            progress=False)
+    first = np.asarray(load_model(tmp_path / "a").params["head_ids"])
+    resumed = distill(target_dir, [data_path, other], tmp_path / "b", spec, TrainConfig(steps=6, **train),
+                      work_dir=work, progress=False)
+    assert resumed["resumed_from"] == 4 and resumed["resumed_with"] == "optimizer state"
+    np.testing.assert_array_equal(np.asarray(load_model(tmp_path / "b").params["head_ids"]), first)

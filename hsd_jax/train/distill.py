@@ -330,7 +330,8 @@ def _resume_point(draft_dir: Path, target: Model, spec: DraftSpec) -> tuple[Para
         raise ValueError(f"{draft_dir} was trained for another target (its embedding differs); resume it "
                          "with its own target")
     try:
-        done = int(json.loads((draft_dir / "distill_summary.json").read_text())["steps_done"])
+        summary = json.loads((draft_dir / "distill_summary.json").read_text())
+        done = int(summary.get("steps_done", summary["steps"]))  # older summaries: written at the end
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{draft_dir}/distill_summary.json does not say how many steps the draft has "
                          f"trained ({e}); it cannot be resumed") from None
@@ -372,10 +373,10 @@ def distill(
     embedding_source = os.path.relpath(Path(target_dir).resolve(), out_dir.resolve())
     manager = ocp.CheckpointManager(work_dir.absolute(), options=ocp.CheckpointManagerOptions(
         max_to_keep=2, save_interval_steps=train.checkpoint_every))
-    start, origin = 0, 0
+    start, origin, resumed_with = 0, 0, "nothing"
     if resume_from is not None and manager.latest_step() is None:
         resumed, start = _resume_point(Path(resume_from), target, spec)
-        origin = start
+        origin, resumed_with = start, f"draft weights at step {start}, fresh optimizer"
         head_ids = np.asarray(resumed["head_ids"])
     else:
         head_ids = frequent_token_ids(data, spec.head_vocab_size, always=[target.config.eos_token_id or 0])
@@ -386,11 +387,15 @@ def distill(
         trained = {k: v for k, v in resumed.items() if k not in FROZEN}
         draft = draft.replace(params={**draft.params, **trained})
     trainable, frozen = _split(draft.params)
-    state = {"params": trainable, "opt_state": _optimizer(train).init(trainable), "origin": jnp.int32(origin)}
+    # head_ids ride in the checkpoint: resumed on grown data, the head keeps the ids it was trained on
+    state = {"params": trainable, "opt_state": _optimizer(train).init(trainable), "origin": jnp.int32(origin),
+             "head_ids": frozen["head_ids"]}
     if manager.latest_step() is not None:
-        start = manager.latest_step()
+        start, resumed_with = manager.latest_step(), "optimizer state"
         state = manager.restore(start, args=ocp.args.StandardRestore(state))
         origin = int(state["origin"])
+        head_ids = np.asarray(state["head_ids"])
+        frozen = {**frozen, "head_ids": state["head_ids"]}
     if start >= train.steps:
         raise ValueError(f"the draft has already trained {start} steps, not fewer than --steps "
                          f"{train.steps}; "
@@ -419,8 +424,8 @@ def distill(
             "steps": train.steps,
             "steps_done": done,
             "resumed_from": start,
-            "resumed_with": "optimizer state" if start and not origin else
-                            f"draft weights at step {origin}, fresh optimizer" if origin else "nothing",
+            "resumed_with": resumed_with,
+            "schedule_origin": origin,  # > 0: the step a fresh optimizer took over at (re-warmed there)
             "answer_tokens_seen": tokens_seen,
             "wall_s": time.perf_counter() - began,
             "loss": loss_history,
