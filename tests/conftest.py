@@ -44,3 +44,11 @@ def smollm2_hf(smollm2_gguf: Path):
     model = AutoModelForCausalLM.from_pretrained(
         str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def small_family():
+    """`families.family(vocab=32)`: three layer-prefix drafts and the 4-layer target."""
+    from families import SMALL_VOCAB, family
+
+    return family(vocab=SMALL_VOCAB)

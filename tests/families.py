@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hsd_jax.models import Model, init_params
 from hsd_jax.models.config import ModelConfig
@@ -37,3 +38,11 @@ def family(vocab: int = 32, seed: int = 0, layers: int = 4, later_scale: float =
         params["layers"][name] = weight * damp.reshape(-1, *([1] * (weight.ndim - 1)))
     target = Model(params, config)
     return [layer_prefix(target, n) for n in range(1, layers)] + [target]
+
+
+# The 32-token family that test_hsd and test_stream decode (`small_family`), its new-token budget,
+# and three right-padded prompts: a repetitive one (n-gram drafts hit), a
+# short one and a single token.
+SMALL_VOCAB, NEW = 32, 20
+PROMPTS = np.array([[1, 2, 3, 4, 1, 2, 3, 9], [5, 6, 5, 6, 0, 0, 0, 0], [7, 0, 0, 0, 0, 0, 0, 0]], np.int32)
+LENGTHS = np.array([8, 4, 1], np.int32)

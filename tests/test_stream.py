@@ -6,22 +6,19 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from families import family
+from families import LENGTHS, NEW, PROMPTS, SMALL_VOCAB
 
 from hsd_jax.decoding.ar import ar_generate
 from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
 from hsd_jax.decoding.ngram import NGramDrafter
 from hsd_jax.decoding.stream import Streamer, stream
 
-VOCAB = 32
-PROMPTS = np.array([[1, 2, 3, 4, 1, 2, 3, 9], [5, 6, 5, 6, 0, 0, 0, 0], [7, 0, 0, 0, 0, 0, 0, 0]], np.int32)
-LENGTHS = np.array([8, 4, 1], np.int32)
-NEW = 20
+VOCAB = SMALL_VOCAB
 
 
 @pytest.fixture(scope="module")
-def models():
-    return family(vocab=VOCAB)
+def models(small_family):
+    return small_family
 
 
 @pytest.fixture(scope="module")

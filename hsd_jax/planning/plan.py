@@ -13,7 +13,6 @@ refused unless the caller says so (`allow_outside_plan_dir=True`, `--allow-outsi
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 from hsd_jax.decoding.hsd import Hierarchy, register_plan_loader
 from hsd_jax.io.files import write_json
 from hsd_jax.io.sources import from_source, parse_source
-from hsd_jax.planning.stats import MODES
+from hsd_jax.planning.stats import MODES, parse_document
 
 PLAN_VERSION = 1
 
@@ -108,15 +107,7 @@ class Plan:
     def from_json(cls, data: Mapping | str, where: str = "plan") -> Plan:
         """A Plan from plan.json's dict or its JSON text; a ValueError prefixed by `where` (the
         file) names what is wrong."""
-        if isinstance(data, str):
-            try:
-                data = json.loads(data)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where} is not valid JSON: {e}") from None
-        try:
-            return cls._parse(data)
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+        return parse_document(cls._parse, data, where)
 
     @classmethod
     def _parse(cls, data: Any) -> Plan:

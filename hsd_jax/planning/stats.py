@@ -11,13 +11,15 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hsd_jax.io.files import write_json
 from hsd_jax.io.sources import parse_source
 from hsd_jax.planning.latency import Acceptance
+
+T = TypeVar("T")
 
 MODES = ("greedy", "sampled")
 STATS_VERSION = 1
@@ -189,10 +191,7 @@ class Stats:
         acceptance outside [0, 1], or a (drafter, verifier) pair without an acceptance in a mode
         the stats have (`solve` then checks that the mode it plans with is present).
         """
-        try:
-            return cls._parse(data)
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+        return parse_document(cls._parse, data, where)
 
     @classmethod
     def _parse(cls, data: Any) -> Stats:
@@ -254,6 +253,19 @@ class Stats:
         for mode in stats.acceptance:
             stats.check_mode(mode)
         return stats
+
+
+def parse_document(parse: Callable[[Any], T], data: Any, where: str) -> T:
+    """`parse(data)`, JSON text decoded first, with every ValueError prefixed by `where` (the file)."""
+    if isinstance(data, str):
+        try:
+            data = json.loads(data)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where} is not valid JSON: {e}") from None
+    try:
+        return parse(data)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def _finite_number(value: Any) -> bool:
