@@ -29,6 +29,7 @@ from hsd_jax.decoding.sampling import SamplingParams, distribution
 from hsd_jax.io.checkpoint import encode_prompt, load_tokenizer
 from hsd_jax.io.prompts import pad_prompts
 from hsd_jax.io.sources import from_source, parse_source
+from hsd_jax.models import Model
 from hsd_jax.parallel.sharding import shard_levels
 from hsd_jax.planning.stats import ModelStats, Stats
 from hsd_jax.planning.timing import median_seconds
@@ -191,6 +192,22 @@ def _symmetric_profiles(names: Sequence[str], profiles: dict) -> dict[str, dict[
     return out
 
 
+def target_continuations(target: Model, tokenizer, prompts: Sequence[str],
+                         max_new_tokens: int) -> tuple[list[np.ndarray], list[int]]:
+    """Each chat prompt followed by the target's greedy answer (token ids), and where it starts:
+    the positions every acceptance is measured on."""
+    sequences, starts = [], []
+    for text in prompts:
+        ids = encode_prompt(tokenizer, text)
+        padded, lengths = pad_prompts([ids], bucket=PROMPT_BUCKET)
+        out = ar_generate(target, padded, lengths, jax.random.PRNGKey(0),
+                          max_new_tokens=max_new_tokens, eos_token_id=target.config.eos_token_id)
+        answer = np.asarray(out.tokens[0, :int(out.num_tokens[0])]).tolist()
+        sequences.append(np.array(ids + answer, np.int32))
+        starts.append(len(ids))
+    return sequences, starts
+
+
 def profile_family(sources: Sequence[str], prompts: Sequence[str], *, names: Sequence[str] | None = None,
                    temperature: float = 1.0, max_k: int = 16, sparse_ks: Sequence[int] = (),
                    max_new_tokens: int = 64, cache_size: int = 256, repeats: int = 7,
@@ -218,18 +235,10 @@ def profile_family(sources: Sequence[str], prompts: Sequence[str], *, names: Seq
     if mesh is not None:
         levels = shard_levels(levels, mesh)
         target = levels[-1]
-    tokenizer = load_tokenizer(parsed[-1].directory())
-    sequences, starts = [], []
     if progress:
         progress(f"target continuations of {len(prompts)} prompts")
-    for text in prompts:
-        ids = encode_prompt(tokenizer, text)
-        padded, lengths = pad_prompts([ids], bucket=PROMPT_BUCKET)
-        out = ar_generate(target, padded, lengths, jax.random.PRNGKey(0),
-                          max_new_tokens=max_new_tokens, eos_token_id=target.config.eos_token_id)
-        answer = np.asarray(out.tokens[0, :int(out.num_tokens[0])]).tolist()
-        sequences.append(np.array(ids + answer, np.int32))
-        starts.append(len(ids))
+    sequences, starts = target_continuations(target, load_tokenizer(parsed[-1].directory()), prompts,
+                                             max_new_tokens)
     acceptance = measure_acceptance(levels, sequences, starts, temperature=temperature, vocab=vocab,
                                     max_positions=max([max_k, *sparse_ks]), progress=progress)
     models = []
