@@ -217,6 +217,7 @@ def test_milestones_and_resuming_from_a_committed_draft(target_dir, data_path, t
     assert resumed["resumed_from"] == 6
     assert resumed["resumed_with"] == "draft weights at step 6, fresh optimizer"
     assert [step for step, _ in resumed["loss"]] == [10, 14]
+    assert [(h["resumed_from"], h["steps_done"]) for h in resumed["history"]] == [(0, 6), (6, 14)]
     after = load_model(tmp_path / "resumed", layout="stacked")
     np.testing.assert_array_equal(np.asarray(after.params["head_ids"]),
                                   np.asarray(committed.params["head_ids"]))

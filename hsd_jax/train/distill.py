@@ -338,6 +338,29 @@ def _resume_point(draft_dir: Path, target: Model, spec: DraftSpec) -> tuple[Para
     return draft.params, done
 
 
+_SEGMENT_FIELDS = ("resumed_from", "steps_done", "resumed_with", "answer_tokens_seen", "wall_s", "data",
+                   "data_answer_tokens")
+
+
+def _segment(summary: dict[str, Any]) -> dict[str, Any]:
+    """One run's line in a draft's training history."""
+    return {k: summary.get(k, summary.get("steps") if k == "steps_done" else None) for k in _SEGMENT_FIELDS}
+
+
+def _history(directory: Path, start: int) -> list[dict[str, Any]]:
+    """The runs a draft trained in before this one (steps, data, wall time): those the summary in
+    `directory` records, when that summary ends where this run starts."""
+    if not start:
+        return []
+    try:
+        prior = json.loads((directory / "distill_summary.json").read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(prior, dict) or prior.get("steps_done", prior.get("steps")) != start:
+        return []
+    return list(prior.get("history") or [_segment(prior)])
+
+
 def distill(
     target_dir: str | Path,
     data_path: str | Path | Sequence[str | Path],
@@ -419,8 +442,10 @@ def distill(
     batches = length_bucketed_batches(data["lengths"], train.batch_size, train.steps, train.seed)
     loss_history, tokens_seen, began = [], 0, time.perf_counter()
 
+    earlier = _history(Path(resume_from) if origin and start == origin else out_dir, start)
+
     def summary(done: int) -> dict[str, Any]:
-        return {
+        record = {
             "steps": train.steps,
             "steps_done": done,
             "resumed_from": start,
@@ -441,6 +466,7 @@ def distill(
                 for t, part in ((t, data["temperature"] == t) for t in np.unique(data["temperature"]))
             ],
         }
+        return {**record, "history": earlier + [_segment(record)]}
 
     def write_draft(done: int) -> dict[str, Any]:
         bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x,
