@@ -223,6 +223,21 @@ def _profile_out_is_dir(ctx, tmp):
             str(tmp / "statsdir")]
 
 
+def _make_data_into(c, t, kind: str) -> list[str]:
+    out = t / "shards"
+    if kind == "file":
+        out.write_text("not a directory")
+    else:
+        (t / "elsewhere").mkdir()
+        out.symlink_to(t / "elsewhere")
+    return ["make-data", "--target", str(c["model"]), "--out-dir", str(out)]
+
+
+def _empty_dir(t):
+    (t / "no-shards").mkdir()
+    return t / "no-shards"
+
+
 CLI_CASES = {
     # corrupt and malformed sources
     "truncated-safetensors": ("convert", _truncated_safetensors, "cannot read the weights"),
@@ -248,6 +263,16 @@ CLI_CASES = {
     "distill-steps-0": ("distill", lambda c, t: ["distill", "--target", str(c["model"]), "--out-dir",
                                                  str(t / "d"), "--layers", "0", "--steps", "0"],
                         "--steps must be an integer >= 1"),
+    "make-data-answer-tokens-0": ("make-data", lambda c, t: [
+        "make-data", "--target", str(c["model"]), "--out-dir", str(t / "d"), "--answer-tokens", "0"],
+        "--answer-tokens must be a positive integer"),
+    "make-data-out-is-a-file": ("make-data", lambda c, t: _make_data_into(c, t, "file"),
+                                "is a link or a file"),
+    "make-data-symlinked-out": ("make-data", lambda c, t: _make_data_into(c, t, "link"),
+                                "never writes through"),
+    "distill-data-dir-without-shards": ("distill", lambda c, t: [
+        "distill", "--target", str(c["model"]), "--out-dir", str(t / "d"), "--layers", "0", "--data",
+        str(_empty_dir(t))], "holds no data shards"),
     # size limits
     "huge-max-new-tokens": ("generate", lambda c, t: _generate(c, "--prompt", "w1", "--max-new-tokens",
                                                                "1000000000"), "context length of 128"),

@@ -263,6 +263,9 @@ def make_corpus(
     dtype (bfloat16 generates ~1.3x faster on a CPU with AVX512-BF16). Returns a summary of the run.
     """
     out_dir = Path(out_dir)
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise FileExistsError(f"{out_dir} is a link or a file; give a shard directory (new, or one to "
+                              "resume); hsd-jax never writes through a link")
     out_dir.mkdir(parents=True, exist_ok=True)
     target = load_model(target_dir, dtype=dtype)
     tokenizer = load_tokenizer(target_dir)
