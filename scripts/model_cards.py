@@ -12,9 +12,8 @@ from pathlib import Path
 
 from hsd_jax.models.config import ModelConfig
 
-# The family's goals (issue 4): (role, largest T=1 cost ratio, smallest greedy acceptance) per draft.
-GOALS = {"smollm2-draft-2l": ("cheapest trained draft", 0.10, 0.55),
-         "smollm2-draft-10l": ("larger trained draft", 0.35, 0.70)}
+# The family's goals (issue 14): (role, largest T=1 cost ratio, smallest greedy acceptance) per draft.
+GOALS = {"smollm2-draft-2l": ("cheapest trained draft", 0.05, 0.55)}
 
 
 def _answers(part: dict) -> str:
@@ -33,8 +32,10 @@ def card(draft_dir: Path, stats: dict) -> str:
     parts = summary.get("data_parts") or [{"answer_temperature": 0.0, "sequences": summary["data_sequences"],
                                            "answer_tokens": summary["data_answer_tokens"]}]
     data = "; ".join(f"{_answers(p)} ({p['answer_tokens']:,} tokens)" for p in parts)
-    data_flags = " ".join(f"--data {d}" for d in summary["data"])
-    temperature_flags = " ".join(f"--answer-temperature {p['answer_temperature']:g}" for p in parts)
+    history = summary.get("history") or []
+    runs = "; ".join(
+        f"steps {h['resumed_from']}-{h['steps_done']} on {h['data_answer_tokens']:,} answer tokens "
+        f"({', '.join(h['data'])}; {h['wall_s'] / 60:.0f} min)" for h in history)
     me = models[draft_dir.name]
     rows = []
     for label, name in ((f"`{draft_dir.name}` (float32)", draft_dir.name),
@@ -62,9 +63,10 @@ target's cached top-32 next-token distributions over its own answers).
 | output head | the {config.head_vocab_size} token ids the target most often ranks in its top 32 on the training answers (EOS included); q = 0 elsewhere, which verification handles losslessly |
 | input embedding | shared with the target (`{config.embedding_source}`, pinned by sha256), not stored here |
 | parameters | {me["params"]:,} in use ({me["params"] - config.vocab_size * config.hidden_size:,} stored, bfloat16: {stored / 1e6:.1f} MB on disk; upcast to float32 on CPU load) |
-| training data | the target's answers (<= 128 tokens) to the {parts[0]["sequences"]} instructions in `hsd_jax/io/data/instructions.jsonl`: {data}; {summary["data_answer_tokens"]:,} answer tokens in all |
-| training | {summary["steps"]} AdamW steps (batch {train["batch_size"]} sequences, peak lr {train["learning_rate"]}, {train["warmup_steps"]} warmup steps, cosine decay, weight decay {train["weight_decay"]}), {summary["answer_tokens_seen"]:,} answer tokens seen, final loss {summary["loss"][-1][1]:.3f} |
-| wall time, hardware | {summary["wall_s"] / 60:.1f} min on {stats["hardware"]} (2 cores, shared for most of the run with the other draft's training or data generation) |
+| training data | {summary["data_sequences"]:,} sequences from {", ".join(summary["data"])}: {data}; {summary["data_answer_tokens"]:,} answer tokens in all, answers <= {256 if "magpie" in " ".join(summary["data"]) else 128} tokens |
+| training | {summary.get("steps_done", summary["steps"])} AdamW steps of batch {train["batch_size"]} (peak lr {train["learning_rate"]}, cosine to step {summary["steps"]}, weight decay {train["weight_decay"]}, products in {train.get("compute_dtype", "float32")}); final loss {summary["loss"][-1][1]:.3f} |
+| runs | {runs or "one run"} |
+| hardware | {stats["hardware"]}, 2 cores (shared with data generation for most of the run) |
 
 Measured by `hsd-jax profile` ({stats["hardware"]}, batch 1, cache {stats.get("cache_size")} positions,
 median of repeats after compilation) and on the held-out prompts in `hsd_jax/io/data/eval_prompts.jsonl`
@@ -78,17 +80,8 @@ continuations). The target's own forward costs {target["cost_s"][0] * 1e3:.2f} m
 {chr(10).join(rows)}
 
 {_goals(draft_dir.name, best_ratio, stats["acceptance"]["greedy"][draft_dir.name][stats["target"]])}
-Re-create it with:
-
-```
-hsd-jax distill --target checkpoints/smollm2-135m-instruct --out-dir checkpoints/{draft_dir.name} \\
-    --layers {layers} --head-vocab {config.head_vocab_size} --steps {summary["steps"]} --batch-size {train["batch_size"]} \\
-    --learning-rate {train["learning_rate"]} --warmup {train["warmup_steps"]} --checkpoint-every {train["checkpoint_every"]} \\
-    {data_flags} {temperature_flags}
-```
-(a `--data` file that is absent is made first: the target's answers and top-32 log-probabilities;
-on this machine the greedy file took 14.8 minutes, the sampled ones about 20 each while sharing
-the CPU with training).
+Continue or re-create it with `make data` (the self-generated data, resumable) and `make draft-2l`
+(resumes from this directory: its weights and step count, a fresh optimizer; see the Makefile).
 """
 
 

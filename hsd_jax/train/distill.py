@@ -349,14 +349,16 @@ def _segment(summary: dict[str, Any]) -> dict[str, Any]:
 
 def _history(directory: Path, start: int) -> list[dict[str, Any]]:
     """The runs a draft trained in before this one (steps, data, wall time): those the summary in
-    `directory` records, when that summary ends where this run starts."""
+    `directory` records, when that summary ends at or before the step this run starts from."""
     if not start:
         return []
     try:
         prior = json.loads((directory / "distill_summary.json").read_text())
     except (OSError, ValueError):
         return []
-    if not isinstance(prior, dict) or prior.get("steps_done", prior.get("steps")) != start:
+    ended = prior.get("steps_done", prior.get("steps")) if isinstance(prior, dict) else None
+    # a work dir resumes at its last checkpoint, which may lie past OUT_DIR's last milestone
+    if not isinstance(ended, int) or ended > start:
         return []
     return list(prior.get("history") or [_segment(prior)])
 
