@@ -12,7 +12,6 @@ c(k) measured for the same model at the same widths. What is left is the recursi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import jax
@@ -21,6 +20,7 @@ import numpy as np
 
 from hsd_jax.decoding.ar import ar_generate
 from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
+from hsd_jax.io.files import write_json
 from hsd_jax.models import Model, ModelConfig, init_params
 from hsd_jax.planning.timing import median_seconds
 
@@ -97,8 +97,7 @@ def main(argv=None) -> int:
             flush=True,
         )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_json(args.json, rows)
     return 0
 
 

@@ -13,7 +13,6 @@ the one-shot's decode rate is taken as (tokens after the first chunk) / (one-sho
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 
@@ -24,6 +23,7 @@ from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
 from hsd_jax.decoding.ngram import NGramDrafter
 from hsd_jax.decoding.stream import Streamer
 from hsd_jax.io.checkpoint import load_model
+from hsd_jax.io.files import write_json
 from hsd_jax.models import Model, ModelConfig, init_params
 from hsd_jax.planning import machine_name
 from hsd_jax.planning.timing import time_once, time_stream
@@ -98,8 +98,7 @@ def main(argv=None) -> int:
                   f"tokens/s (one-shot {s['one_shot_decode_tokens_per_s']:7.1f})  overhead "
                   f"{100 * s['overhead']:5.1f}%  total time x{s['total_time_ratio']:.3f}", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.json, results)
     return 0
 
 
