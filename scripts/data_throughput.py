@@ -27,9 +27,10 @@ def main() -> None:
     parser.add_argument("--target", required=True)
     parser.add_argument("--batch-sizes", default="1,16,32,64")
     parser.add_argument("--answer-tokens", type=int, default=64)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="weight dtype (default: as stored)")
     parser.add_argument("--out")
     args = parser.parse_args()
-    model, tokenizer = load_model(args.target), load_tokenizer(args.target)
+    model, tokenizer = load_model(args.target, dtype=args.dtype), load_tokenizer(args.target)
     prompts = [encode_prompt(tokenizer, p) for p in load_prompts(instructions_path())]
     rows = []
     for batch in (int(b) for b in args.batch_sizes.split(",")):

@@ -15,15 +15,8 @@ from hsd_jax.decoding.ar import ar_generate
 from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
 from hsd_jax.io.checkpoint import load_model, save_model
 from hsd_jax.models.layouts import quantize_int8
-from hsd_jax.train.distill import (
-    DraftSpec,
-    TrainConfig,
-    distill,
-    distill_loss,
-    frequent_token_ids,
-    init_draft,
-    teacher_top_k,
-)
+from hsd_jax.train.dataset import frequent_token_ids, teacher_top_k
+from hsd_jax.train.distill import DraftSpec, TrainConfig, distill, distill_loss, init_draft
 
 VOCAB = 64
 
@@ -162,7 +155,7 @@ def test_length_bucketed_batches_cover_each_epoch_once_and_are_reproducible():
 
 
 def test_several_data_files_train_as_one(data_path, tmp_path):
-    from hsd_jax.train.distill import load_dataset
+    from hsd_jax.train.dataset import load_dataset
 
     one = dict(np.load(data_path))
     narrow = {k: (v[:, :15] if k in ("tokens", "teacher_ids", "teacher_logp") else v) for k, v in one.items()}

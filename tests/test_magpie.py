@@ -16,7 +16,7 @@ from hsd_jax.decoding.sampling import SamplingParams
 from hsd_jax.io.checkpoint import load_tokenizer, save_model
 from hsd_jax.io.prompts import eval_prompts_path, instructions_path, load_prompts
 from hsd_jax.train import magpie
-from hsd_jax.train.distill import load_dataset, teacher_top_k
+from hsd_jax.train.dataset import load_dataset, teacher_top_k
 from hsd_jax.train.magpie import NgramIndex, chat_prefix, clean_instruction, generate_with_top_k, make_corpus
 
 VOCAB = 64

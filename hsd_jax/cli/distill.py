@@ -8,7 +8,8 @@ from pathlib import Path
 from hsd_jax.io.checkpoint import require_model_dir
 from hsd_jax.io.files import check_output_dir, check_output_file
 from hsd_jax.io.prompts import instructions_path, load_prompts
-from hsd_jax.train.distill import DraftSpec, TrainConfig, distill, make_dataset
+from hsd_jax.train.dataset import make_dataset
+from hsd_jax.train.distill import DraftSpec, TrainConfig, distill
 
 DEFAULT_DATA = "distill/data.npz"
 

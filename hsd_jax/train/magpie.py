@@ -7,7 +7,7 @@ and the top-k next-token log-probabilities it computed while answering are kept:
 teacher-forced pass is needed.
 
 `make_corpus` writes numbered shards (`shard-00000.npz`, ...), each atomically, in the format
-`train.distill.load_dataset` reads. Shard i's random stream is a function of (seed, i) alone and
+`train.dataset.load_dataset` reads. Shard i's random stream is a function of (seed, i) alone and
 the near-duplicate index is rebuilt from the shards on disk, so a stopped run resumes at the
 first missing shard and loses nothing already written.
 """
