@@ -9,7 +9,7 @@ from hsd_jax.decoding.ar import positive_int
 from hsd_jax.io.checkpoint import require_model_dir
 from hsd_jax.io.files import write_json
 from hsd_jax.io.prompts import eval_prompts_path, instructions_path, load_prompts
-from hsd_jax.train.magpie import make_corpus, shard_paths
+from hsd_jax.train.magpie import make_corpus
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     )
     write_json(f"{args.out_dir}/corpus.json", summary)
     print(
-        f"wrote {args.out_dir}: {len(shard_paths(args.out_dir))} shards, {summary['answer_tokens']} answer "
+        f"wrote {args.out_dir}: {summary['shards']} shards, {summary['answer_tokens']} answer "
         f"tokens ({summary['new_answer_tokens']} new, {summary['wall_s']:.0f}s)"
     )
     return 0

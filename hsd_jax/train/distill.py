@@ -139,14 +139,11 @@ class TrainConfig:
     def __post_init__(self):
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"compute dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
-        for name in ("milestone_every", "rewarm_steps"):
+        for name, least in (("milestone_every", 0), ("rewarm_steps", 0), ("steps", 1), ("batch_size", 1),
+                            ("checkpoint_every", 1)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 0, got {value!r}")
-        for name in ("steps", "batch_size", "checkpoint_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {least}, got {value!r}")
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(f"--warmup ({self.warmup_steps}) must be in [0, --steps) = [0, {self.steps}); "
                              "lower --warmup or raise --steps")
@@ -303,8 +300,7 @@ def distill(
         frozen = {**frozen, "head_ids": state["head_ids"]}
     if start >= train.steps:
         raise ValueError(f"the draft has already trained {start} steps, not fewer than --steps "
-                         f"{train.steps}; "
-                         "raise --steps to train it further")
+                         f"{train.steps}; raise --steps to train it further")
     optimizer = _optimizer(train, origin or None)
 
     mask_all = answer_mask(data).astype(np.float32)
