@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TARGET_DIR := checkpoints/smollm2-135m-instruct
 
-.PHONY: install test demo bench bench-peers data draft-2l clean
+.PHONY: install test demo bench bench-peers data draft-2l drafts-accelerator clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -67,21 +67,26 @@ bench-peers: $(TARGET_DIR)/hsd_config.json checkpoints/plan-hsd.json
 	$(BIN)/pip install -e ".[peers]"
 	$(BIN)/hsd-jax bench $(BENCH_FLAGS) --methods ar,sd,hsd,hf-ar,hf-assisted,llamacpp-ar,llamacpp-lookup
 
-# Distillation data and the 2-layer draft (hours on 2 cores; both resume where a stopped run ended).
-# `data`: a million answer tokens of self-generated chat (Magpie) with the target's top-32.
-# `draft-2l`: continues the committed draft (its weights and step count, a fresh optimizer) on
-# that data, writing the bf16 draft to distill/draft-2l every 100 steps; the orbax work dir
-# resumes it exactly on this machine. Copy distill/draft-2l to checkpoints/ to ship a milestone.
+# Distillation data and the 2-layer draft. The shipped draft was made by
+# scripts/accelerator_drafts.sh on one GPU (`make drafts-accelerator`: data for 200 s, then 12,000
+# steps; about 7 minutes on an H200). `data` and `draft-2l` are the same two commands for any
+# machine, hours on 2 CPU cores; both resume where a stopped run ended (the shards on disk; the
+# orbax work dir). Ship a draft with `python scripts/ship_draft.py distill/draft-2l
+# checkpoints/smollm2-draft-2l --overwrite`.
 DATA_DIR := distill/magpie
+DATA_TOKENS ?= 3000000
+DATA_BATCH ?= 32
 data: $(TARGET_DIR)/hsd_config.json
-	$(BIN)/hsd-jax make-data --target $(TARGET_DIR) --out-dir $(DATA_DIR) --answer-tokens 1000000 \
-		--batch-size 32 --dtype bfloat16
+	$(BIN)/hsd-jax make-data --target $(TARGET_DIR) --out-dir $(DATA_DIR) --answer-tokens $(DATA_TOKENS) \
+		--batch-size $(DATA_BATCH) --dtype bfloat16
 
 draft-2l: $(TARGET_DIR)/hsd_config.json
 	$(BIN)/hsd-jax distill --target $(TARGET_DIR) --out-dir distill/draft-2l --overwrite --layers 0,29 \
-		--head-vocab 8192 --data $(DATA_DIR) --resume-from checkpoints/smollm2-draft-2l \
-		--work-dir distill/draft-2l.work --steps 11200 --batch-size 8 --learning-rate 1e-3 --warmup 40 \
-		--checkpoint-every 50 --milestone-every 100 --rewarm 100 --compute-dtype bfloat16
+		--head-vocab 8192 --data $(DATA_DIR) --work-dir distill/draft-2l.work --steps 12000 --batch-size 32 \
+		--learning-rate 1e-3 --warmup 200 --checkpoint-every 100 --milestone-every 1500 --compute-dtype bfloat16
+
+drafts-accelerator: $(TARGET_DIR)/hsd_config.json
+	PY=$(BIN)/python scripts/accelerator_drafts.sh
 
 clean:
 	rm -rf $(VENV)

@@ -1,11 +1,12 @@
 """Write checkpoints/<draft>/README.md model cards from the distillation summary and the
 profiled stats (costs and acceptances measured by `hsd-jax profile` on the held-out prompts).
 
-    python scripts/model_cards.py checkpoints/stats.json checkpoints/smollm2-draft-2l ...
+    python scripts/model_cards.py checkpoints/stats.json checkpoints/smollm2-draft-2l ... [--trained-on TEXT]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ def _answers(part: dict) -> str:
     return "greedy answers" if t == 0 else f"answers sampled at temperature {t:g}"
 
 
-def card(draft_dir: Path, stats: dict) -> str:
+def card(draft_dir: Path, stats: dict, trained_on: str) -> str:
     config = ModelConfig.load(draft_dir)
     summary = json.loads((draft_dir / "distill_summary.json").read_text())
     models = {m["name"]: m for m in stats["models"]}
@@ -66,7 +67,7 @@ target's cached top-32 next-token distributions over its own answers).
 | training data | {summary["data_sequences"]:,} sequences from {", ".join(summary["data"])}: {data}; {summary["data_answer_tokens"]:,} answer tokens in all, answers <= {256 if "magpie" in " ".join(summary["data"]) else 128} tokens |
 | training | {summary.get("steps_done", summary["steps"])} AdamW steps of batch {train["batch_size"]} (peak lr {train["learning_rate"]}, cosine to step {summary["steps"]}, weight decay {train["weight_decay"]}, products in {train.get("compute_dtype", "float32")}); final loss {summary["loss"][-1][1]:.3f} |
 | runs | {runs or "one run"} |
-| hardware | {stats["hardware"]}, 2 cores (shared with data generation for most of the run) |
+| trained on | {summary.get("machine") or trained_on} |
 
 Measured by `hsd-jax profile` ({stats["hardware"]}, batch 1, cache {stats.get("cache_size")} positions,
 median of repeats after compilation) and on the held-out prompts in `hsd_jax/io/data/eval_prompts.jsonl`
@@ -80,8 +81,10 @@ continuations). The target's own forward costs {target["cost_s"][0] * 1e3:.2f} m
 {chr(10).join(rows)}
 
 {_goals(draft_dir.name, best_ratio, stats["acceptance"]["greedy"][draft_dir.name][stats["target"]])}
-Continue or re-create it with `make data` (the self-generated data, resumable) and `make draft-2l`
-(resumes from this directory: its weights and step count, a fresh optimizer; see the Makefile).
+Re-create it with `make drafts-accelerator` (scripts/accelerator_drafts.sh: data, training and
+the agreement of every milestone on one GPU), or with `make data` and `make draft-2l` on any
+machine (both resume a stopped run). `hsd-jax distill --resume-from` continues this directory (its
+weights and step count, a fresh optimizer; see the Makefile).
 """
 
 
@@ -95,14 +98,20 @@ def _goals(name: str, cost_ratio: float, greedy: float) -> str:
             f"{min_accept:.2f}: {greedy:.3f}, {verdict(greedy >= min_accept)}.\n")
 
 
-def main(argv: list[str]) -> int:
-    stats = json.loads(Path(argv[0]).read_text())
-    for d in argv[1:]:
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stats")
+    parser.add_argument("drafts", nargs="+")
+    parser.add_argument("--trained-on", default="not recorded",
+                        help="the training machine, for summaries written before distill recorded it")
+    args = parser.parse_args()
+    stats = json.loads(Path(args.stats).read_text())
+    for d in args.drafts:
         path = Path(d) / "README.md"
-        path.write_text(card(Path(d), stats))
+        path.write_text(card(Path(d), stats, args.trained_on))
         print(f"wrote {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -215,8 +215,8 @@ def _resume_point(draft_dir: Path, target: Model, spec: DraftSpec) -> tuple[Para
     return draft.params, done
 
 
-_SEGMENT_FIELDS = ("resumed_from", "steps_done", "resumed_with", "answer_tokens_seen", "wall_s", "data",
-                   "data_answer_tokens")
+_SEGMENT_FIELDS = ("resumed_from", "steps_done", "resumed_with", "answer_tokens_seen", "wall_s", "machine",
+                   "data", "data_answer_tokens")
 
 
 def _segment(summary: dict[str, Any]) -> dict[str, Any]:
@@ -319,6 +319,8 @@ def distill(
     n = data["tokens"].shape[0]
     batches = length_bucketed_batches(data["lengths"], train.batch_size, train.steps, train.seed)
     loss_history, tokens_seen, began = [], 0, time.perf_counter()
+    device = jax.devices()[0]
+    machine = f"{jax.device_count()}x {device.device_kind} (jax {jax.__version__}, {device.platform})"
 
     earlier = _history(Path(resume_from) if origin and start == origin else out_dir, start)
 
@@ -331,6 +333,7 @@ def distill(
             "schedule_origin": origin,  # > 0: the step a fresh optimizer took over at (re-warmed there)
             "answer_tokens_seen": tokens_seen,
             "wall_s": time.perf_counter() - began,
+            "machine": machine,
             "loss": loss_history,
             "layers": list(spec.layers),
             "head_vocab_size": len(head_ids),
