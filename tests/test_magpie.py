@@ -1,10 +1,12 @@
 """Self-generated data (`hsd-jax make-data`): the cached top-k is the target's own distribution,
 generation matches `ar_generate` token for token, cleaning refuses near-duplicates of the eval
-prompts, and a stopped run resumes to the same shards an unstopped run writes."""
+prompts, and a stopped run (also one interrupted while a shard is being written) resumes to the
+same shards an unstopped run writes."""
 
 from __future__ import annotations
 
 import itertools
+import time
 
 import jax
 import numpy as np
@@ -17,7 +19,14 @@ from hsd_jax.io.checkpoint import load_tokenizer, save_model
 from hsd_jax.io.prompts import eval_prompts_path, instructions_path, load_prompts
 from hsd_jax.train import magpie
 from hsd_jax.train.dataset import load_dataset, teacher_top_k
-from hsd_jax.train.magpie import NgramIndex, chat_prefix, clean_instruction, generate_with_top_k, make_corpus
+from hsd_jax.train.magpie import (
+    NgramIndex,
+    chat_prefix,
+    clean_instruction,
+    generate_with_top_k,
+    make_corpus,
+    shard_paths,
+)
 
 VOCAB = 64
 
@@ -115,12 +124,7 @@ def test_a_stopped_run_resumes_to_the_same_shards(tiny_chat_model, tmp_path, mon
     rest = make_corpus(tiny_chat_model, tmp_path / "split", answer_tokens=60, **kwargs)
     assert part["shards"] < whole["shards"] == rest["shards"] and rest["resumed_at_shard"] == part["shards"]
     assert rest["answer_tokens"] == whole["answer_tokens"] >= 60
-    for index in range(whole["shards"]):
-        name = magpie.SHARD.format(index)
-        a, b = np.load(tmp_path / "whole" / name), np.load(tmp_path / "split" / name)
-        assert sorted(a.files) == sorted(b.files)
-        for field in a.files:
-            np.testing.assert_array_equal(a[field], b[field], err_msg=f"{name}:{field}")
+    _assert_same_shards(tmp_path / "whole", tmp_path / "split", whole["shards"])
     data = load_dataset(tmp_path / "whole")
     prompts = [str(p) for p in data["prompts"]]
     # "??" is a duplicate
@@ -134,3 +138,43 @@ def test_a_stopped_run_resumes_to_the_same_shards(tiny_chat_model, tmp_path, mon
         assert ((mass[start - 1:end - 1] > 0.0) & (mass[start - 1:end - 1] <= 1.0 + 1e-3)).all()
         assert (data["teacher_ids"][row, :start - 1] == 0).all()
         assert (data["teacher_logp"][row, :start - 1] == 0).all()
+
+
+def _assert_same_shards(a_dir, b_dir, count):
+    for index in range(count):
+        name = magpie.SHARD.format(index)
+        a, b = np.load(a_dir / name), np.load(b_dir / name)
+        assert sorted(a.files) == sorted(b.files)
+        for field in a.files:
+            np.testing.assert_array_equal(a[field], b[field], err_msg=f"{name}:{field}")
+
+
+def test_an_interrupt_keeps_the_shard_being_written(tiny_chat_model, tmp_path, monkeypatch):
+    """Shards are written on a second thread while the next is generated: Ctrl-C during generation
+    still finishes the shard in flight, and the rerun resumes after it to the unstopped result."""
+    monkeypatch.setattr(magpie, "_instructions", _fake_instructions)
+    kwargs = dict(eval_prompts=load_prompts(eval_prompts_path()), seed_instructions=["How do I bake bread?"],
+                  batch_size=4, max_answer_tokens=6, top_k=4, progress=False)
+    whole = make_corpus(tiny_chat_model, tmp_path / "whole", answer_tokens=60, **kwargs)
+    generate, write = magpie._generate, magpie._write_shard
+    calls = itertools.count(1)
+
+    def generate_then_interrupt(*args, **kw):
+        if next(calls) == 3:  # shards 0 and 1 handed to the writer; 1 is still being written
+            raise KeyboardInterrupt
+        return generate(*args, **kw)
+
+    def slow_write(*args, **kw):
+        time.sleep(0.5)
+        write(*args, **kw)
+
+    monkeypatch.setattr(magpie, "_generate", generate_then_interrupt)
+    monkeypatch.setattr(magpie, "_write_shard", slow_write)
+    with pytest.raises(KeyboardInterrupt):
+        make_corpus(tiny_chat_model, tmp_path / "split", answer_tokens=60, **kwargs)
+    assert len(shard_paths(tmp_path / "split")) == 2
+    monkeypatch.setattr(magpie, "_generate", generate)
+    monkeypatch.setattr(magpie, "_write_shard", write)
+    rest = make_corpus(tiny_chat_model, tmp_path / "split", answer_tokens=60, **kwargs)
+    assert rest["resumed_at_shard"] == 2 and rest["shards"] == whole["shards"] > 2
+    _assert_same_shards(tmp_path / "whole", tmp_path / "split", whole["shards"])

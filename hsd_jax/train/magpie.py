@@ -19,6 +19,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -312,37 +313,47 @@ def make_corpus(
     began, new_tokens, resumed_at = time.perf_counter(), 0, len(done)
     seeds = iter(seed_instructions)
     index = len(done)
-    while total < answer_tokens:
-        key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
-        magpie = _instructions(
-            target, tokenizer, jax.random.fold_in(key, 1), batch_size, max_instruction_tokens
-        )
-        batch: list[tuple[str, str]] = []
-        for text in seeds:
-            if (text := accept(text)) is not None:
-                batch.append((text, "seed"))
-                if len(batch) == batch_size:
-                    break
-        while len(batch) < batch_size:
-            if (text := accept(next(magpie))) is not None:
-                batch.append((text, "magpie"))
-        temperature = ANSWER_TEMPERATURES[index % len(ANSWER_TEMPERATURES)]
-        encoded = [encode_prompt(tokenizer, text) for text, _ in batch]
-        tokens, counts, ids, logp = _generate(
-            target,
-            encoded,
-            jax.random.fold_in(key, 2),
-            max_new_tokens=max_answer_tokens,
-            sampling=SamplingParams(temperature),
-            eos_token_id=eos,
-            top_k=top_k,
-            batch_size=batch_size,
-        )
-        count = int(counts.sum())
-        _write_shard(out_dir / SHARD.format(index), encoded, tokens, counts, ids, logp, batch, temperature)
-        total, new_tokens, index = total + count, new_tokens + count, index + 1
-        bar.update(min(count, max(0, answer_tokens - bar.n)))
-        bar.set_postfix(shards=index, tok_s=f"{new_tokens / (time.perf_counter() - began):.0f}")
+    # One shard is compressed and written on a second thread while the next one is generated
+    # (zlib lets go of the GIL); shard i + 1 is handed over only once shard i is on disk, so the
+    # shards on disk never have a gap, and leaving the `with` waits for the last one.
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        written: Future | None = None
+        while total < answer_tokens:
+            key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
+            magpie = _instructions(
+                target, tokenizer, jax.random.fold_in(key, 1), batch_size, max_instruction_tokens
+            )
+            batch: list[tuple[str, str]] = []
+            for text in seeds:
+                if (text := accept(text)) is not None:
+                    batch.append((text, "seed"))
+                    if len(batch) == batch_size:
+                        break
+            while len(batch) < batch_size:
+                if (text := accept(next(magpie))) is not None:
+                    batch.append((text, "magpie"))
+            temperature = ANSWER_TEMPERATURES[index % len(ANSWER_TEMPERATURES)]
+            encoded = [encode_prompt(tokenizer, text) for text, _ in batch]
+            tokens, counts, ids, logp = _generate(
+                target,
+                encoded,
+                jax.random.fold_in(key, 2),
+                max_new_tokens=max_answer_tokens,
+                sampling=SamplingParams(temperature),
+                eos_token_id=eos,
+                top_k=top_k,
+                batch_size=batch_size,
+            )
+            count = int(counts.sum())
+            if written is not None:
+                written.result()
+            written = writer.submit(_write_shard, out_dir / SHARD.format(index), encoded, tokens, counts, ids,
+                                    logp, batch, temperature)
+            total, new_tokens, index = total + count, new_tokens + count, index + 1
+            bar.update(min(count, max(0, answer_tokens - bar.n)))
+            bar.set_postfix(shards=index, tok_s=f"{new_tokens / (time.perf_counter() - began):.0f}")
+        if written is not None:
+            written.result()
     bar.close()
     return {
         "shards": index,
