@@ -35,6 +35,7 @@ from hsd_jax.planning.stats import ModelStats, Stats
 from hsd_jax.planning.timing import median_seconds
 
 PROMPT_BUCKET = 32  # prompts are right-padded to a multiple of this: few recompiles, same tokens
+SCORE_BUCKET = 64  # teacher-forced sequences likewise
 
 Progress = Callable[[str], None] | None
 """Called with a message as each long step starts (the CLI prints them); None: silent."""
@@ -79,12 +80,25 @@ def _measure_each(level: Drafter, ks: Sequence[int], *, cache_size: int, context
     return costs
 
 
-def _teacher_forced(level: Drafter, tokens: np.ndarray, vocab: int) -> jax.Array:
-    """Next-token logits [S, vocab] of one sequence, at every position (run eagerly: the
-    sequences differ in length, so a compiled forward would recompile for each)."""
-    seq = jnp.asarray(tokens, jnp.int32)[None]
+def _score_all(level: Drafter, seq: jax.Array) -> jax.Array:
+    """Next-token logits [1, S, V] at every position of `seq` [1, S]."""
     fn, state = _scorer(level, 1, seq.shape[1], 0)
-    return fn(level, seq, jnp.arange(1, seq.shape[1] + 1, dtype=jnp.int32)[None], state)[0, :, :vocab]
+    return fn(level, seq, jnp.arange(1, seq.shape[1] + 1, dtype=jnp.int32)[None], state)
+
+
+_score_all_compiled = jax.jit(_score_all)
+
+
+def _teacher_forced(level: Drafter, tokens: np.ndarray, vocab: int) -> jax.Array:
+    """Next-token logits [S, vocab] of one sequence, at every position. A model scores the
+    sequence right-padded to a multiple of SCORE_BUCKET in one compiled forward (causal: padding
+    after a position does not change its logits), so nearby lengths share a program; the n-gram
+    drafter's lookup runs as it is."""
+    if isinstance(level, NGramDrafter):
+        return _score_all(level, jnp.asarray(tokens, jnp.int32)[None])[0, :, :vocab]
+    padded = np.zeros((1, -(-len(tokens) // SCORE_BUCKET) * SCORE_BUCKET), np.int32)
+    padded[0, :len(tokens)] = tokens
+    return _score_all_compiled(level, jnp.asarray(padded))[0, :len(tokens), :vocab]
 
 
 def measure_acceptance(levels: Sequence[Drafter], sequences: Sequence[np.ndarray], starts: Sequence[int], *,
