@@ -23,6 +23,7 @@ DATA_TOKENS=${DATA_TOKENS:-6000000}
 DATA_BATCH=${DATA_BATCH:-512}
 MAX_ANSWER=${MAX_ANSWER:-256}
 DRAFTS=${DRAFTS:-"2l:0,29"}         # name:layers ...
+HEAD_VOCAB=${HEAD_VOCAB:-8192}      # the drafts' head: this many most frequent token ids
 STEPS=${STEPS:-12000}
 TRAIN_BATCH=${TRAIN_BATCH:-32}
 LR=${LR:-1e-3}
@@ -70,7 +71,7 @@ for entry in $DRAFTS; do
     done ) &
   watcher=$!
   timeout -s INT "$left" "${HSD[@]}" distill --target "$TARGET" --out-dir "$out" --overwrite \
-    --layers "$layers" --head-vocab 8192 --data "$WORK/magpie" --work-dir "$out.work" --steps "$STEPS" \
+    --layers "$layers" --head-vocab "$HEAD_VOCAB" --data "$WORK/magpie" --work-dir "$out.work" --steps "$STEPS" \
     --batch-size "$TRAIN_BATCH" --learning-rate "$LR" --warmup "$WARMUP" --checkpoint-every "$MILESTONE" \
     --milestone-every "$MILESTONE" --compute-dtype bfloat16 2>&1 | tr '\r' '\n' | grep -v "^\s*$" \
     | tail -n 3 | tee -a "$OUT/log.txt"
