@@ -29,7 +29,7 @@ def main() -> None:
     draft = load_model(source, layout="stacked")  # checks the link and the embedding's sha256
     shared = (source / draft.config.embedding_source).resolve()
     config = dataclasses.replace(draft.config,
-                                 embedding_source=os.path.relpath(shared, dest.resolve().parent / dest.name))
+                                 embedding_source=os.path.relpath(shared, dest.resolve()))
     save_model(dest, draft.replace(config=config), tokenizer_source_dir=shared, overwrite=args.overwrite)
     shutil.copyfile(source / "distill_summary.json", dest / "distill_summary.json")
     load_model(dest, layout="stacked")

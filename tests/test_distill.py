@@ -4,6 +4,10 @@ a hierarchy with the exact greedy output; vocabulary-subset heads, shared embedd
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -274,3 +278,19 @@ def test_resuming_on_grown_data_keeps_the_heads_token_ids(target_dir, data_path,
                       work_dir=work, progress=False)
     assert resumed["resumed_from"] == 4 and resumed["resumed_with"] == "optimizer state"
     np.testing.assert_array_equal(np.asarray(load_model(tmp_path / "b").params["head_ids"]), first)
+
+
+def test_a_shipped_copy_at_another_depth_keeps_its_shared_embedding(target_dir, data_path, tmp_path):
+    """`scripts/ship_draft.py` re-points the relative embedding link of a draft copied elsewhere;
+    the copy loads to the same weights and carries the training summary (with its machine)."""
+    made = tmp_path / "runs" / "gpu" / "draft"
+    distill(target_dir, data_path, made, DraftSpec(layers=(0,), head_vocab_size=40),
+            TrainConfig(steps=2, batch_size=6, warmup_steps=0), progress=False)
+    shipped = tmp_path / "shipped"
+    subprocess.run([sys.executable, str(Path(__file__).parents[1] / "scripts" / "ship_draft.py"), str(made),
+                    str(shipped)], check=True, capture_output=True)
+    a, b = load_model(made), load_model(shipped)
+    assert b.config.embedding_source == os.path.relpath(target_dir, shipped)
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a.params, b.params))
+    summary = json.loads((shipped / "distill_summary.json").read_text())
+    assert summary == json.loads((made / "distill_summary.json").read_text()) and summary["machine"]
