@@ -83,9 +83,10 @@ for entry in $DRAFTS; do
   fi
 done
 
-log "agreement curve"
+log "agreement curve (latest milestones first)"
 # float32 products at full precision: the target's greedy continuations as on a CPU
+latest_first=$(ls -d "$WORK"/snap-* | awk -F- '{print $NF, $0}' | sort -n -r | cut -d' ' -f2-)
 JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${CURVE_S:-150}" "$PY" scripts/agreement_curve.py --target "$TARGET" \
-  --drafts "$WORK"/snap-* --num-prompts "$CURVE_PROMPTS" --out "$OUT/agreement-curve.json" 2>&1 \
+  --drafts $latest_first --num-prompts "$CURVE_PROMPTS" --out "$OUT/agreement-curve.json" 2>&1 \
   | tail -n 30 | tee -a "$OUT/log.txt"
 log "done"

@@ -45,11 +45,10 @@ def main() -> None:
                      "greedy_agreement": round(float(found["greedy"][0, 1]), 4),
                      "sum_min_t1": round(float(found["sampled"][0, 1]), 4)})
         print(rows[-1], flush=True)
-    rows.sort(key=lambda r: r["steps"])
-    result = {"target": args.target, "prompts": len(prompts), "answer_positions": int(found["positions"]),
-              "rows": rows}
-    if args.out:
-        write_json(args.out, result)
+        if args.out:  # after every draft: a run stopped early keeps what it scored
+            write_json(args.out, {"target": args.target, "prompts": len(prompts),
+                                  "answer_positions": int(found["positions"]),
+                                  "rows": sorted(rows, key=lambda r: r["steps"])})
 
 
 if __name__ == "__main__":
