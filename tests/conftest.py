@@ -52,3 +52,17 @@ def small_family():
     from families import SMALL_VOCAB, family
 
     return family(vocab=SMALL_VOCAB)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory, smollm2_dir):
+    """A tiny random model with SmolLM2's tokenizer and chat template."""
+    import jax
+    from families import tiny_config
+
+    from hsd_jax.io.checkpoint import save_model
+    from hsd_jax.models import Model, init_params
+
+    config = tiny_config(vocab=49152, layers=1, hidden=16, eos_token_id=2, bos_token_id=1)
+    model = Model(init_params(config, jax.random.PRNGKey(0)), config)
+    return save_model(tmp_path_factory.mktemp("chat") / "model", model, tokenizer_source_dir=smollm2_dir)

@@ -15,7 +15,7 @@ from families import family
 
 from hsd_jax.decoding.ar import ar_generate
 from hsd_jax.decoding.sampling import SamplingParams
-from hsd_jax.io.checkpoint import load_tokenizer, save_model
+from hsd_jax.io.checkpoint import load_tokenizer
 from hsd_jax.io.prompts import eval_prompts_path, instructions_path, load_prompts
 from hsd_jax.train import magpie
 from hsd_jax.train.dataset import load_dataset, teacher_top_k
@@ -79,18 +79,6 @@ def test_clean_instruction_limits():
     assert clean_instruction("Hi there") is None  # two words
     assert clean_instruction("word " * 200) is None
     assert clean_instruction("¿Cómo está usted, señor? ¡Qué día más bonito hace hoy!") is None
-
-
-@pytest.fixture(scope="module")
-def tiny_chat_model(tmp_path_factory, smollm2_dir):
-    """A tiny random model with SmolLM2's tokenizer and chat template."""
-    from families import tiny_config
-
-    from hsd_jax.models import Model, init_params
-
-    config = tiny_config(vocab=49152, layers=1, hidden=16, eos_token_id=2, bos_token_id=1)
-    model = Model(init_params(config, jax.random.PRNGKey(0)), config)
-    return save_model(tmp_path_factory.mktemp("chat") / "model", model, tokenizer_source_dir=smollm2_dir)
 
 
 def test_chat_prefix_stops_where_the_user_writes(smollm2_dir):
