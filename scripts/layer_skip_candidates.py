@@ -43,7 +43,7 @@ def main() -> None:
     prompts = load_prompts(eval_prompts_path())[:args.num_prompts]
     tokenizer = load_tokenizer(args.target)
     sequences, starts = target_continuations(target, tokenizer, prompts, args.max_new_tokens)
-    stacked = load_model(args.target, dtype="float32", layout="stacked")
+    stacked = target.with_layout("stacked")  # the same weights, without a second read from disk
     every_id = np.arange(target.vocab_size, dtype=np.int32)
     target_cost = measure_costs(target, 8)
     rows = []
