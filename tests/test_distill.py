@@ -227,6 +227,19 @@ def test_milestones_and_resuming_from_a_committed_draft(target_dir, data_path, t
                 TrainConfig(steps=8, **train), resume_from=milestone, progress=False)
 
 
+def test_kept_milestones_are_drafts_of_their_own(target_dir, data_path, tmp_path):
+    spec = DraftSpec(layers=(0,), head_vocab_size=40)
+    train = dict(batch_size=6, warmup_steps=1, learning_rate=3e-3, checkpoint_every=2, milestone_every=2)
+    distill(target_dir, data_path, tmp_path / "d", spec, TrainConfig(steps=4, keep_milestones=True, **train),
+            progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("d")) == ["d", "d-step2"]
+    kept, final = load_model(tmp_path / "d-step2"), load_model(tmp_path / "d")  # the embedding link holds
+    assert json.loads((tmp_path / "d-step2" / "distill_summary.json").read_text())["steps_done"] == 2
+    assert not np.array_equal(np.asarray(kept.params["lm_head"]), np.asarray(final.params["lm_head"]))
+    with pytest.raises(ValueError, match="--keep-milestones needs --milestone-every"):
+        TrainConfig(steps=4, warmup_steps=1, keep_milestones=True)
+
+
 def test_the_rewarm_schedule_continues_the_cosine():
     from hsd_jax.train.distill import learning_rate
 

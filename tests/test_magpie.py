@@ -112,7 +112,15 @@ def test_a_stopped_run_resumes_to_the_same_shards(tiny_chat_model, tmp_path, mon
     rest = make_corpus(tiny_chat_model, tmp_path / "split", answer_tokens=60, **kwargs)
     assert part["shards"] < whole["shards"] == rest["shards"] and rest["resumed_at_shard"] == part["shards"]
     assert rest["answer_tokens"] == whole["answer_tokens"] >= 60
+    # where the time went: every phase ran, and the phases fit inside the run
+    assert set(whole["seconds"]) >= {"instructions", "cleaning", "answers"}
+    phases = whole["seconds"].values()
+    assert all(s >= 0 for s in phases) and sum(phases) <= whole["wall_s"]
     _assert_same_shards(tmp_path / "whole", tmp_path / "split", whole["shards"])
+    assert whole["stopped_by"] == "answer tokens"
+    # out of time before a first shard could end: nothing written, and the run says why it stopped
+    late = make_corpus(tiny_chat_model, tmp_path / "late", answer_tokens=60, max_seconds=1e-9, **kwargs)
+    assert late["stopped_by"] == "time" and late["shards"] == 0 and not magpie.shard_paths(tmp_path / "late")
     data = load_dataset(tmp_path / "whole")
     prompts = [str(p) for p in data["prompts"]]
     # "??" is a duplicate

@@ -266,6 +266,9 @@ CLI_CASES = {
     "make-data-answer-tokens-0": ("make-data", lambda c, t: [
         "make-data", "--target", str(c["model"]), "--out-dir", str(t / "d"), "--answer-tokens", "0"],
         "--answer-tokens must be a positive integer"),
+    "make-data-max-seconds-0": ("make-data", lambda c, t: [
+        "make-data", "--target", str(c["model"]), "--out-dir", str(t / "d"), "--max-seconds", "0"],
+        "--max-seconds must be > 0"),
     "make-data-out-is-a-file": ("make-data", lambda c, t: _make_data_into(c, t, "file"),
                                 "is a link or a file"),
     "make-data-symlinked-out": ("make-data", lambda c, t: _make_data_into(c, t, "link"),

@@ -31,6 +31,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="append",
         help="JSONL prompts no instruction may overlap (default: the shipped evaluation prompts)",
     )
+    p.add_argument("--max-seconds", type=float,
+                   help="stop before a shard would end past this many seconds (run it again to go on)")
     p.add_argument("--seed", type=int, default=0)
     add_dtype_argument(p)
     return p
@@ -39,6 +41,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     for name in ("answer_tokens", "batch_size", "max_answer_tokens", "top_k"):
         positive_int("--" + name.replace("_", "-"), getattr(args, name))
+    if args.max_seconds is not None and not args.max_seconds > 0:
+        raise ValueError(f"--max-seconds must be > 0, got {args.max_seconds}")
     require_model_dir(args.target)
     eval_prompts = [p for path in (args.eval_prompts or [eval_prompts_path()]) for p in load_prompts(path)]
     seeds = load_prompts(args.seed_instructions or instructions_path())
@@ -53,10 +57,12 @@ def run(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed,
         dtype=args.dtype,
+        max_seconds=args.max_seconds,
     )
     write_json(f"{args.out_dir}/corpus.json", summary)
     print(
         f"wrote {args.out_dir}: {summary['shards']} shards, {summary['answer_tokens']} answer "
-        f"tokens ({summary['new_answer_tokens']} new, {summary['wall_s']:.0f}s)"
+        f"tokens ({summary['new_answer_tokens']} new, {summary['wall_s']:.0f}s: "
+        + ", ".join(f"{phase} {s:.0f}s" for phase, s in summary["seconds"].items()) + ")"
     )
     return 0

@@ -40,7 +40,14 @@ from hsd_jax.planning.stats import (
                                       load_stats,
                                       save_stats,
 )
-from hsd_jax.planning.timing import StreamTiming, median_seconds, time_once, time_stream, timed_runs
+from hsd_jax.planning.timing import (
+                                      Stopwatch,
+                                      StreamTiming,
+                                      median_seconds,
+                                      time_once,
+                                      time_stream,
+                                      timed_runs,
+)
 
 __all__ = [
     "Acceptance",
@@ -67,6 +74,7 @@ __all__ = [
     "measure_acceptance",
     "measure_costs",
     "median_seconds",
+    "Stopwatch",
     "package_versions",
     "plan_label",
     "profile_family",

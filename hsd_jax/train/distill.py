@@ -134,6 +134,7 @@ class TrainConfig:
     seed: int = 0
     compute_dtype: str = "float32"  # or "bfloat16": weights cast for the products (f32 master copy)
     milestone_every: int = 0  # > 0: write the bf16 draft to OUT_DIR every this many steps
+    keep_milestones: bool = False  # each milestone also stays beside OUT_DIR, as OUT_DIR-stepN
     rewarm_steps: int = 100  # warm-up when resuming from a draft without its optimizer state
 
     def __post_init__(self):
@@ -147,6 +148,8 @@ class TrainConfig:
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(f"--warmup ({self.warmup_steps}) must be in [0, --steps) = [0, {self.steps}); "
                              "lower --warmup or raise --steps")
+        if self.keep_milestones and not self.milestone_every:
+            raise ValueError("--keep-milestones needs --milestone-every N (the steps to keep a milestone at)")
         if not self.learning_rate > 0:
             raise ValueError(f"--learning-rate must be > 0, got {self.learning_rate}")
 
@@ -352,10 +355,14 @@ def distill(
     def write_draft(done: int) -> dict[str, Any]:
         bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x,
                             {**state["params"], **frozen})
-        save_model(out_dir, Model(params=bf16, config=config), tokenizer_source_dir=Path(target_dir),
-                   overwrite=True)
         record = summary(done)
-        write_json(out_dir / "distill_summary.json", record)
+        # a sibling sits at OUT_DIR's depth, so the relative link to the shared embedding holds there too
+        keep = train.keep_milestones and done < train.steps
+        kept = [out_dir.with_name(f"{out_dir.name}-step{done}")] if keep else []
+        for directory in [out_dir, *kept]:
+            save_model(directory, Model(params=bf16, config=config), tokenizer_source_dir=Path(target_dir),
+                       overwrite=True)
+            write_json(directory / "distill_summary.json", record)
         return record
 
     bar = tqdm(range(start, train.steps), initial=start, total=train.steps, desc="distil",

@@ -35,6 +35,7 @@ from hsd_jax.io.checkpoint import encode_prompt, load_model, load_tokenizer
 from hsd_jax.io.files import write_bytes
 from hsd_jax.io.prompts import pad_prompts
 from hsd_jax.models import Model
+from hsd_jax.planning.timing import Stopwatch
 
 SHARD = "shard-{:05d}.npz"
 INSTRUCTION_SAMPLING = SamplingParams(temperature=1.0, top_p=0.95)
@@ -254,9 +255,11 @@ def make_corpus(
     eval_overlap: float = 0.5,
     seed: int = 0,
     dtype: Any = None,
+    max_seconds: float | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write shards until they hold `answer_tokens` answer tokens; resume from the shards present.
+    """Write shards until they hold `answer_tokens` answer tokens, or until the next shard would
+    end past `max_seconds` (judged by the last shard's time); resume from the shards present.
 
     The seed instructions are answered first, then Magpie instructions. An instruction is kept when
     it has 3..160 words of mostly plain text, its word 3-gram Jaccard similarity is below
@@ -311,6 +314,7 @@ def make_corpus(
         smoothing=0.05,
     )
     began, new_tokens, resumed_at = time.perf_counter(), 0, len(done)
+    seconds = Stopwatch()
     seeds = iter(seed_instructions)
     index = len(done)
     # One shard is compressed and written on a second thread while the next one is generated
@@ -318,38 +322,49 @@ def make_corpus(
     # shards on disk never have a gap, and leaving the `with` waits for the last one.
     with ThreadPoolExecutor(max_workers=1) as writer:
         written: Future | None = None
+        shard_s = 0.0
         while total < answer_tokens:
+            if max_seconds is not None and time.perf_counter() - began + shard_s > max_seconds:
+                break
+            shard_began = time.perf_counter()
             key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
             magpie = _instructions(
                 target, tokenizer, jax.random.fold_in(key, 1), batch_size, max_instruction_tokens
             )
             batch: list[tuple[str, str]] = []
-            for text in seeds:
-                if (text := accept(text)) is not None:
-                    batch.append((text, "seed"))
-                    if len(batch) == batch_size:
-                        break
+            with seconds.add("cleaning"):
+                for text in seeds:
+                    if (text := accept(text)) is not None:
+                        batch.append((text, "seed"))
+                        if len(batch) == batch_size:
+                            break
             while len(batch) < batch_size:
-                if (text := accept(next(magpie))) is not None:
-                    batch.append((text, "magpie"))
+                with seconds.add("instructions"):
+                    text = next(magpie)
+                with seconds.add("cleaning"):
+                    if (text := accept(text)) is not None:
+                        batch.append((text, "magpie"))
             temperature = ANSWER_TEMPERATURES[index % len(ANSWER_TEMPERATURES)]
             encoded = [encode_prompt(tokenizer, text) for text, _ in batch]
-            tokens, counts, ids, logp = _generate(
-                target,
-                encoded,
-                jax.random.fold_in(key, 2),
-                max_new_tokens=max_answer_tokens,
-                sampling=SamplingParams(temperature),
-                eos_token_id=eos,
-                top_k=top_k,
-                batch_size=batch_size,
-            )
+            with seconds.add("answers"):
+                tokens, counts, ids, logp = _generate(
+                    target,
+                    encoded,
+                    jax.random.fold_in(key, 2),
+                    max_new_tokens=max_answer_tokens,
+                    sampling=SamplingParams(temperature),
+                    eos_token_id=eos,
+                    top_k=top_k,
+                    batch_size=batch_size,
+                )
             count = int(counts.sum())
             if written is not None:
-                written.result()
+                with seconds.add("waiting_for_writer"):
+                    written.result()
             written = writer.submit(_write_shard, out_dir / SHARD.format(index), encoded, tokens, counts, ids,
                                     logp, batch, temperature)
             total, new_tokens, index = total + count, new_tokens + count, index + 1
+            shard_s = time.perf_counter() - shard_began
             bar.update(min(count, max(0, answer_tokens - bar.n)))
             bar.set_postfix(shards=index, tok_s=f"{new_tokens / (time.perf_counter() - began):.0f}")
         if written is not None:
@@ -361,6 +376,8 @@ def make_corpus(
         "answer_tokens": total,
         "new_answer_tokens": new_tokens,
         "wall_s": time.perf_counter() - began,
+        "stopped_by": "answer tokens" if total >= answer_tokens else "time",
+        "seconds": seconds.totals(),  # of this run's wall time; generation includes its compiles
         "rejected_this_run": dict(rejected),
         "batch_size": batch_size,
         "top_k": top_k,
