@@ -72,12 +72,12 @@ train_draft() {
     --milestone-every "$MILESTONE" --keep-milestones --compute-dtype bfloat16 2>&1 | tr '\r' '\n' \
     | grep -v "^\s*$" | tail -n 3 | tee -a "$OUT/log.txt"
   log "draft $name: $(ls -d "$out"-step* 2>/dev/null | wc -l) milestones kept"
-  # in parts that fit a 16 MiB transfer limit: cat draft-NAME.tar.* | tar -x
+  # gzipped, in parts that fit a 16 MiB transfer limit: cat draft-NAME.tar.* | tar -xz
   for s in final $RETURN_STEPS; do  # chosen milestones come back too (the transfer limits allow a few)
     local dir="draft-$name"
     if [[ $s != final ]]; then [[ ${s%%:*} == "$name" ]] || continue; dir="draft-$name-step${s#*:}"; fi
     if [[ -f $WORK/$dir/distill_summary.json ]]; then
-      tar -cf - -C "$WORK" "$dir" | split -b 15000000 -d -a 1 - "$OUT/$dir.tar."
+      tar -czf - -C "$WORK" "$dir" | split -b 15000000 -d -a 1 - "$OUT/$dir.tar."
     fi
   done
 }
