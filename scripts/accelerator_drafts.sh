@@ -31,6 +31,7 @@ TRAIN_BATCH=${TRAIN_BATCH:-32}
 LR=${LR:-1e-3}
 WARMUP=${WARMUP:-200}
 MILESTONE=${MILESTONE:-1000}
+WIDTH_BUCKET=${WIDTH_BUCKET:-1024}  # one batch width, one compile (a GPU step costs little more at full width)
 TRAIN_END_S=${TRAIN_END_S:-400}     # no draft trains past this many seconds after the start
 NEXT_DRAFT_MIN_S=${NEXT_DRAFT_MIN_S:-150}  # a further draft starts only with this much time left
 CURVE_PROMPTS=${CURVE_PROMPTS:-24}
@@ -69,7 +70,7 @@ train_draft() {
   timeout -s INT "$left" "${HSD[@]}" distill --target "$TARGET" --out-dir "$out" --overwrite \
     --layers "$layers" --head-vocab "$HEAD_VOCAB" --data "$WORK/magpie" --work-dir "$out.work" --steps "$STEPS" \
     --batch-size "$TRAIN_BATCH" --learning-rate "$LR" --warmup "$WARMUP" --checkpoint-every "$MILESTONE" \
-    --milestone-every "$MILESTONE" --keep-milestones --compute-dtype bfloat16 2>&1 | tr '\r' '\n' \
+    --milestone-every "$MILESTONE" --keep-milestones --width-bucket "$WIDTH_BUCKET" --compute-dtype bfloat16 2>&1 | tr '\r' '\n' \
     | grep -v "^\s*$" | tail -n 3 | tee -a "$OUT/log.txt"
   log "draft $name: $(ls -d "$out"-step* 2>/dev/null | wc -l) milestones kept"
   # gzipped, in parts that fit a 16 MiB transfer limit: cat draft-NAME.tar.* | tar -xz

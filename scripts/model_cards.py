@@ -36,7 +36,8 @@ def card(draft_dir: Path, stats: dict, trained_on: str) -> str:
     history = summary.get("history") or []
     runs = "; ".join(
         f"steps {h['resumed_from']}-{h['steps_done']} on {h['data_answer_tokens']:,} answer tokens "
-        f"({', '.join(h['data'])}; {h['wall_s'] / 60:.0f} min)" for h in history)
+        f"({', '.join(h['data'])}; {h['wall_s'] / 60:.0f} min"
+        + (f"; cosine to step {h['steps']}" if h.get("steps") else "") + ")" for h in history)
     me = models[draft_dir.name]
     rows = []
     for label, name in ((f"`{draft_dir.name}` (float32)", draft_dir.name),

@@ -156,6 +156,7 @@ def test_length_bucketed_batches_cover_each_epoch_once_and_are_reproducible():
     padded_random = sum(_bucket_width(int(lengths[b].max()), 256) * len(b) for b in shuffled)
     assert padded < 0.8 * padded_random
     assert _bucket_width(33, 256) == 64 and _bucket_width(250, 240) == 240
+    assert _bucket_width(33, 256, bucket=1024) == 256 and _bucket_width(33, 256, bucket=1) == 33
 
 
 def test_several_data_files_train_as_one(data_path, tmp_path):

@@ -54,6 +54,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="write the bf16 draft to OUT_DIR every N steps (0: only at the end)")
     p.add_argument("--keep-milestones", action="store_true",
                    help="also keep each milestone beside OUT_DIR, as OUT_DIR-stepN (a draft of its own)")
+    p.add_argument("--width-bucket", type=int, default=32,
+                   help="pad each batch to a multiple of this many positions (one compile per width; "
+                        "on a GPU a large value, one width, trains faster)")
     p.add_argument("--rewarm", type=int, default=100, help="warm-up steps after --resume-from")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of the training products (float32 master weights either way)")
@@ -68,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                         warmup_steps=args.warmup, checkpoint_every=args.checkpoint_every, seed=args.seed,
                         compute_dtype=args.compute_dtype, milestone_every=args.milestone_every,
-                        keep_milestones=args.keep_milestones, rewarm_steps=args.rewarm)
+                        keep_milestones=args.keep_milestones, width_bucket=args.width_bucket,
+                        rewarm_steps=args.rewarm)
     require_model_dir(args.target)
     if args.resume_from:
         require_model_dir(args.resume_from)

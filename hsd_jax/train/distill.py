@@ -135,13 +135,16 @@ class TrainConfig:
     compute_dtype: str = "float32"  # or "bfloat16": weights cast for the products (f32 master copy)
     milestone_every: int = 0  # > 0: write the bf16 draft to OUT_DIR every this many steps
     keep_milestones: bool = False  # each milestone also stays beside OUT_DIR, as OUT_DIR-stepN
+    # batches pad to a multiple of this (few compiles); on an accelerator, where a draft's step costs
+    # little more at full width and each compile costs seconds, a large one (one width) is faster
+    width_bucket: int = 32
     rewarm_steps: int = 100  # warm-up when resuming from a draft without its optimizer state
 
     def __post_init__(self):
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"compute dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
         for name, least in (("milestone_every", 0), ("rewarm_steps", 0), ("steps", 1), ("batch_size", 1),
-                            ("checkpoint_every", 1)):
+                            ("checkpoint_every", 1), ("width_bucket", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {least}, got {value!r}")
@@ -154,12 +157,10 @@ class TrainConfig:
             raise ValueError(f"--learning-rate must be > 0, got {self.learning_rate}")
 
 
-WIDTH_BUCKET = 32
-
-
-def _bucket_width(length: int, full_width: int) -> int:
-    """A batch's padded width: its longest row rounded up to WIDTH_BUCKET (few compiles)."""
-    return min(-(-length // WIDTH_BUCKET) * WIDTH_BUCKET, full_width)
+def _bucket_width(length: int, full_width: int, bucket: int = 32) -> int:
+    """A batch's padded width: its longest row rounded up to a multiple of `bucket` (one compile
+    per width: a larger bucket pads more and compiles less)."""
+    return min(-(-length // bucket) * bucket, full_width)
 
 
 def length_bucketed_batches(lengths: np.ndarray, batch_size: int, steps: int, seed: int) -> np.ndarray:
@@ -218,8 +219,9 @@ def _resume_point(draft_dir: Path, target: Model, spec: DraftSpec) -> tuple[Para
     return draft.params, done
 
 
-_SEGMENT_FIELDS = ("resumed_from", "steps_done", "resumed_with", "answer_tokens_seen", "wall_s", "machine",
-                   "data", "data_answer_tokens")
+# "steps": the cosine's horizon in that run (a run resumed with another --steps re-sizes it)
+_SEGMENT_FIELDS = ("resumed_from", "steps_done", "steps", "resumed_with", "answer_tokens_seen", "wall_s",
+                   "machine", "data", "data_answer_tokens")
 
 
 def _segment(summary: dict[str, Any]) -> dict[str, Any]:
@@ -369,7 +371,7 @@ def distill(
                disable=not progress)
     for i in bar:
         rows = batches[i]
-        width = _bucket_width(int(data["lengths"][rows].max()), data["tokens"].shape[1])
+        width = _bucket_width(int(data["lengths"][rows].max()), data["tokens"].shape[1], train.width_bucket)
         mask = mask_all[rows, :width]
         state, loss = step(
             state,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import re
 import time
+from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -152,29 +153,38 @@ def word_ngrams(text: str, n: int) -> set[tuple[str, ...]]:
 
 
 class NgramIndex:
-    """Texts indexed by word n-grams, to find the indexed texts most like a new one."""
+    """Texts indexed by word n-grams, to find the indexed texts most like a new one.
+
+    Postings are int32 arrays, counted with numpy: a common n-gram ("how do i") is shared by
+    thousands of indexed texts, and counting them one by one in Python grew to ~1 ms a query."""
 
     def __init__(self, n: int = 3, texts: Iterable[str] = ()) -> None:
         self.n = n
-        self.grams: list[set[tuple[str, ...]]] = []
-        self.postings: dict[tuple[str, ...], list[int]] = {}
+        self.sizes = array("i")  # n-grams per indexed text
+        self.postings: dict[tuple[str, ...], array] = {}
         for text in texts:
             self.add(text)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
 
     def add(self, text: str) -> None:
         grams = word_ngrams(text, self.n)
         for g in grams:
-            self.postings.setdefault(g, []).append(len(self.grams))
-        self.grams.append(grams)
+            self.postings.setdefault(g, array("i")).append(len(self.sizes))
+        self.sizes.append(len(grams))
 
     def similarity(self, text: str) -> tuple[float, float]:
         """(the largest Jaccard similarity of n-gram sets, the largest share of one indexed text's
         n-grams found in `text`): the second catches an indexed text quoted inside a longer one."""
         grams = word_ngrams(text, self.n)
-        shared = Counter(i for g in grams for i in self.postings.get(g, ()))
-        jaccard = max((c / (len(grams) + len(self.grams[i]) - c) for i, c in shared.items()), default=0.0)
-        contained = max((c / len(self.grams[i]) for i, c in shared.items()), default=0.0)
-        return jaccard, contained
+        hits = [np.frombuffer(self.postings[g], np.int32) for g in grams if g in self.postings]
+        if not hits:
+            return 0.0, 0.0
+        ids, shared = np.unique(np.concatenate(hits), return_counts=True)
+        sizes = np.frombuffer(self.sizes, np.int32)[ids]
+        jaccard = shared / (len(grams) + sizes - shared)
+        return float(jaccard.max()), float((shared / sizes).max())
 
 
 def clean_instruction(text: str, *, min_words: int = 3, max_words: int = 160) -> str | None:
