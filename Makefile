@@ -68,13 +68,13 @@ bench-peers: $(TARGET_DIR)/hsd_config.json checkpoints/plan-hsd.json
 	$(BIN)/hsd-jax bench $(BENCH_FLAGS) --methods ar,sd,hsd,hf-ar,hf-assisted,llamacpp-ar,llamacpp-lookup
 
 # Distillation data and the 2-layer draft. The shipped draft was made by
-# scripts/accelerator_drafts.sh on one GPU (`make drafts-accelerator`: data for 200 s, then 12,000
-# steps; about 7 minutes on an H200). `data` and `draft-2l` are the same two commands for any
-# machine, hours on 2 CPU cores; both resume where a stopped run ended (the shards on disk; the
-# orbax work dir). Ship a draft with `python scripts/ship_draft.py distill/draft-2l
+# scripts/accelerator_drafts.sh on one GPU (`make drafts-accelerator`: data at batch 2048 until
+# 260 s, then 5,000 steps of batch 64; about 8 minutes on an H200). `data` and `draft-2l` are the
+# same two commands for any machine, hours on 2 CPU cores; both resume where a stopped run ended
+# (the shards on disk; the orbax work dir). Ship a draft with `python scripts/ship_draft.py distill/draft-2l
 # checkpoints/smollm2-draft-2l --overwrite`.
 DATA_DIR := distill/magpie
-DATA_TOKENS ?= 3000000
+DATA_TOKENS ?= 6300000
 DATA_BATCH ?= 32
 data: $(TARGET_DIR)/hsd_config.json
 	$(BIN)/hsd-jax make-data --target $(TARGET_DIR) --out-dir $(DATA_DIR) --answer-tokens $(DATA_TOKENS) \
@@ -82,8 +82,8 @@ data: $(TARGET_DIR)/hsd_config.json
 
 draft-2l: $(TARGET_DIR)/hsd_config.json
 	$(BIN)/hsd-jax distill --target $(TARGET_DIR) --out-dir distill/draft-2l --overwrite --layers 0,29 \
-		--head-vocab 8192 --data $(DATA_DIR) --work-dir distill/draft-2l.work --steps 12000 --batch-size 32 \
-		--learning-rate 1e-3 --warmup 200 --checkpoint-every 100 --milestone-every 1500 --compute-dtype bfloat16
+		--head-vocab 8192 --data $(DATA_DIR) --work-dir distill/draft-2l.work --steps 5000 --batch-size 64 \
+		--learning-rate 1e-3 --warmup 200 --checkpoint-every 100 --milestone-every 1000 --compute-dtype bfloat16
 
 drafts-accelerator: $(TARGET_DIR)/hsd_config.json
 	PY=$(BIN)/python scripts/accelerator_drafts.sh
