@@ -9,6 +9,9 @@
   let XLA:CPU's YNNPACK dots use them without re-packing on every call (../shared/cpu-dots.md).
 * ``int8``: the unstacked layout with every projection and the head as `Int8Weight`.
 
+On a CPU with our bfloat16 kernel (`models.cpu_kernel.available()`), the unstacked layout of
+bfloat16 weights holds every projection and the head packed for it (`PackedBf16`).
+
 The layout is a static field of `Model`; nothing infers it from the keys of the weight tree.
 """
 
@@ -20,6 +23,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
+import hsd_jax.models.cpu_kernel as cpu_kernel
 from hsd_jax.models.config import ModelConfig
 from hsd_jax.models.params import Params, param_specs
 from hsd_jax.models.quantize import Int8Weight
@@ -104,10 +108,29 @@ def unstack_layers(params: Params) -> Params:
     return out
 
 
+def _packed_for_kernel(params: Params) -> Params:
+    """bfloat16 projections and head packed for the CPU kernel, where it runs (else unchanged)."""
+    def pack(w):
+        if isinstance(w, jax.Array) and w.ndim == 2 and w.dtype == jnp.bfloat16:
+            return cpu_kernel.PackedBf16.pack(w)
+        return w
+
+    if params["embed"].dtype != jnp.bfloat16 or not cpu_kernel.available():
+        return params
+    layers = tuple({k: pack(v) if k in FUSED_PROJECTIONS else v for k, v in layer.items()}
+                   for layer in params["layers"])
+    return {**params, "layers": layers, "lm_head": pack(params["lm_head"])}
+
+
+def _unpacked(params: Params) -> Params:
+    return jax.tree.map(cpu_kernel.unpacked, params, is_leaf=lambda x: isinstance(x, cpu_kernel.PackedBf16))
+
+
 def stack_layers(params: Params, config: ModelConfig) -> Params:
     """The stacked storage layout of `param_specs(config)` (identity if already stacked)."""
     if not _is_unstacked(params):
         return params
+    params = _unpacked(params)
     if any(
         isinstance(w, Int8Weight)
         for w in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Int8Weight))
@@ -125,12 +148,14 @@ def with_layout(params: Params, config: ModelConfig, layout: str | Layout) -> tu
     layout = resolve(layout)
     if layout.int8:
         return quantize_params(params), layout
-    return (stack_layers(params, config) if layout.stacked else unstack_layers(params)), layout
+    if layout.stacked:
+        return stack_layers(params, config), layout
+    return _packed_for_kernel(unstack_layers(params)), layout
 
 
 def quantize_params(params: Params) -> Params:
     """The int8 layout: every fused projection and the head as an `Int8Weight` (in-major)."""
-    params = unstack_layers(params)
+    params = _unpacked(unstack_layers(params))
     layers = tuple(
         {k: Int8Weight.quantize(v, in_dims=1) if k in FUSED_PROJECTIONS else v for k, v in layer.items()}
         for layer in params["layers"]

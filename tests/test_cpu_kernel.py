@@ -1,0 +1,87 @@
+"""The bfloat16 CPU kernel (`models.cpu_kernel`): its products against float32 arithmetic on the
+same bfloat16 values, a row's result independent of the other rows, the packed layout inside a
+model's weights, and XLA's own dots where the kernel is switched off."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from families import family
+
+from hsd_jax.models import cpu_kernel, quantize_int8
+from hsd_jax.models.cpu_kernel import PackedBf16, packed_matmul
+
+needs_kernel = pytest.mark.skipif(not cpu_kernel.available(),
+                                  reason=f"no bf16 CPU kernel here: {cpu_kernel.build_error()}")
+
+
+@pytest.mark.parametrize("k,n", [(576, 960), (577, 50), (64, 16), (3, 33)])
+def test_packing_round_trips(k, n):
+    w = jnp.asarray(np.random.default_rng(k).standard_normal((k, n)), jnp.bfloat16)
+    packed = PackedBf16.pack(w)
+    assert packed.data.shape == (-(-n // 16), -(-k // 2), 32)
+    np.testing.assert_array_equal(np.asarray(packed.unpack()), np.asarray(w))
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,k,n", [(1, 576, 960), (2, 577, 50), (3, 64, 48), (8, 1536, 576),
+                                   (16, 96, 3072), (37, 64, 40)])
+def test_products_match_float32_arithmetic_and_rows_stand_alone(m, k, n):
+    rng = np.random.default_rng(m * k)
+    w = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    packed = PackedBf16.pack(w)
+    got = np.asarray(jax.jit(packed_matmul)(x, packed))
+    exact = np.asarray(x.astype(jnp.bfloat16), np.float64) @ np.asarray(w, np.float64)
+    # float32 accumulation of exact bf16 products: error of a few float32 ulps of the sum's terms
+    magnitude = np.abs(np.asarray(x.astype(jnp.bfloat16), np.float64)) @ np.abs(np.asarray(w, np.float64))
+    bound = 1e-6 * k * magnitude
+    assert got.shape == (m, n) and np.all(np.abs(got - exact) <= bound + 1e-30)
+    # every row alone gives bit for bit what it gives inside the batch (a one-token step and a
+    # k-token check agree on a row)
+    for row in {0, m // 2, m - 1}:
+        alone = np.asarray(jax.jit(packed_matmul)(x[row:row + 1], packed))
+        np.testing.assert_array_equal(alone[0], got[row])
+
+
+@needs_kernel
+def test_a_bfloat16_model_runs_packed_on_the_cpu_and_converts_back():
+    target = family(vocab=48, seed=3)[-1]
+    cast = lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x  # noqa: E731
+    bf16 = target.replace(params=jax.tree.map(cast, target.params))
+    unstacked = bf16.with_layout("unstacked")
+    assert isinstance(unstacked.params["layers"][0]["wqkv"], PackedBf16)
+    assert isinstance(unstacked.params["lm_head"], PackedBf16)
+    assert unstacked.num_params == bf16.with_layout("stacked").num_params
+    # back to the stored layout, and on to int8: the same weights
+    restacked = unstacked.with_layout("stacked")
+    for a, b in zip(jax.tree.leaves(restacked.params), jax.tree.leaves(bf16.with_layout("stacked").params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert quantize_int8(unstacked).layout.int8
+    # the packed step's logits are the stacked (XLA) step's up to bf16 rounding of the activations
+    tokens = jnp.asarray([[1, 2, 3]])
+    packed_logits, _ = unstacked.step(tokens, unstacked.init_cache(1, 8))
+    xla_logits, _ = restacked.step(tokens, restacked.init_cache(1, 8))
+    np.testing.assert_allclose(np.asarray(packed_logits), np.asarray(xla_logits), atol=0.1, rtol=0.05)
+
+
+def test_switched_off_the_kernel_leaves_xla_dots():
+    code = "\n".join([
+        "import jax, jax.numpy as jnp",
+        "from families import family",
+        "from hsd_jax.models import cpu_kernel",
+        "m = family(vocab=48, seed=3)[-1]",
+        "cast = lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x",
+        "m = m.replace(params=jax.tree.map(cast, m.params)).with_layout('unstacked')",
+        "print(cpu_kernel.available(), cpu_kernel.build_error(), type(m.params['lm_head']).__name__)"])
+    path = os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, HSD_JAX_BF16_KERNEL="0", PYTHONPATH=path)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["False", "HSD_JAX_BF16_KERNEL=0", "ArrayImpl"]
