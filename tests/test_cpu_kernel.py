@@ -85,3 +85,18 @@ def test_switched_off_the_kernel_leaves_xla_dots():
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["False", "HSD_JAX_BF16_KERNEL=0", "ArrayImpl"]
+
+
+@needs_kernel
+def test_calls_from_several_threads_at_once_give_the_same_products():
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(7)
+    packed = PackedBf16.pack(jnp.asarray(rng.standard_normal((576, 960)), jnp.bfloat16))
+    xs = [jnp.asarray(rng.standard_normal((m, 576)), jnp.float32) for m in (1, 3, 8, 16) * 4]
+    matmul = jax.jit(packed_matmul)
+    alone = [np.asarray(matmul(x, packed)) for x in xs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(lambda x: np.asarray(matmul(x, packed)), xs))
+    for a, b in zip(alone, together):
+        np.testing.assert_array_equal(a, b)

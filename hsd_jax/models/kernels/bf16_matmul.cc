@@ -7,11 +7,13 @@
 // accumulator that adds the same products in the same order whatever M is: a row's result does
 // not depend on the other rows (a one-token step and a k-token pass agree bit for bit).
 #include <immintrin.h>
+#include <sched.h>
 
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -81,16 +83,25 @@ void Blocks(const uint32_t* x, int64_t m, int64_t k2, const uint16_t* w, float* 
 class Pool {
  public:
   static Pool& Get() {
-    static Pool* pool = new Pool(std::max(1u, std::thread::hardware_concurrency()));
+    static Pool* pool = new Pool(Threads());
     return *pool;
+  }
+  // The cores this process may run on (not the machine's), or HSD_JAX_BF16_THREADS.
+  static unsigned Threads() {
+    if (const char* env = std::getenv("HSD_JAX_BF16_THREADS")) return std::max(1, std::atoi(env));
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+    return std::max(1u, std::thread::hardware_concurrency());
   }
   int size() const { return static_cast<int>(workers_.size()) + 1; }
 
-  // Runs task(i, n) for i in [0, n) on n threads (the caller is thread 0) and waits for all.
+  // Runs task(i, n) for i in [0, n) on n threads (the caller is thread 0) and waits for all. A call
+  // made while another one runs (XLA may run two custom calls at once) runs alone on its thread.
   template <typename F>
   void Run(int n, F&& task) {
     n = std::min(n, size());
-    if (n <= 1) return task(0, 1);
+    std::unique_lock<std::mutex> busy(running_, std::try_to_lock);
+    if (n <= 1 || !busy.owns_lock()) return task(0, 1);
     std::function<void(int, int)> job = task;
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -119,13 +130,12 @@ class Pool {
       if (now == seen) {
         std::unique_lock<std::mutex> lock(mutex_);
         wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
-        now = generation_.load(std::memory_order_acquire);
       }
-      seen = now;
       std::function<void(int, int)>* job;
       int active;
-      {
+      {  // the generation, its job and its width are published together under the lock
         std::lock_guard<std::mutex> lock(mutex_);
+        seen = generation_.load(std::memory_order_relaxed);
         job = job_;
         active = active_;
       }
@@ -136,6 +146,7 @@ class Pool {
     }
   }
   std::vector<std::thread> workers_;
+  std::mutex running_;
   std::mutex mutex_;
   std::condition_variable wake_;
   std::atomic<uint64_t> generation_{0};
