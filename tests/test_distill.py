@@ -144,6 +144,7 @@ def test_bad_layers_and_missing_embedding_source(target_dir, tmp_path):
 def test_length_bucketed_batches_cover_each_epoch_once_and_are_reproducible():
     from hsd_jax.train.distill import _bucket_width, length_bucketed_batches
 
+    bucket = TrainConfig().width_bucket  # the default: 32
     lengths = np.random.default_rng(1).integers(5, 200, 100)
     batches = length_bucketed_batches(lengths, 4, 60, seed=3)
     assert batches.shape == (60, 4)
@@ -151,11 +152,11 @@ def test_length_bucketed_batches_cover_each_epoch_once_and_are_reproducible():
     epoch = batches[:25].ravel()  # 100 rows, batch 4: the first epoch is 25 batches, each row once
     np.testing.assert_array_equal(np.sort(epoch), np.arange(100))
     # batches of length-sorted pools pad far less than random ones
-    padded = sum(_bucket_width(int(lengths[b].max()), 256) * len(b) for b in batches[:25])
+    padded = sum(_bucket_width(int(lengths[b].max()), 256, bucket) * len(b) for b in batches[:25])
     shuffled = np.random.default_rng(0).permutation(100).reshape(25, 4)
-    padded_random = sum(_bucket_width(int(lengths[b].max()), 256) * len(b) for b in shuffled)
+    padded_random = sum(_bucket_width(int(lengths[b].max()), 256, bucket) * len(b) for b in shuffled)
     assert padded < 0.8 * padded_random
-    assert _bucket_width(33, 256) == 64 and _bucket_width(250, 240) == 240
+    assert _bucket_width(33, 256, bucket) == 64 and _bucket_width(250, 240, bucket) == 240
     assert _bucket_width(33, 256, bucket=1024) == 256 and _bucket_width(33, 256, bucket=1) == 33
 
 

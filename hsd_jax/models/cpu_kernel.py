@@ -120,10 +120,6 @@ class PackedBf16:
         w = w.reshape(2 * pairs, blocks * BLOCK)
         return w[: self.in_features, : self.out_features]
 
-    @property
-    def dtype(self):
-        return self.data.dtype
-
 
 def packed_matmul(x: jax.Array, w: PackedBf16) -> jax.Array:
     """x [..., K] times the packed weight: float32 [..., N] (x rounded to bfloat16 first)."""

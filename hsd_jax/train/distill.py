@@ -157,7 +157,7 @@ class TrainConfig:
             raise ValueError(f"--learning-rate must be > 0, got {self.learning_rate}")
 
 
-def _bucket_width(length: int, full_width: int, bucket: int = 32) -> int:
+def _bucket_width(length: int, full_width: int, bucket: int) -> int:
     """A batch's padded width: its longest row rounded up to a multiple of `bucket` (one compile
     per width: a larger bucket pads more and compiles less)."""
     return min(-(-length // bucket) * bucket, full_width)

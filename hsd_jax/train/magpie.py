@@ -165,9 +165,6 @@ class NgramIndex:
         for text in texts:
             self.add(text)
 
-    def __len__(self) -> int:
-        return len(self.sizes)
-
     def add(self, text: str) -> None:
         grams = word_ngrams(text, self.n)
         for g in grams:
