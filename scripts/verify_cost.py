@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/verify_cost.py checkpoints/smollm2-135m-instruct [--ks 1,2,4,8,16]
 
-Every configuration runs in its own process (XLA_FLAGS are read once per process), on the same
+Every configuration runs in its own process (XLA_FLAGS are read once per process; our CPU kernel,
+`hsd_jax.models.cpu_kernel`, is switched off with HSD_JAX_CPU_KERNEL=0 where a row says so), on the same
 model, cache size and context, with the one timing rule of `hsd_jax.planning.timing` (compile
 excluded, median of repeats). Prints one table (ms and the ratio to k=1) and, with --json, writes
 it. Run it on an otherwise idle machine.
@@ -21,13 +22,15 @@ LLVM_GEMM_FLAGS = (
     "--xla_backend_extra_options=xla_force_enable_experimental_llvm_ir_gemm,"
     "xla_llvm_ir_gemm_tile_size=16:4:1*vectwidth --xla_cpu_prefer_vector_width=512"
 )
-CONFIGS = {  # name: (dtype, layout, extra XLA flags)
-    "f32-stacked": ("float32", "stacked", ""),
-    "f32-unstacked": ("float32", "unstacked", ""),
-    "f32-unstacked-llvm-gemm": ("float32", "unstacked", LLVM_GEMM_FLAGS),
-    "bf16-unstacked": ("bfloat16", "unstacked", ""),
-    "bf16-unstacked-llvm-gemm": ("bfloat16", "unstacked", LLVM_GEMM_FLAGS),
-    "int8": ("float32", "int8", ""),
+CONFIGS = {  # name: (dtype, layout, extra XLA flags, our CPU kernel on)
+    "f32-stacked": ("float32", "stacked", "", False),
+    "f32-unstacked-xla": ("float32", "unstacked", "", False),
+    "f32-unstacked-llvm-gemm": ("float32", "unstacked", LLVM_GEMM_FLAGS, False),
+    "f32-unstacked-kernel": ("float32", "unstacked", "", True),
+    "bf16-unstacked-xla": ("bfloat16", "unstacked", "", False),
+    "bf16-unstacked-llvm-gemm": ("bfloat16", "unstacked", LLVM_GEMM_FLAGS, False),
+    "bf16-unstacked-kernel": ("bfloat16", "unstacked", "", True),
+    "int8": ("float32", "int8", "", False),
 }
 
 
@@ -62,13 +65,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     ks = [int(k) for k in args.ks.split(",")]
     if args.child:
-        dtype, layout, _ = CONFIGS[args.child]
+        dtype, layout, _, _ = CONFIGS[args.child]
         print(json.dumps(child(args.model_dir, dtype, layout, ks, args.repeats, args.context)))
         return 0
     rows = {}
     for name in args.configs.split(","):
-        flags = CONFIGS[name][2]
-        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
+        _, _, flags, kernel = CONFIGS[name]
+        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip(),
+                   HSD_JAX_CPU_KERNEL="1" if kernel else "0")
         cmd = [sys.executable, __file__, args.model_dir, "--child", name, "--ks", args.ks,
                "--repeats", str(args.repeats), "--context", str(args.context)]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)

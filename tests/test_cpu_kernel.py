@@ -1,5 +1,5 @@
-"""The bfloat16 CPU kernel (`models.cpu_kernel`): its products against float32 arithmetic on the
-same bfloat16 values, a row's result independent of the other rows, the packed layout inside a
+"""The CPU kernel (`models.cpu_kernel`), float32 and bfloat16: its products against exact arithmetic
+on the same values, a row's result independent of the other rows, the packed layout inside a
 model's weights, and XLA's own dots where the kernel is switched off."""
 
 from __future__ import annotations
@@ -15,32 +15,40 @@ import pytest
 from families import family
 
 from hsd_jax.models import cpu_kernel, quantize_int8
-from hsd_jax.models.cpu_kernel import PackedBf16, packed_matmul
+from hsd_jax.models.cpu_kernel import PackedWeight, packed_matmul
 
-needs_kernel = pytest.mark.skipif(not cpu_kernel.available(),
-                                  reason=f"no bf16 CPU kernel here: {cpu_kernel.build_error()}")
+DTYPES = [jnp.float32, jnp.bfloat16]
 
 
+def needs_kernel(dtype):
+    return pytest.mark.skipif(not cpu_kernel.available(dtype),
+                              reason=f"no {np.dtype(dtype)} CPU kernel here: {cpu_kernel.build_error()}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k,n", [(576, 960), (577, 50), (64, 16), (3, 33)])
-def test_packing_round_trips(k, n):
-    w = jnp.asarray(np.random.default_rng(k).standard_normal((k, n)), jnp.bfloat16)
-    packed = PackedBf16.pack(w)
-    assert packed.data.shape == (-(-n // 16), -(-k // 2), 32)
+def test_packing_round_trips(k, n, dtype):
+    w = jnp.asarray(np.random.default_rng(k).standard_normal((k, n)), dtype)
+    packed = PackedWeight.pack(w)
+    group = 2 if dtype == jnp.bfloat16 else 1
+    assert packed.data.shape == (-(-n // 16), -(-k // group), 16 * group)
+    assert packed.data.dtype == dtype
     np.testing.assert_array_equal(np.asarray(packed.unpack()), np.asarray(w))
 
 
-@needs_kernel
+@pytest.mark.parametrize("dtype", [pytest.param(d, marks=needs_kernel(d)) for d in DTYPES])
 @pytest.mark.parametrize("m,k,n", [(1, 576, 960), (2, 577, 50), (3, 64, 48), (8, 1536, 576),
                                    (16, 96, 3072), (37, 64, 40)])
-def test_products_match_float32_arithmetic_and_rows_stand_alone(m, k, n):
+def test_products_match_exact_arithmetic_and_rows_stand_alone(m, k, n, dtype):
     rng = np.random.default_rng(m * k)
-    w = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((k, n)), dtype)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
-    packed = PackedBf16.pack(w)
+    packed = PackedWeight.pack(w)
     got = np.asarray(jax.jit(packed_matmul)(x, packed))
-    exact = np.asarray(x.astype(jnp.bfloat16), np.float64) @ np.asarray(w, np.float64)
-    # float32 accumulation of exact bf16 products: error of a few float32 ulps of the sum's terms
-    magnitude = np.abs(np.asarray(x.astype(jnp.bfloat16), np.float64)) @ np.abs(np.asarray(w, np.float64))
+    exact = np.asarray(x.astype(dtype), np.float64) @ np.asarray(w, np.float64)
+    # float32 accumulation of products exact in float32 (bf16 x bf16) or rounded once (float32 FMA):
+    # an error of a few float32 ulps of the sum's terms
+    magnitude = np.abs(np.asarray(x.astype(dtype), np.float64)) @ np.abs(np.asarray(w, np.float64))
     bound = 1e-6 * k * magnitude
     assert got.shape == (m, n) and np.all(np.abs(got - exact) <= bound + 1e-30)
     # every row alone gives bit for bit what it gives inside the batch (a one-token step and a
@@ -50,25 +58,26 @@ def test_products_match_float32_arithmetic_and_rows_stand_alone(m, k, n):
         np.testing.assert_array_equal(alone[0], got[row])
 
 
-@needs_kernel
-def test_a_bfloat16_model_runs_packed_on_the_cpu_and_converts_back():
+@pytest.mark.parametrize("dtype", [pytest.param(d, marks=needs_kernel(d)) for d in DTYPES])
+def test_a_model_runs_packed_on_the_cpu_and_converts_back(dtype):
     target = family(vocab=48, seed=3)[-1]
-    cast = lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x  # noqa: E731
-    bf16 = target.replace(params=jax.tree.map(cast, target.params))
-    unstacked = bf16.with_layout("unstacked")
-    assert isinstance(unstacked.params["layers"][0]["wqkv"], PackedBf16)
-    assert isinstance(unstacked.params["lm_head"], PackedBf16)
-    assert unstacked.num_params == bf16.with_layout("stacked").num_params
+    cast = lambda x: x.astype(dtype) if x.dtype == jnp.float32 else x  # noqa: E731
+    model = target.replace(params=jax.tree.map(cast, target.params))
+    unstacked = model.with_layout("unstacked")
+    assert isinstance(unstacked.params["layers"][0]["wqkv"], PackedWeight)
+    assert isinstance(unstacked.params["lm_head"], PackedWeight)
+    assert unstacked.num_params == model.with_layout("stacked").num_params
     # back to the stored layout, and on to int8: the same weights
     restacked = unstacked.with_layout("stacked")
-    for a, b in zip(jax.tree.leaves(restacked.params), jax.tree.leaves(bf16.with_layout("stacked").params)):
+    for a, b in zip(jax.tree.leaves(restacked.params), jax.tree.leaves(model.with_layout("stacked").params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert quantize_int8(unstacked).layout.int8
-    # the packed step's logits are the stacked (XLA) step's up to bf16 rounding of the activations
+    # the packed step's logits are the stacked (XLA) step's up to rounding (bf16: of the activations)
     tokens = jnp.asarray([[1, 2, 3]])
     packed_logits, _ = unstacked.step(tokens, unstacked.init_cache(1, 8))
     xla_logits, _ = restacked.step(tokens, restacked.init_cache(1, 8))
-    np.testing.assert_allclose(np.asarray(packed_logits), np.asarray(xla_logits), atol=0.1, rtol=0.05)
+    tolerance = dict(atol=0.1, rtol=0.05) if dtype == jnp.bfloat16 else dict(atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(packed_logits), np.asarray(xla_logits), **tolerance)
 
 
 def test_switched_off_the_kernel_leaves_xla_dots():
@@ -79,20 +88,22 @@ def test_switched_off_the_kernel_leaves_xla_dots():
         "m = family(vocab=48, seed=3)[-1]",
         "cast = lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x",
         "m = m.replace(params=jax.tree.map(cast, m.params)).with_layout('unstacked')",
-        "print(cpu_kernel.available(), cpu_kernel.build_error(), type(m.params['lm_head']).__name__)"])
+        "f32 = family(vocab=48, seed=3)[-1].with_layout('unstacked')",
+        "print(cpu_kernel.available(jnp.bfloat16), cpu_kernel.available(jnp.float32), cpu_kernel.build_error(),",
+        "      type(m.params['lm_head']).__name__, type(f32.params['lm_head']).__name__)"])
     path = os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, HSD_JAX_BF16_KERNEL="0", PYTHONPATH=path)
+    env = dict(os.environ, HSD_JAX_CPU_KERNEL="0", PYTHONPATH=path)
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.split() == ["False", "HSD_JAX_BF16_KERNEL=0", "ArrayImpl"]
+    assert run.stdout.split() == ["False", "False", "HSD_JAX_CPU_KERNEL=0", "ArrayImpl", "ArrayImpl"]
 
 
-@needs_kernel
-def test_calls_from_several_threads_at_once_give_the_same_products():
+@pytest.mark.parametrize("dtype", [pytest.param(d, marks=needs_kernel(d)) for d in DTYPES])
+def test_calls_from_several_threads_at_once_give_the_same_products(dtype):
     from concurrent.futures import ThreadPoolExecutor
 
     rng = np.random.default_rng(7)
-    packed = PackedBf16.pack(jnp.asarray(rng.standard_normal((576, 960)), jnp.bfloat16))
+    packed = PackedWeight.pack(jnp.asarray(rng.standard_normal((576, 960)), dtype))
     xs = [jnp.asarray(rng.standard_normal((m, 576)), jnp.float32) for m in (1, 3, 8, 16) * 4]
     matmul = jax.jit(packed_matmul)
     alone = [np.asarray(matmul(x, packed)) for x in xs]

@@ -1,17 +1,21 @@
-"""bfloat16 products on XLA:CPU through our own kernel (AVX512-BF16, `kernels/bf16_matmul.cc`).
+"""float32 and bfloat16 products on XLA:CPU through our own kernel (`kernels/packed_matmul.cc`).
 
-XLA:CPU runs a one-row bfloat16 dot by converting the whole weight to float32, and a k-row one
-through a GEMM library that is far from the memory bound at k <= 16 (../shared/cpu-dots.md). The
-kernel here reads each weight once for up to 16 rows, from a layout packed once at load
-(`PackedBf16`: [N/16, K/2, 16, 2], the pairs VDPBF16PS multiplies), and accumulates in float32.
-Every output element adds the same products in the same order whatever the number of rows, so a
-one-token step and a k-token check compute a row bit for bit alike.
+XLA:CPU runs a one-row dot with its own GEMV (a one-row bfloat16 dot converts the whole weight to
+float32 first) and a k-row one through a GEMM library that is far from the memory bound at
+k <= 16 (../shared/cpu-dots.md), so a k-token check cost 1.8x one token in float32. The kernel
+here reads each weight once for up to 16 rows, from a layout packed once at load (`PackedWeight`:
+float32 [N/16, K, 16], AVX-512 FMA; bfloat16 [N/16, K/2, 16, 2], the pairs AVX512-BF16's
+VDPBF16PS multiplies), and accumulates in float32. Every output element adds the same products
+in the same order whatever the number of rows, so a one-token step and a k-token check compute a
+row bit for bit alike.
 
 The kernel is compiled with g++ on first use into a cache directory ($XDG_CACHE_HOME/hsd_jax, else
-~/.cache/hsd_jax), keyed by the source and jaxlib's version, and registered as an XLA FFI target.
-`available()` is False, and bfloat16 models keep XLA's own dots, where the CPU lacks AVX512-BF16,
-no compiler is found, the build fails (`build_error()` says why), the backend is not the CPU, or
-HSD_JAX_BF16_KERNEL=0 is set. Importing this module builds nothing and sets no XLA flag.
+~/.cache/hsd_jax), keyed by the source and jaxlib's version, and registered as XLA FFI targets.
+`available(dtype)` is False, and such weights keep XLA's own dots, where the CPU lacks AVX-512
+(float32) or AVX512-BF16 (bfloat16), no compiler is found, the build fails (`build_error()` says
+why), the backend is not the CPU, or HSD_JAX_CPU_KERNEL=0 is set. The kernel's threads are the
+cores the process may use, or HSD_JAX_KERNEL_THREADS. Importing this module builds nothing and
+sets no XLA flag.
 """
 
 from __future__ import annotations
@@ -28,19 +32,28 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 from flax import struct
 
-SOURCE = Path(__file__).with_name("kernels") / "bf16_matmul.cc"
-TARGET_NAME = "hsd_bf16_matmul"
+SOURCE = Path(__file__).with_name("kernels") / "packed_matmul.cc"
+# per weight dtype: its FFI target, the symbol of its handler, and the CPU flag it needs
+TARGETS = {
+    np.dtype(jnp.float32): ("hsd_f32_matmul", "HsdF32Matmul", "avx512f"),
+    np.dtype(jnp.bfloat16): ("hsd_bf16_matmul", "HsdBf16Matmul", "avx512_bf16"),
+}
 BLOCK = 16  # output columns per packed block (one AVX-512 register of float32)
 _errors: list[str] = []
 
 
-def _cpu_has_avx512_bf16() -> bool:
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     try:
-        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
-        return False
+        pass
+    return frozenset()
 
 
 def _cache_dir() -> Path:
@@ -52,7 +65,7 @@ def _build() -> Path:
     """The compiled library, built on first use (atomically: a killed build leaves nothing)."""
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + jaxlib.__version__.encode()).hexdigest()[:16]
-    library = _cache_dir() / f"bf16_matmul-{key}.so"
+    library = _cache_dir() / f"packed_matmul-{key}.so"
     if library.is_file():
         return library
     compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
@@ -61,7 +74,7 @@ def _build() -> Path:
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         built = Path(tmp) / library.name
-        command = [compiler, "-O3", "-std=c++17", "-mavx512f", "-mavx512bf16", "-pthread", "-fPIC", "-shared",
+        command = [compiler, "-O3", "-std=c++17", "-mavx512f", "-mfma", "-mavx512bf16", "-pthread", "-fPIC", "-shared",
                    "-w", f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)]
         run = subprocess.run(command, capture_output=True, text=True)
         if run.returncode != 0:
@@ -71,25 +84,39 @@ def _build() -> Path:
 
 
 @functools.cache
-def _register() -> bool:
-    if os.environ.get("HSD_JAX_BF16_KERNEL", "1") == "0":
-        _errors.append("HSD_JAX_BF16_KERNEL=0")
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("HSD_JAX_CPU_KERNEL", "1") == "0":
+        _errors.append("HSD_JAX_CPU_KERNEL=0")
+        return None
+    try:
+        return ctypes.cdll.LoadLibrary(str(_build()))
+    except (OSError, RuntimeError) as e:
+        _errors.append(str(e))
+        return None
+
+
+@functools.cache
+def _register(dtype: np.dtype) -> bool:
+    if dtype not in TARGETS:
         return False
-    if not _cpu_has_avx512_bf16():
-        _errors.append("this CPU has no AVX512-BF16")
+    name, symbol, flag = TARGETS[dtype]
+    if flag not in _cpu_flags():
+        _errors.append(f"this CPU has no {flag} (the {dtype} kernel needs it)")
+        return False
+    library = _library()
+    if library is None:
         return False
     try:
-        library = ctypes.cdll.LoadLibrary(str(_build()))
-        jax.ffi.register_ffi_target(TARGET_NAME, jax.ffi.pycapsule(library.HsdBf16Matmul), platform="cpu")
-    except (OSError, RuntimeError, AttributeError) as e:
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    except (AttributeError, ValueError) as e:
         _errors.append(str(e))
         return False
     return True
 
 
-def available() -> bool:
-    """Whether bfloat16 weights can run on the kernel here (it is built and registered on the first call)."""
-    return jax.default_backend() == "cpu" and _register()
+def available(dtype) -> bool:
+    """Whether weights of `dtype` can run on the kernel here (built and registered on the first call)."""
+    return jax.default_backend() == "cpu" and _register(np.dtype(dtype))
 
 
 def build_error() -> str | None:
@@ -97,40 +124,49 @@ def build_error() -> str | None:
     return _errors[-1] if _errors else None
 
 
+def _group(dtype) -> int:
+    """Weight rows per packed step: VDPBF16PS multiplies bfloat16 in (k, k+1) pairs."""
+    return 2 if np.dtype(dtype) == np.dtype(jnp.bfloat16) else 1
+
+
 @struct.dataclass
-class PackedBf16:
-    """A bfloat16 weight [K, N] packed for the kernel: `data` [ceil(N/16), ceil(K/2), 32], each
-    block of 16 output columns one contiguous run of (k, k+1) pairs; zero padding on both axes."""
+class PackedWeight:
+    """A float32 or bfloat16 weight [K, N] packed for the kernel: `data` [ceil(N/16), ceil(K/g), 16 g]
+    (g = 1 for float32, 2 for bfloat16), each block of 16 output columns one contiguous run of
+    steps; zero padding on both axes."""
 
     data: jax.Array
     in_features: int = struct.field(pytree_node=False)
     out_features: int = struct.field(pytree_node=False)
 
     @classmethod
-    def pack(cls, w: jax.Array) -> PackedBf16:
+    def pack(cls, w: jax.Array) -> PackedWeight:
         k, n = w.shape
-        w = jnp.pad(jnp.asarray(w, jnp.bfloat16), ((0, k % 2), (0, -n % BLOCK)))
-        blocks = w.reshape(w.shape[0] // 2, 2, w.shape[1] // BLOCK, BLOCK).transpose(2, 0, 3, 1)
-        data = blocks.reshape(blocks.shape[0], blocks.shape[1], 2 * BLOCK)
+        g = _group(w.dtype)
+        w = jnp.pad(w, ((0, -k % g), (0, -n % BLOCK)))
+        blocks = w.reshape(w.shape[0] // g, g, w.shape[1] // BLOCK, BLOCK).transpose(2, 0, 3, 1)
+        data = blocks.reshape(blocks.shape[0], blocks.shape[1], g * BLOCK)
         return cls(data=data, in_features=k, out_features=n)
 
     def unpack(self) -> jax.Array:
-        blocks, pairs, _ = self.data.shape
-        w = self.data.reshape(blocks, pairs, BLOCK, 2).transpose(1, 3, 0, 2)
-        w = w.reshape(2 * pairs, blocks * BLOCK)
+        blocks, steps, _ = self.data.shape
+        g = _group(self.data.dtype)
+        w = self.data.reshape(blocks, steps, BLOCK, g).transpose(1, 3, 0, 2)
+        w = w.reshape(g * steps, blocks * BLOCK)
         return w[: self.in_features, : self.out_features]
 
 
-def packed_matmul(x: jax.Array, w: PackedBf16) -> jax.Array:
-    """x [..., K] times the packed weight: float32 [..., N] (x rounded to bfloat16 first)."""
+def packed_matmul(x: jax.Array, w: PackedWeight) -> jax.Array:
+    """x [..., K] times the packed weight: float32 [..., N] (x rounded to the weight's dtype first)."""
     lead = x.shape[:-1]
-    rows = x.reshape(-1, x.shape[-1]).astype(jnp.bfloat16)
-    rows = jnp.pad(rows, ((0, 0), (0, 2 * w.data.shape[1] - rows.shape[1])))
+    dtype = w.data.dtype
+    rows = x.reshape(-1, x.shape[-1]).astype(dtype)
+    rows = jnp.pad(rows, ((0, 0), (0, _group(dtype) * w.data.shape[1] - rows.shape[1])))
     result = jax.ShapeDtypeStruct((rows.shape[0], w.data.shape[0] * BLOCK), jnp.float32)
-    out = jax.ffi.ffi_call(TARGET_NAME, result)(rows, w.data)
+    out = jax.ffi.ffi_call(TARGETS[np.dtype(dtype)][0], result)(rows, w.data)
     return out[:, : w.out_features].reshape(*lead, w.out_features)
 
 
 def unpacked(w):
     """A packed weight as its [K, N] array; anything else as it is."""
-    return w.unpack() if isinstance(w, PackedBf16) else w
+    return w.unpack() if isinstance(w, PackedWeight) else w

@@ -9,8 +9,9 @@
   let XLA:CPU's YNNPACK dots use them without re-packing on every call (../shared/cpu-dots.md).
 * ``int8``: the unstacked layout with every projection and the head as `Int8Weight`.
 
-On a CPU with our bfloat16 kernel (`models.cpu_kernel.available()`), the unstacked layout of
-bfloat16 weights holds every projection and the head packed for it (`PackedBf16`).
+On a CPU with our kernel (`models.cpu_kernel.available(dtype)`: float32 on AVX-512, bfloat16 on
+AVX512-BF16), the unstacked layout holds every projection and the head packed for it
+(`PackedWeight`).
 
 The layout is a static field of `Model`; nothing infers it from the keys of the weight tree.
 """
@@ -109,13 +110,15 @@ def unstack_layers(params: Params) -> Params:
 
 
 def _packed_for_kernel(params: Params) -> Params:
-    """bfloat16 projections and head packed for the CPU kernel, where it runs (else unchanged)."""
+    """Projections and head packed for the CPU kernel, where it runs for their dtype (else unchanged)."""
+    dtype = params["embed"].dtype
+
     def pack(w):
-        if isinstance(w, jax.Array) and w.ndim == 2 and w.dtype == jnp.bfloat16:
-            return cpu_kernel.PackedBf16.pack(w)
+        if isinstance(w, jax.Array) and w.ndim == 2 and w.dtype == dtype:
+            return cpu_kernel.PackedWeight.pack(w)
         return w
 
-    if params["embed"].dtype != jnp.bfloat16 or not cpu_kernel.available():
+    if not cpu_kernel.available(dtype):
         return params
     layers = tuple({k: pack(v) if k in FUSED_PROJECTIONS else v for k, v in layer.items()}
                    for layer in params["layers"])
@@ -123,7 +126,7 @@ def _packed_for_kernel(params: Params) -> Params:
 
 
 def _unpacked(params: Params) -> Params:
-    return jax.tree.map(cpu_kernel.unpacked, params, is_leaf=lambda x: isinstance(x, cpu_kernel.PackedBf16))
+    return jax.tree.map(cpu_kernel.unpacked, params, is_leaf=lambda x: isinstance(x, cpu_kernel.PackedWeight))
 
 
 def stack_layers(params: Params, config: ModelConfig) -> Params:

@@ -9,15 +9,15 @@ import jax
 import jax.numpy as jnp
 
 from hsd_jax.models.config import ModelConfig
-from hsd_jax.models.cpu_kernel import PackedBf16, packed_matmul
+from hsd_jax.models.cpu_kernel import PackedWeight, packed_matmul
 from hsd_jax.models.quantize import Int8Weight, int8_matmul
 
 
 def dense(x: jax.Array, w: Any, in_dims: int = 1, out_dtype: Any = None) -> jax.Array:
     """x [..., in...] times w [in..., out...] -> [..., out...]: x's last `in_dims` axes contract with
     w's first `in_dims`. Float weights accumulate in float32 (x is cast to the weights' dtype); an
-    `Int8Weight` runs an int8 dot, a `PackedBf16` (the CPU layout of bfloat16 weights) our
-    AVX512-BF16 kernel (`models.cpu_kernel`). The result is `out_dtype` (default: x's dtype).
+    `Int8Weight` runs an int8 dot, a `PackedWeight` (the CPU layout of float32 and bfloat16
+    weights where our kernel runs) that kernel (`models.cpu_kernel`). The result is `out_dtype` (default: x's dtype).
 
     On XLA:CPU a one-row dot against bfloat16 weights converts the whole weight to float32 on every
     call, while two or more rows run YNNPACK's native bf16 kernel (../shared/cpu-dots.md), so a
@@ -26,7 +26,7 @@ def dense(x: jax.Array, w: Any, in_dims: int = 1, out_dtype: Any = None) -> jax.
     out_dtype = x.dtype if out_dtype is None else out_dtype
     if isinstance(w, Int8Weight):
         return int8_matmul(x, w).astype(out_dtype)
-    if isinstance(w, PackedBf16):
+    if isinstance(w, PackedWeight):
         return packed_matmul(x, w).astype(out_dtype)
     lead = x.shape[:x.ndim - in_dims]
     x = x.astype(w.dtype)
