@@ -89,8 +89,9 @@ def test_switched_off_the_kernel_leaves_xla_dots():
         "cast = lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x",
         "m = m.replace(params=jax.tree.map(cast, m.params)).with_layout('unstacked')",
         "f32 = family(vocab=48, seed=3)[-1].with_layout('unstacked')",
-        "print(cpu_kernel.available(jnp.bfloat16), cpu_kernel.available(jnp.float32), cpu_kernel.build_error(),",
-        "      type(m.params['lm_head']).__name__, type(f32.params['lm_head']).__name__)"])
+        "print(cpu_kernel.available(jnp.bfloat16), cpu_kernel.available(jnp.float32),",
+        "      cpu_kernel.build_error(), type(m.params['lm_head']).__name__,",
+        "      type(f32.params['lm_head']).__name__)"])
     path = os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])
     env = dict(os.environ, HSD_JAX_CPU_KERNEL="0", PYTHONPATH=path)
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

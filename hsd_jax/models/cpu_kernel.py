@@ -74,8 +74,8 @@ def _build() -> Path:
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         built = Path(tmp) / library.name
-        command = [compiler, "-O3", "-std=c++17", "-mavx512f", "-mfma", "-mavx512bf16", "-pthread", "-fPIC", "-shared",
-                   "-w", f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)]
+        command = [compiler, "-O3", "-std=c++17", "-mavx512f", "-mfma", "-mavx512bf16", "-pthread", "-fPIC",
+                   "-shared", "-w", f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)]
         run = subprocess.run(command, capture_output=True, text=True)
         if run.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed: {run.stderr.strip()[-500:]}")

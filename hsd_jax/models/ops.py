@@ -17,7 +17,8 @@ def dense(x: jax.Array, w: Any, in_dims: int = 1, out_dtype: Any = None) -> jax.
     """x [..., in...] times w [in..., out...] -> [..., out...]: x's last `in_dims` axes contract with
     w's first `in_dims`. Float weights accumulate in float32 (x is cast to the weights' dtype); an
     `Int8Weight` runs an int8 dot, a `PackedWeight` (the CPU layout of float32 and bfloat16
-    weights where our kernel runs) that kernel (`models.cpu_kernel`). The result is `out_dtype` (default: x's dtype).
+    weights where our kernel runs) that kernel (`models.cpu_kernel`). The result is `out_dtype`
+    (default: x's dtype).
 
     On XLA:CPU a one-row dot against bfloat16 weights converts the whole weight to float32 on every
     call, while two or more rows run YNNPACK's native bf16 kernel (../shared/cpu-dots.md), so a
