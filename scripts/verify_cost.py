@@ -2,11 +2,12 @@
 
     .venv/bin/python scripts/verify_cost.py checkpoints/smollm2-135m-instruct [--ks 1,2,4,8,16]
 
-Every configuration runs in its own process (XLA_FLAGS are read once per process; our CPU kernel,
-`hsd_jax.models.cpu_kernel`, is switched off with HSD_JAX_CPU_KERNEL=0 where a row says so), on the same
-model, cache size and context, with the one timing rule of `hsd_jax.planning.timing` (compile
-excluded, median of repeats). Prints one table (ms and the ratio to k=1) and, with --json, writes
-it. Run it on an otherwise idle machine.
+Every configuration runs in its own process (XLA_FLAGS are read once per process; our CPU
+kernel, `hsd_jax.models.cpu_kernel`, is switched off with HSD_JAX_CPU_KERNEL=0 where a row says
+so), on the same model, cache size and context, timed as the profiler times c(k)
+(`planning.profile.measure_costs`: compile excluded, median of repeats, the cache updated in place
+as decoding updates it). Prints one table (ms and the ratio to k=1) and, with --json, writes it.
+Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -35,22 +36,15 @@ CONFIGS = {  # name: (dtype, layout, extra XLA flags, our CPU kernel on)
 
 
 def child(model_dir: str, dtype: str, layout: str, ks: list[int], repeats: int, context: int) -> dict:
-    import jax
-    import jax.numpy as jnp
-
     from hsd_jax.io.checkpoint import load_model
     from hsd_jax.models import INT8
-    from hsd_jax.planning.timing import median_seconds
+    from hsd_jax.planning.profile import measure_costs
 
     model = load_model(model_dir, dtype=dtype, layout="unstacked" if layout == "int8" else layout)
     if layout == "int8":
         model = model.with_layout(INT8)
-    step = jax.jit(lambda m, t, c: m.step(t, c)[0])
-    out = {}
-    for k in ks:
-        cache = model.init_cache(1, 256).with_lengths(jnp.full((1,), context, jnp.int32))
-        out[k] = median_seconds(step, model, jnp.ones((1, k), jnp.int32), cache, repeats=repeats)
-    return out
+    costs = measure_costs(model, 1, sparse_ks=ks, context=context, repeats=repeats)
+    return {k: costs[k - 1] for k in ks}
 
 
 def main(argv=None) -> int:

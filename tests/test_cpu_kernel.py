@@ -112,3 +112,69 @@ def test_calls_from_several_threads_at_once_give_the_same_products(dtype):
         together = list(pool.map(lambda x: np.asarray(matmul(x, packed)), xs))
     for a, b in zip(alone, together):
         np.testing.assert_array_equal(a, b)
+
+
+needs_rows = pytest.mark.skipif(not cpu_kernel.rows_available(),
+                                reason=f"no CPU attention/row-sum kernel here: {cpu_kernel.build_error()}")
+
+
+@needs_rows
+@pytest.mark.parametrize("batch,steps,heads,kv_heads,dim,size,window", [
+    (1, 1, 9, 3, 64, 256, 0), (2, 5, 4, 2, 16, 40, 0), (1, 16, 9, 3, 64, 256, 0), (2, 3, 6, 3, 12, 33, 0),
+    (2, 7, 4, 4, 100, 50, 6)])
+def test_cached_attention_matches_xla_and_rows_stand_alone(batch, steps, heads, kv_heads, dim, size, window):
+    from hsd_jax.models.ops import attention
+
+    rng = np.random.default_rng(size * steps + dim)
+    layers = 3
+    q = jnp.asarray(rng.standard_normal((batch, steps, heads, dim)), jnp.float32)
+    k, v = (jnp.asarray(3 * rng.standard_normal((layers, batch, size, kv_heads, dim)), jnp.float32)
+            for _ in range(2))
+    positions = jnp.asarray(rng.integers(0, size - steps, batch))[:, None] + jnp.arange(steps)[None]
+    keys = jnp.arange(size)[None, None, :]
+    mask = keys <= positions[:, :, None]
+    if window:
+        mask &= positions[:, :, None] - keys < window
+    run = jax.jit(cpu_kernel.cached_attention, static_argnums=3)
+    for layer in range(layers):
+        got = np.asarray(run(q, k, v, layer, mask))
+        want = np.asarray(attention(q, k[layer], v[layer], mask))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        for row in {0, steps - 1}:  # a row alone gives bit for bit what it gives among the others
+            alone = np.asarray(run(q[:, row:row + 1], k, v, layer, mask[:, row:row + 1]))
+            np.testing.assert_array_equal(alone[:, 0], got[:, row])
+
+
+@needs_rows
+@pytest.mark.parametrize("width", [576, 64, 37, 5])
+def test_row_sums_are_sums_and_rows_stand_alone(width):
+    x = jnp.asarray(np.random.default_rng(width).standard_normal((2, 19, width)), jnp.float32)
+    got = np.asarray(jax.jit(cpu_kernel.row_sums)(x))
+    assert got.shape == (2, 19, 1)
+    np.testing.assert_allclose(got[..., 0], np.asarray(x, np.float64).sum(-1), rtol=1e-5, atol=1e-5)
+    for row in (0, 7, 18):
+        alone = np.asarray(jax.jit(cpu_kernel.row_sums)(x[:, row:row + 1]))
+        np.testing.assert_array_equal(alone, got[:, row:row + 1])
+
+
+@needs_rows
+@pytest.mark.parametrize("dtype", [pytest.param(d, marks=needs_kernel(d)) for d in DTYPES])
+def test_a_k_token_pass_computes_what_k_one_token_steps_do_bit_for_bit(dtype):
+    """The property that makes greedy HSD token-identical to greedy AR in every dtype on this path:
+    a row's logits and cache entries do not depend on how many rows the pass holds."""
+    target = family(vocab=48, seed=3)[-1]
+    cast = lambda x: x.astype(dtype) if x.dtype == jnp.float32 else x  # noqa: E731
+    model = target.replace(params=jax.tree.map(cast, target.params)).with_layout("unstacked")
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 48, (2, 24)), jnp.int32)
+    step = jax.jit(lambda m, t, c: m.step(t, c))
+    _, cache = step(model, tokens[:, :5], model.init_cache(2, 32))
+    passes = {}
+    for width in (19, 4, 1):
+        logits, c = [], cache
+        for start in range(5, 24, width):
+            out, c = step(model, tokens[:, start:min(start + width, 24)], c)
+            logits.append(out)
+        passes[width] = (np.asarray(jnp.concatenate(logits, axis=1)), np.asarray(c.k), np.asarray(c.v))
+    for width in (4, 1):
+        for a, b in zip(passes[19], passes[width]):
+            np.testing.assert_array_equal(a, b)

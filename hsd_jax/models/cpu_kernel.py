@@ -7,7 +7,9 @@ here reads each weight once for up to 16 rows, from a layout packed once at load
 float32 [N/16, K, 16], AVX-512 FMA; bfloat16 [N/16, K/2, 16, 2], the pairs AVX512-BF16's
 VDPBF16PS multiplies), and accumulates in float32. Every output element adds the same products
 in the same order whatever the number of rows, so a one-token step and a k-token check compute a
-row bit for bit alike.
+row bit for bit alike. Attention over the float32 KV cache runs here too (`cached_attention`):
+it reads one layer of the cache in place (XLA copied and transposed it, ~3 ms a target step) and
+each query row's result is likewise independent of the other rows.
 
 The kernel is compiled with g++ on first use into a cache directory ($XDG_CACHE_HOME/hsd_jax, else
 ~/.cache/hsd_jax), keyed by the source and jaxlib's version, and registered as XLA FFI targets.
@@ -29,6 +31,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import jaxlib
@@ -36,11 +39,14 @@ import numpy as np
 from flax import struct
 
 SOURCE = Path(__file__).with_name("kernels") / "packed_matmul.cc"
-# per weight dtype: its FFI target, the symbol of its handler, and the CPU flag it needs
+# FFI target: the symbol of its handler, and the CPU flag it needs
 TARGETS = {
-    np.dtype(jnp.float32): ("hsd_f32_matmul", "HsdF32Matmul", "avx512f"),
-    np.dtype(jnp.bfloat16): ("hsd_bf16_matmul", "HsdBf16Matmul", "avx512_bf16"),
+    "hsd_f32_matmul": ("HsdF32Matmul", "avx512f"),
+    "hsd_bf16_matmul": ("HsdBf16Matmul", "avx512_bf16"),
+    "hsd_attention": ("HsdAttention", "avx512f"),
+    "hsd_row_sums": ("HsdRowSums", "avx512f"),
 }
+MATMULS = {np.dtype(jnp.float32): "hsd_f32_matmul", np.dtype(jnp.bfloat16): "hsd_bf16_matmul"}
 BLOCK = 16  # output columns per packed block (one AVX-512 register of float32)
 _errors: list[str] = []
 
@@ -96,12 +102,10 @@ def _library() -> ctypes.CDLL | None:
 
 
 @functools.cache
-def _register(dtype: np.dtype) -> bool:
-    if dtype not in TARGETS:
-        return False
-    name, symbol, flag = TARGETS[dtype]
+def _register(name: str) -> bool:
+    symbol, flag = TARGETS[name]
     if flag not in _cpu_flags():
-        _errors.append(f"this CPU has no {flag} (the {dtype} kernel needs it)")
+        _errors.append(f"this CPU has no {flag} ({name} needs it)")
         return False
     library = _library()
     if library is None:
@@ -116,7 +120,13 @@ def _register(dtype: np.dtype) -> bool:
 
 def available(dtype) -> bool:
     """Whether weights of `dtype` can run on the kernel here (built and registered on the first call)."""
-    return jax.default_backend() == "cpu" and _register(np.dtype(dtype))
+    name = MATMULS.get(np.dtype(dtype))
+    return jax.default_backend() == "cpu" and name is not None and _register(name)
+
+
+def rows_available() -> bool:
+    """Whether attention over a float32 cache and row sums can run on the kernel here."""
+    return jax.default_backend() == "cpu" and _register("hsd_attention") and _register("hsd_row_sums")
 
 
 def build_error() -> str | None:
@@ -163,8 +173,31 @@ def packed_matmul(x: jax.Array, w: PackedWeight) -> jax.Array:
     rows = x.reshape(-1, x.shape[-1]).astype(dtype)
     rows = jnp.pad(rows, ((0, 0), (0, _group(dtype) * w.data.shape[1] - rows.shape[1])))
     result = jax.ShapeDtypeStruct((rows.shape[0], w.data.shape[0] * BLOCK), jnp.float32)
-    out = jax.ffi.ffi_call(TARGETS[np.dtype(dtype)][0], result)(rows, w.data)
+    out = jax.ffi.ffi_call(MATMULS[np.dtype(dtype)], result)(rows, w.data)
     return out[:, : w.out_features].reshape(*lead, w.out_features)
+
+
+def cached_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, layer: int,
+                     mask: jax.Array) -> jax.Array:
+    """Grouped-query attention of q [B, T, H, D] against layer `layer` of a float32 cache
+    [L, B, S, H_kv, D], read in place (no copy of the layer), under mask [B, T, S]: float32
+    [B, T, H, D]. Each query row's result depends only on that row (its scores, softmax and sum run
+    over the cache positions in one order whatever T is)."""
+    chex.assert_rank(q, 4)
+    chex.assert_rank(cache_k, 5)
+    chex.assert_equal_shape([cache_k, cache_v])
+    chex.assert_shape(mask, (q.shape[0], q.shape[1], cache_k.shape[2]))
+    result = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    return jax.ffi.ffi_call("hsd_attention", result)(q.astype(jnp.float32), cache_k, cache_v, mask,
+                                                     layer=np.int64(layer))
+
+
+def row_sums(x: jax.Array) -> jax.Array:
+    """float32 x [..., D] summed over its last axis, keepdims: [..., 1], each row in one order
+    whatever the number of rows (XLA's reductions vectorise by shape)."""
+    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    out = jax.ffi.ffi_call("hsd_row_sums", jax.ShapeDtypeStruct(rows.shape[:1], jnp.float32))(rows)
+    return out.reshape(*x.shape[:-1], 1)
 
 
 def unpacked(w):

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from hsd_jax.models import cpu_kernel
 from hsd_jax.models.cache import KVCache
 from hsd_jax.models.config import ModelConfig, llama3_inv_freq
 from hsd_jax.models.layouts import STACKED, Layout, check_params, with_layout
@@ -138,6 +139,10 @@ def hidden_states(params: Params, config: ModelConfig, tokens: jax.Array, cache:
         angles = positions[..., None].astype(jnp.float32) * inv_freq
         cos, sin = jnp.cos(angles), jnp.sin(angles)
 
+    # The CPU layout runs attention (reading the layer's cache in place) and the norms' sums on our
+    # kernel where it runs (`cpu_kernel`): row by row, so a row's logits do not depend on how many
+    # rows a pass holds (a k-token check computes what k one-token steps do).
+    rowwise = not layout.stacked and cache.k.dtype == jnp.float32 and cpu_kernel.rows_available()
     key_positions = jnp.arange(cache.size, dtype=jnp.int32)
     mask = key_positions[None, None, :] <= positions[:, :, None]
     if config.sliding_window:
@@ -146,7 +151,7 @@ def hidden_states(params: Params, config: ModelConfig, tokens: jax.Array, cache:
     def layer(carry, scanned):
         x, cache = carry
         lp, index = scanned
-        h = norm(x, lp["attn_norm"], config)
+        h = norm(x, lp["attn_norm"], config, rowwise)
         q, k, v = _qkv(h, lp, config, layout)
         if config.qkv_bias:
             q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
@@ -154,7 +159,10 @@ def hidden_states(params: Params, config: ModelConfig, tokens: jax.Array, cache:
             q = rotary(q, cos, sin, config.rotary_dims)
             k = rotary(k, cos, sin, config.rotary_dims)
         cache = cache.write_layer(index, k, v)
-        attn = attention(q, cache.k[index], cache.v[index], mask)
+        if rowwise:
+            attn = cpu_kernel.cached_attention(q, cache.k, cache.v, index, mask)
+        else:
+            attn = attention(q, cache.k[index], cache.v[index], mask)
         attn = (
             dense(attn, lp["wo"], in_dims=2)
             if layout.stacked
@@ -163,10 +171,10 @@ def hidden_states(params: Params, config: ModelConfig, tokens: jax.Array, cache:
         if config.out_bias:
             attn = attn + lp["bo"]
         if config.parallel_residual:
-            x = x + attn + _mlp(norm(x, lp["mlp_norm"], config), lp, config, layout)
+            x = x + attn + _mlp(norm(x, lp["mlp_norm"], config, rowwise), lp, config, layout)
         else:
             x = x + attn
-            x = x + _mlp(norm(x, lp["mlp_norm"], config), lp, config, layout)
+            x = x + _mlp(norm(x, lp["mlp_norm"], config, rowwise), lp, config, layout)
         return (x, cache), None
 
     if layout.stacked:
@@ -175,7 +183,7 @@ def hidden_states(params: Params, config: ModelConfig, tokens: jax.Array, cache:
     else:  # one weight tree per layer, the loop unrolled
         for index, lp in enumerate(params["layers"]):
             (x, cache), _ = layer((x, cache), (lp, index))
-    x = norm(x, params["final_norm"], config)
+    x = norm(x, params["final_norm"], config, rowwise)
     return x, cache.with_lengths(cache.lengths + steps)
 
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from hsd_jax.models.config import ModelConfig
-from hsd_jax.models.cpu_kernel import PackedWeight, packed_matmul
+from hsd_jax.models.cpu_kernel import PackedWeight, packed_matmul, row_sums
 from hsd_jax.models.quantize import Int8Weight, int8_matmul
 
 
@@ -41,15 +41,24 @@ def dense(x: jax.Array, w: Any, in_dims: int = 1, out_dtype: Any = None) -> jax.
     return out.astype(out_dtype)
 
 
-def norm(x: jax.Array, weights: dict[str, jax.Array], config: ModelConfig) -> jax.Array:
+def norm(x: jax.Array, weights: dict[str, jax.Array], config: ModelConfig,
+         rowwise: bool = False) -> jax.Array:
+    """RMS or layer norm over the last axis, in float32. `rowwise`: the means from our CPU kernel's
+    row sums (`cpu_kernel.row_sums`), whose order does not depend on the number of rows."""
     dtype = x.dtype
     x = x.astype(jnp.float32)
+    if rowwise:
+        def mean(v):
+            return row_sums(v) / v.shape[-1]
+    else:
+        def mean(v):
+            return jnp.mean(v, axis=-1, keepdims=True)
     if config.norm == "rms":
-        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + config.norm_eps)
+        x = x * jax.lax.rsqrt(mean(x * x) + config.norm_eps)
         return weights["scale"] * x.astype(dtype)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    x = (x - mean) * jax.lax.rsqrt(var + config.norm_eps)
+    mean_x = mean(x)
+    var = mean(jnp.square(x - mean_x))
+    x = (x - mean_x) * jax.lax.rsqrt(var + config.norm_eps)
     return (x * weights["scale"] + weights["bias"]).astype(dtype)
 
 

@@ -2,6 +2,8 @@
 // (`hsd_jax.models.cpu_kernel`), result float32 [M, N]:
 // * float32 weights packed as [N/16, K, 16]: AVX-512 FMA;
 // * bfloat16 weights packed as [N/16, K/2, 16, 2] (the pairs VDPBF16PS multiplies): AVX512-BF16.
+// And attention of query rows against one layer of the float32 KV cache, read in place, and the
+// row sums the norms take: both row by row, in an order that does not depend on the row count.
 //
 // Each weight element is read once per call for up to 16 rows (every row's accumulators stay in
 // registers), so a k-token pass costs about what one token does, and the weights are read in
@@ -12,6 +14,7 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -211,6 +214,123 @@ ffi::Error Bf16MatmulImpl(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w, ff
   return PackedMatmul<Bf16>(x, w, out);
 }
 
+// exp on 16 lanes: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2, p a degree-6 Taylor polynomial
+// (relative error below 2e-7); exact 0 below -87.3.
+inline __m512 Exp(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.33654f);
+  const __mmask16 underflow = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_max_ps(x, lo);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~underflow), p, n);
+}
+
+// One query row's heads of one KV group: out[g] = softmax(q[g] . k[s] * scale over the valid s) . v.
+// A row's result depends only on its own q, mask row and the cache: not on the other rows.
+void AttendGroup(const float* q, const float* k, const float* v, const bool* mask, float* out, int64_t groups,
+                 int64_t size, int64_t d, int64_t kv_stride, float scale, float* scores) {
+  const __mmask16 tail = static_cast<__mmask16>((1u << (d % 16 ? d % 16 : 16)) - 1);
+  const int64_t chunks = (d + 15) / 16;
+  auto load = [&](const float* p, int64_t c) {
+    return c == chunks - 1 ? _mm512_maskz_loadu_ps(tail, p + 16 * c) : _mm512_loadu_ps(p + 16 * c);
+  };
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* qg = q + g * d;
+    float* sg = scores + g * size;
+    float top = -INFINITY;
+    for (int64_t s = 0; s < size; ++s) {
+      if (!mask[s]) continue;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < chunks; ++c) acc = _mm512_fmadd_ps(load(qg, c), load(k + s * kv_stride, c), acc);
+      sg[s] = _mm512_reduce_add_ps(acc) * scale;
+      top = std::max(top, sg[s]);
+    }
+    float total = 0.f;
+    __m512 acc[16];
+    for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
+    for (int64_t s0 = 0; s0 < size; s0 += 16) {
+      const int64_t width = std::min<int64_t>(16, size - s0);
+      __mmask16 valid = 0;
+      for (int64_t i = 0; i < width; ++i) valid |= static_cast<__mmask16>(mask[s0 + i]) << i;
+      if (!valid) continue;
+      alignas(64) float weight[16];
+      const __m512 e = Exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, sg + s0), _mm512_set1_ps(top)));
+      _mm512_store_ps(weight, _mm512_maskz_mov_ps(valid, e));
+      for (int64_t i = 0; i < width; ++i) {
+        if (!(valid >> i & 1)) continue;
+        total += weight[i];
+        const __m512 w = _mm512_set1_ps(weight[i]);
+        for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(w, load(v + (s0 + i) * kv_stride, c), acc[c]);
+      }
+    }
+    const __m512 norm = _mm512_set1_ps(total > 0.f ? 1.f / total : 0.f);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __m512 o = _mm512_mul_ps(acc[c], norm);
+      if (c == chunks - 1) _mm512_mask_storeu_ps(out + g * d + 16 * c, tail, o);
+      else _mm512_storeu_ps(out + g * d + 16 * c, o);
+    }
+  }
+}
+
+// q [B, T, H, D]; k, v: the whole cache [L, B, S, H_kv, D], of which layer `layer` is read in place;
+// mask [B, T, S] -> out [B, T, H, D]. Heads of one KV group are adjacent in q (H = H_kv * G).
+ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                         ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out, int64_t layer) {
+  const auto qd = q.dimensions();
+  const auto kd = k.dimensions();
+  const auto md = mask.dimensions();
+  if (qd.size() != 4 || kd.size() != 5 || md.size() != 3 || kd[1] != qd[0] || kd[4] != qd[3] ||
+      qd[2] % kd[3] != 0 || md[0] != qd[0] || md[1] != qd[1] || md[2] != kd[2] || layer < 0 || layer >= kd[0] ||
+      qd[3] > 256) {
+    return ffi::Error::InvalidArgument("hsd attention: q [B, T, H, D], cache [L, B, S, H_kv, D], mask [B, T, S]");
+  }
+  const int64_t batch = qd[0], steps = qd[1], heads = qd[2], d = qd[3], size = kd[2], kv_heads = kd[3];
+  const int64_t groups = heads / kv_heads, kv_stride = kv_heads * d;
+  const float scale = 1.f / std::sqrt(static_cast<float>(d));
+  const float* qp = q.typed_data();
+  const float* kp = k.typed_data() + layer * batch * size * kv_stride;
+  const float* vp = v.typed_data() + layer * batch * size * kv_stride;
+  const bool* mp = mask.typed_data();
+  float* op = out->typed_data();
+  const int64_t tasks = batch * steps * kv_heads;
+  Pool::Get().Run(static_cast<int>(std::min<int64_t>(Pool::Get().size(), tasks)), [&](int t, int threads) {
+    std::vector<float> scores(groups * size);
+    for (int64_t task = t; task < tasks; task += threads) {
+      const int64_t b = task / (steps * kv_heads), row = task / kv_heads, h = task % kv_heads;
+      AttendGroup(qp + (row * heads + h * groups) * d, kp + b * size * kv_stride + h * d,
+                  vp + b * size * kv_stride + h * d, mp + row * size, op + (row * heads + h * groups) * d,
+                  groups, size, d, kv_stride, scale, scores.data());
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// x [R, D] -> out [R]: each row summed in 16 lanes, in order, then across the lanes.
+ffi::Error RowSumsImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("hsd row sums: x must be [R, D]");
+  const int64_t rows = xd[0], d = xd[1];
+  const float* xp = x.typed_data();
+  float* op = out->typed_data();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = xp + r * d;
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= d; i += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(row + i));
+    if (i < d) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (d - i)) - 1), row + i));
+    op[r] = _mm512_reduce_add_ps(acc);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HsdF32Matmul, F32MatmulImpl,
@@ -224,3 +344,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HsdBf16Matmul, Bf16MatmulImpl,
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HsdAttention, AttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("layer"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HsdRowSums, RowSumsImpl,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
