@@ -107,11 +107,8 @@ void Blocks(const typename E::X* x, int64_t m, int64_t steps, const typename E::
   }
 }
 
-// Workers that spin briefly between calls (a decode step makes ~200 calls a few microseconds
-// apart; waking a sleeping thread each time would cost more than the work) and then sleep. A call's
-// items are claimed in chunks from one counter by whichever threads run: the caller never waits for
-// a worker that has not started (on two cores a worker is often descheduled for milliseconds while
-// XLA's own threads run), only for chunks already claimed.
+// Workers that spin briefly between calls (a decode step makes ~120 calls a few microseconds
+// apart; waking a sleeping thread each time would cost more than the work) and then sleep.
 class Pool {
  public:
   static Pool& Get() {
@@ -125,38 +122,33 @@ class Pool {
     if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
     return std::max(1u, std::thread::hardware_concurrency());
   }
-
   int size() const { return static_cast<int>(workers_.size()) + 1; }
 
-  // Runs body(first, last) over [0, items) in chunks of `chunk` and waits for all. A call made
-  // while another one runs (XLA may run two custom calls at once) runs alone on its thread.
+  // Runs task(i, n) for i in [0, n) on n threads (the caller is thread 0) and waits for all. A call
+  // made while another one runs (XLA may run two custom calls at once) runs alone on its thread.
   template <typename F>
-  void Run(int64_t items, int64_t chunk, F&& body) {
+  void Run(int n, F&& task) {
+    n = std::min(n, size());
     std::unique_lock<std::mutex> busy(running_, std::try_to_lock);
-    if (workers_.empty() || items <= chunk || !busy.owns_lock()) return body(0, items);
-    std::atomic<int64_t> next{0};
-    std::function<void()> job = [&] {
-      for (int64_t first; (first = next.fetch_add(chunk)) < items;) body(first, std::min(items, first + chunk));
-    };
-    uint64_t generation;
+    if (n <= 1 || !busy.owns_lock()) return task(0, 1);
+    std::function<void(int, int)> job = task;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       job_ = &job;
-      generation = generation_.load(std::memory_order_relaxed) + 1;
-      open_.store(generation, std::memory_order_seq_cst);
-      generation_.store(generation, std::memory_order_release);
+      active_ = n;
+      pending_.store(n - 1, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
     }
     wake_.notify_all();
-    job();
-    open_.store(0, std::memory_order_seq_cst);  // no worker joins this call from here on
-    while (inflight_.load(std::memory_order_seq_cst) > 0) _mm_pause();
+    task(0, n);
+    while (pending_.load(std::memory_order_acquire) > 0) _mm_pause();
   }
 
  private:
   explicit Pool(unsigned threads) {
-    for (unsigned i = 1; i < threads; ++i) workers_.emplace_back([this] { Loop(); });
+    for (unsigned i = 1; i < threads; ++i) workers_.emplace_back([this, i] { Loop(static_cast<int>(i)); });
   }
-  void Loop() {
+  void Loop(int index) {
     uint64_t seen = 0;
     for (;;) {
       uint64_t now = generation_.load(std::memory_order_acquire);
@@ -168,16 +160,18 @@ class Pool {
         std::unique_lock<std::mutex> lock(mutex_);
         wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
       }
-      std::function<void()>* job;
-      {  // the generation and its job are published together under the lock
+      std::function<void(int, int)>* job;
+      int active;
+      {  // the generation, its job and its width are published together under the lock
         std::lock_guard<std::mutex> lock(mutex_);
         seen = generation_.load(std::memory_order_relaxed);
         job = job_;
+        active = active_;
       }
-      // Join only while the call is open: the caller closes it, then waits for those inside.
-      inflight_.fetch_add(1, std::memory_order_seq_cst);
-      if (open_.load(std::memory_order_seq_cst) == seen) (*job)();
-      inflight_.fetch_sub(1, std::memory_order_seq_cst);
+      if (index < active) {
+        (*job)(index, active);
+        pending_.fetch_sub(1, std::memory_order_acq_rel);
+      }
     }
   }
   std::vector<std::thread> workers_;
@@ -185,9 +179,9 @@ class Pool {
   std::mutex mutex_;
   std::condition_variable wake_;
   std::atomic<uint64_t> generation_{0};
-  std::atomic<uint64_t> open_{0};
-  std::atomic<int> inflight_{0};
-  std::function<void()>* job_ = nullptr;
+  std::atomic<int> pending_{0};
+  std::function<void(int, int)>* job_ = nullptr;
+  int active_ = 0;
 };
 
 // x [M, K'] times w [N/16, K' / per_x, kStep]: per_x is how many weight rows one x element covers
@@ -204,10 +198,10 @@ ffi::Error PackedMatmul(ffi::Buffer<T> x, ffi::Buffer<T> w, ffi::ResultBuffer<ff
   const auto* xp = reinterpret_cast<const typename E::X*>(x.untyped_data());
   const auto* wp = reinterpret_cast<const typename E::W*>(w.untyped_data());
   float* op = out->typed_data();
-  // about four chunks a thread, each a multiple of 8 column blocks (every tile's width divides 8)
-  const int64_t chunk = std::max<int64_t>(8, (blocks / (4 * Pool::Get().size()) + 7) / 8 * 8);
-  Pool::Get().Run(blocks, chunk, [&](int64_t first, int64_t last) {
-    Blocks<E>(xp, m, steps, wp, op, n, first, last);
+  Pool::Get().Run(static_cast<int>(std::min<int64_t>(Pool::Get().size(), blocks)), [&](int t, int threads) {
+    const int64_t share = (blocks + threads - 1) / threads;
+    const int64_t first = t * share, last = std::min(blocks, first + share);
+    if (first < last) Blocks<E>(xp, m, steps, wp, op, n, first, last);
   });
   return ffi::Error::Success();
 }
@@ -307,9 +301,9 @@ ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::
   const bool* mp = mask.typed_data();
   float* op = out->typed_data();
   const int64_t tasks = batch * steps * kv_heads;
-  Pool::Get().Run(tasks, 1, [&](int64_t first, int64_t last) {
+  Pool::Get().Run(static_cast<int>(std::min<int64_t>(Pool::Get().size(), tasks)), [&](int t, int threads) {
     std::vector<float> scores(groups * size);
-    for (int64_t task = first; task < last; ++task) {
+    for (int64_t task = t; task < tasks; task += threads) {
       const int64_t b = task / (steps * kv_heads), row = task / kv_heads, h = task % kv_heads;
       AttendGroup(qp + (row * heads + h * groups) * d, kp + b * size * kv_stride + h * d,
                   vp + b * size * kv_stride + h * d, mp + row * size, op + (row * heads + h * groups) * d,
