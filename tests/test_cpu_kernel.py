@@ -178,3 +178,12 @@ def test_a_k_token_pass_computes_what_k_one_token_steps_do_bit_for_bit(dtype):
     for width in (4, 1):
         for a, b in zip(passes[19], passes[width]):
             np.testing.assert_array_equal(a, b)
+
+
+@needs_rows
+def test_embedding_rows_are_the_table_rows_as_float32():
+    table = jnp.asarray(np.random.default_rng(1).standard_normal((50, 24)), jnp.bfloat16)
+    tokens = jnp.asarray([[0, 7, 49, 7, 3], [1, 2, 3, 4, 5]], jnp.int32)
+    got = np.asarray(jax.jit(cpu_kernel.embedding_rows)(table, tokens))
+    np.testing.assert_array_equal(got, np.asarray(jnp.take(table, tokens, axis=0).astype(jnp.float32)))
+    assert got.dtype == np.float32 and got.shape == (2, 5, 24)

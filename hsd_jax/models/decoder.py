@@ -130,7 +130,15 @@ def hidden_states(params: Params, config: ModelConfig, tokens: jax.Array, cache:
     batch, steps = tokens.shape
     chex.assert_equal(cache.batch, batch)
     positions = cache.lengths[:, None] + jnp.arange(steps, dtype=jnp.int32)[None, :]
-    x = jnp.take(params["embed"], tokens, axis=0).astype(jnp.float32)  # the residual stream stays float32
+    # The CPU layout runs attention (reading the layer's cache in place), the norms' sums and a bf16
+    # table's embedding rows on our kernel where it runs (`cpu_kernel`): row by row, so a row's
+    # logits do not depend on how many rows a pass holds (a k-token check computes what k one-token
+    # steps do).
+    rowwise = not layout.stacked and cache.k.dtype == jnp.float32 and cpu_kernel.rows_available()
+    if rowwise and params["embed"].dtype == jnp.bfloat16:  # the residual stream stays float32
+        x = cpu_kernel.embedding_rows(params["embed"], tokens)
+    else:
+        x = jnp.take(params["embed"], tokens, axis=0).astype(jnp.float32)
     if config.positions == "learned":
         x = x + jnp.take(params["pos_embed"], positions, axis=0, mode="clip")
         cos = sin = None
@@ -139,10 +147,6 @@ def hidden_states(params: Params, config: ModelConfig, tokens: jax.Array, cache:
         angles = positions[..., None].astype(jnp.float32) * inv_freq
         cos, sin = jnp.cos(angles), jnp.sin(angles)
 
-    # The CPU layout runs attention (reading the layer's cache in place) and the norms' sums on our
-    # kernel where it runs (`cpu_kernel`): row by row, so a row's logits do not depend on how many
-    # rows a pass holds (a k-token check computes what k one-token steps do).
-    rowwise = not layout.stacked and cache.k.dtype == jnp.float32 and cpu_kernel.rows_available()
     key_positions = jnp.arange(cache.size, dtype=jnp.int32)
     mask = key_positions[None, None, :] <= positions[:, :, None]
     if config.sliding_window:

@@ -4,6 +4,7 @@
 // * bfloat16 weights packed as [N/16, K/2, 16, 2] (the pairs VDPBF16PS multiplies): AVX512-BF16.
 // And attention of query rows against one layer of the float32 KV cache, read in place, and the
 // row sums the norms take: both row by row, in an order that does not depend on the row count.
+// And rows of a bf16 embedding table as float32, read in place.
 //
 // Each weight element is read once per call for up to 16 rows (every row's accumulators stay in
 // registers), so a k-token pass costs about what one token does, and the weights are read in
@@ -15,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -107,8 +109,11 @@ void Blocks(const typename E::X* x, int64_t m, int64_t steps, const typename E::
   }
 }
 
-// Workers that spin briefly between calls (a decode step makes ~120 calls a few microseconds
-// apart; waking a sleeping thread each time would cost more than the work) and then sleep.
+// Workers that spin briefly between calls (a decode step makes ~200 calls a few microseconds
+// apart; waking a sleeping thread each time would cost more than the work) and then sleep. A call's
+// items are claimed in chunks from one counter by whichever threads run: the caller never waits for
+// a worker that has not started (on two cores a worker is often descheduled for milliseconds while
+// XLA's own threads run), only for chunks already claimed, and while it waits it yields its core.
 class Pool {
  public:
   static Pool& Get() {
@@ -122,56 +127,62 @@ class Pool {
     if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
     return std::max(1u, std::thread::hardware_concurrency());
   }
+
   int size() const { return static_cast<int>(workers_.size()) + 1; }
 
-  // Runs task(i, n) for i in [0, n) on n threads (the caller is thread 0) and waits for all. A call
-  // made while another one runs (XLA may run two custom calls at once) runs alone on its thread.
+  // Runs body(first, last) over [0, items) in chunks of `chunk` and waits for all. A call made
+  // while another one runs (XLA may run two custom calls at once) runs alone on its thread.
   template <typename F>
-  void Run(int n, F&& task) {
-    n = std::min(n, size());
+  void Run(int64_t items, int64_t chunk, F&& body) {
     std::unique_lock<std::mutex> busy(running_, std::try_to_lock);
-    if (n <= 1 || !busy.owns_lock()) return task(0, 1);
-    std::function<void(int, int)> job = task;
+    if (workers_.empty() || items <= chunk || !busy.owns_lock()) return body(0, items);
+    std::atomic<int64_t> next{0};
+    std::function<void()> job = [&] {
+      for (int64_t first; (first = next.fetch_add(chunk)) < items;) body(first, std::min(items, first + chunk));
+    };
+    uint64_t generation;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       job_ = &job;
-      active_ = n;
-      pending_.store(n - 1, std::memory_order_relaxed);
-      generation_.fetch_add(1, std::memory_order_release);
+      generation = generation_.load(std::memory_order_relaxed) + 1;
+      open_.store(generation, std::memory_order_seq_cst);
+      generation_.store(generation, std::memory_order_release);
     }
     wake_.notify_all();
-    task(0, n);
-    while (pending_.load(std::memory_order_acquire) > 0) _mm_pause();
+    job();
+    open_.store(0, std::memory_order_seq_cst);  // no worker joins this call from here on
+    // a worker inside may have lost its core to another thread: after a short spin, lend it ours
+    for (int spin = 0; inflight_.load(std::memory_order_seq_cst) > 0; ++spin) {
+      if (spin < 256) _mm_pause(); else sched_yield();
+    }
   }
 
  private:
   explicit Pool(unsigned threads) {
-    for (unsigned i = 1; i < threads; ++i) workers_.emplace_back([this, i] { Loop(static_cast<int>(i)); });
+    for (unsigned i = 1; i < threads; ++i) workers_.emplace_back([this] { Loop(); });
   }
-  void Loop(int index) {
+  void Loop() {
     uint64_t seen = 0;
     for (;;) {
       uint64_t now = generation_.load(std::memory_order_acquire);
       for (int spin = 0; now == seen && spin < 20000; ++spin) {
-        _mm_pause();
+        if (spin % 64 == 63) sched_yield(); else _mm_pause();  // spin, but give way to runnable threads
         now = generation_.load(std::memory_order_acquire);
       }
       if (now == seen) {
         std::unique_lock<std::mutex> lock(mutex_);
         wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
       }
-      std::function<void(int, int)>* job;
-      int active;
-      {  // the generation, its job and its width are published together under the lock
+      std::function<void()>* job;
+      {  // the generation and its job are published together under the lock
         std::lock_guard<std::mutex> lock(mutex_);
         seen = generation_.load(std::memory_order_relaxed);
         job = job_;
-        active = active_;
       }
-      if (index < active) {
-        (*job)(index, active);
-        pending_.fetch_sub(1, std::memory_order_acq_rel);
-      }
+      // Join only while the call is open: the caller closes it, then waits for those inside.
+      inflight_.fetch_add(1, std::memory_order_seq_cst);
+      if (open_.load(std::memory_order_seq_cst) == seen) (*job)();
+      inflight_.fetch_sub(1, std::memory_order_seq_cst);
     }
   }
   std::vector<std::thread> workers_;
@@ -179,9 +190,9 @@ class Pool {
   std::mutex mutex_;
   std::condition_variable wake_;
   std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
-  std::function<void(int, int)>* job_ = nullptr;
-  int active_ = 0;
+  std::atomic<uint64_t> open_{0};
+  std::atomic<int> inflight_{0};
+  std::function<void()>* job_ = nullptr;
 };
 
 // x [M, K'] times w [N/16, K' / per_x, kStep]: per_x is how many weight rows one x element covers
@@ -198,11 +209,9 @@ ffi::Error PackedMatmul(ffi::Buffer<T> x, ffi::Buffer<T> w, ffi::ResultBuffer<ff
   const auto* xp = reinterpret_cast<const typename E::X*>(x.untyped_data());
   const auto* wp = reinterpret_cast<const typename E::W*>(w.untyped_data());
   float* op = out->typed_data();
-  Pool::Get().Run(static_cast<int>(std::min<int64_t>(Pool::Get().size(), blocks)), [&](int t, int threads) {
-    const int64_t share = (blocks + threads - 1) / threads;
-    const int64_t first = t * share, last = std::min(blocks, first + share);
-    if (first < last) Blocks<E>(xp, m, steps, wp, op, n, first, last);
-  });
+  // chunks of 8 column blocks (a multiple of every tile's width): ~40 KB to 300 KB of weights each
+  const int64_t chunk = std::max<int64_t>(8, (blocks / (4 * Pool::Get().size()) + 7) / 8 * 8);
+  Pool::Get().Run(blocks, chunk, [&](int64_t first, int64_t last) { Blocks<E>(xp, m, steps, wp, op, n, first, last); });
   return ffi::Error::Success();
 }
 
@@ -301,9 +310,9 @@ ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::
   const bool* mp = mask.typed_data();
   float* op = out->typed_data();
   const int64_t tasks = batch * steps * kv_heads;
-  Pool::Get().Run(static_cast<int>(std::min<int64_t>(Pool::Get().size(), tasks)), [&](int t, int threads) {
+  Pool::Get().Run(tasks, 1, [&](int64_t first, int64_t last) {
     std::vector<float> scores(groups * size);
-    for (int64_t task = t; task < tasks; task += threads) {
+    for (int64_t task = first; task < last; ++task) {
       const int64_t b = task / (steps * kv_heads), row = task / kv_heads, h = task % kv_heads;
       AttendGroup(qp + (row * heads + h * groups) * d, kp + b * size * kv_stride + h * d,
                   vp + b * size * kv_stride + h * d, mp + row * size, op + (row * heads + h * groups) * d,
@@ -327,6 +336,27 @@ ffi::Error RowSumsImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out)
     for (; i + 16 <= d; i += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(row + i));
     if (i < d) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (d - i)) - 1), row + i));
     op[r] = _mm512_reduce_add_ps(acc);
+  }
+  return ffi::Error::Success();
+}
+
+// table [V, D] bf16, ids [N] -> out [N, D] float32: rows read in place (XLA:CPU gathers a bf16
+// table by converting all of it to float32 first). Ids outside [0, V) are clamped.
+ffi::Error EmbeddingRowsImpl(ffi::Buffer<ffi::BF16> table, ffi::Buffer<ffi::S32> ids, ffi::ResultBuffer<ffi::F32> out) {
+  const auto td = table.dimensions();
+  if (td.size() != 2 || ids.dimensions().size() != 1) {
+    return ffi::Error::InvalidArgument("hsd embedding rows: table must be [V, D] and ids [N]");
+  }
+  const int64_t vocab = td[0], d = td[1], n = ids.dimensions()[0];
+  const auto* tp = reinterpret_cast<const uint16_t*>(table.untyped_data());
+  const int32_t* ip = ids.typed_data();
+  float* op = out->typed_data();
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t* row = tp + std::min<int64_t>(std::max<int64_t>(ip[i], 0), vocab - 1) * d;
+    for (int64_t j = 0; j < d; ++j) {
+      const uint32_t bits = static_cast<uint32_t>(row[j]) << 16;
+      std::memcpy(op + i * d + j, &bits, 4);
+    }
   }
   return ffi::Error::Success();
 }
@@ -356,3 +386,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HsdAttention, AttentionImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HsdRowSums, RowSumsImpl,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HsdEmbeddingRows, EmbeddingRowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
