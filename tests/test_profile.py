@@ -114,3 +114,15 @@ def test_profile_needs_prompts():
 
     with pytest.raises(ValueError, match="at least one prompt"):
         profile_family(["ngram:2", "models/target"], [])
+
+
+def test_interleaved_timing_times_every_call_once_per_round_after_warm_up():
+    from hsd_jax.planning.timing import interleaved_median_seconds
+
+    log = []
+    calls = [(lambda name=name: log.append(name), ()) for name in "abc"]
+    seconds = interleaved_median_seconds(calls, repeats=3, warmup=1)
+    assert log == list("abc") + list("abc") * 3  # one warm-up each, then round-robin rounds
+    assert len(seconds) == 3 and all(s >= 0 for s in seconds)
+    with pytest.raises(ValueError, match="repeats"):
+        interleaved_median_seconds(calls, repeats=0)

@@ -33,7 +33,7 @@ from hsd_jax.io.sources import from_source, parse_source
 from hsd_jax.models import Model
 from hsd_jax.parallel.sharding import shard_levels
 from hsd_jax.planning.stats import ModelStats, Stats
-from hsd_jax.planning.timing import median_seconds
+from hsd_jax.planning.timing import interleaved_median_seconds
 
 PROMPT_BUCKET = 32  # prompts are right-padded to a multiple of this: few recompiles, same tokens
 SCORE_BUCKET = 64  # teacher-forced sequences likewise
@@ -56,7 +56,8 @@ def _scorer(level: Drafter, batch: int, size: int, context: int) -> tuple[Callab
 def measure_costs(level: Drafter, max_k: int, *, cache_size: int = 256, context: int = 128,
                   batch: int = 1, repeats: int = 7, sparse_ks: Sequence[int] = ()) -> list[float]:
     """c(k) for k = 1..max(max_k, *sparse_ks): median seconds of one k-token forward (n-gram: its
-    lookup) with `context` tokens already cached in a cache of `cache_size` positions. Every k up
+    lookup) with `context` tokens already cached in a cache of `cache_size` positions, every k
+    timed once per round over `repeats` rounds (`interleaved_median_seconds`). Every k up
     to `max_k` is measured; beyond it only `sparse_ks` are, and the k between them are linearly
     interpolated (a table the planner reads densely, without one compile per k)."""
     ks = cost_ks(max_k, sparse_ks)
@@ -95,11 +96,9 @@ def _measure_each(level: Drafter, ks: Sequence[int], *, cache_size: int, context
                   repeats: int) -> list[float]:
     fn = _forward_as_decoding_runs_it(level, batch, cache_size, context)  # one compile per k
     seq = jnp.ones((batch, cache_size), jnp.int32)
-    costs = []
-    for k in ks:
-        ends = jnp.broadcast_to(context + 1 + jnp.arange(k, dtype=jnp.int32), (batch, k))
-        costs.append(median_seconds(fn, level, seq, ends, repeats=repeats))
-    return costs
+    calls = [(fn, (level, seq, jnp.broadcast_to(context + 1 + jnp.arange(k, dtype=jnp.int32), (batch, k))))
+             for k in ks]
+    return interleaved_median_seconds(calls, repeats=repeats)
 
 
 def _score_all(level: Drafter, seq: jax.Array) -> jax.Array:

@@ -35,6 +35,23 @@ def median_seconds(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup:
     return float(statistics.median(timed_runs(fn, *args, repeats=repeats, warmup=warmup)[0]))
 
 
+def interleaved_median_seconds(calls: Sequence[tuple[Callable[..., Any], tuple]], repeats: int = 5,
+                               warmup: int = 1) -> list[float]:
+    """Median seconds of each `fn(*args)` in `calls`, compile excluded, timed round-robin (each round
+    calls every one once), so that a slow spell of the machine falls on all of them alike instead
+    of on whichever was being timed (on 2 shared cores such spells last seconds)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for fn, args in calls:
+        for _ in range(warmup):
+            jax.block_until_ready(fn(*args))
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(repeats):
+        for slot, (fn, args) in zip(times, calls):
+            slot.append(time_once(fn, *args)[0])
+    return [float(statistics.median(t)) for t in times]
+
+
 def time_once(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
     """Seconds of one call (already compiled by the caller) and its result."""
     start = time.perf_counter()
