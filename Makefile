@@ -34,10 +34,12 @@ $(TARGET_DIR)/hsd_config.json: $(STAMP)
 FAMILY := checkpoints/smollm2-draft-2l int8:checkpoints/smollm2-draft-2l int8:$(TARGET_DIR) $(TARGET_DIR)
 EVAL_PROMPTS := hsd_jax/io/data/eval_prompts.jsonl
 
-# The shipped plans are used as they are; without them, profile the family and plan.
+# The shipped plans are used as they are; without them, profile the family and plan. The family runs
+# in bfloat16 (on CPUs with AVX512-BF16, our kernel: exact, see README); DTYPE=float32 for the other.
+DTYPE ?= bfloat16
 checkpoints/stats.json: | $(TARGET_DIR)/hsd_config.json
 	$(BIN)/hsd-jax profile --models $(FAMILY) --ngram 3 --prompts $(EVAL_PROMPTS) --num-prompts 24 \
-		--max-k 12 --sparse-k 16,24,32,40 --out checkpoints/stats.json
+		--max-k 12 --sparse-k 16,24,32,40 --dtype $(DTYPE) --out checkpoints/stats.json
 
 checkpoints/plan.json: | checkpoints/stats.json
 	$(BIN)/hsd-jax plan --stats checkpoints/stats.json --out checkpoints/plan.json --temperature-mode greedy

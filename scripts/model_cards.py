@@ -40,7 +40,7 @@ def card(draft_dir: Path, stats: dict, trained_on: str) -> str:
         + (f"; cosine to step {h['steps']}" if h.get("steps") else "") + ")" for h in history)
     me = models[draft_dir.name]
     rows = []
-    for label, name in ((f"`{draft_dir.name}` (float32)", draft_dir.name),
+    for label, name in ((f"`{draft_dir.name}` ({stats.get('dtype') or 'as stored'})", draft_dir.name),
                         (f"`int8:{draft_dir.name}` (int8 weights)", f"{draft_dir.name}-int8")):
         if name not in models:
             continue
@@ -64,13 +64,13 @@ target's cached top-32 next-token distributions over its own answers).
 | architecture | llama, {config.num_layers} layers (initialised from target layers {layers}), hidden {config.hidden_size}, {config.num_heads} heads / {config.num_kv_heads} kv heads, MLP {config.intermediate_size} |
 | output head | the {config.head_vocab_size} token ids the target most often ranks in its top 32 on the training answers (EOS included); q = 0 elsewhere, which verification handles losslessly |
 | input embedding | shared with the target (`{config.embedding_source}`, pinned by sha256), not stored here |
-| parameters | {me["params"]:,} in use ({me["params"] - config.vocab_size * config.hidden_size:,} stored, bfloat16: {stored / 1e6:.1f} MB on disk; upcast to float32 on CPU load) |
+| parameters | {me["params"]:,} in use ({me["params"] - config.vocab_size * config.hidden_size:,} stored, bfloat16: {stored / 1e6:.1f} MB on disk; run in the dtype a plan or `--dtype` asks for) |
 | training data | {summary["data_sequences"]:,} sequences from {", ".join(summary["data"])}: {data}; {summary["data_answer_tokens"]:,} answer tokens in all, answers <= {256 if "magpie" in " ".join(summary["data"]) else 128} tokens |
 | training | {summary.get("steps_done", summary["steps"])} AdamW steps of batch {train["batch_size"]} (peak lr {train["learning_rate"]}, cosine to step {summary["steps"]}, weight decay {train["weight_decay"]}, products in {train.get("compute_dtype", "float32")}); final loss {summary["loss"][-1][1]:.3f} |
 | runs | {runs or "one run"} |
 | trained on | {summary.get("machine") or trained_on} |
 
-Measured by `hsd-jax profile` ({stats["hardware"]}, batch 1, cache {stats.get("cache_size")} positions,
+Measured by `hsd-jax profile` ({stats["hardware"]}, {stats.get("dtype") or "stored dtype"}, batch 1, cache {stats.get("cache_size")} positions,
 median of repeats after compilation) and on the held-out prompts in `hsd_jax/io/data/eval_prompts.jsonl`
 ({stats.get("prompts")} prompts, {stats.get("answer_positions")} answer positions of the target's greedy
 continuations). The target's own forward costs {target["cost_s"][0] * 1e3:.2f} ms at T=1 and
