@@ -49,13 +49,31 @@ def test_products_match_exact_arithmetic_and_rows_stand_alone(m, k, n, dtype):
     # float32 accumulation of products exact in float32 (bf16 x bf16) or rounded once (float32 FMA):
     # an error of a few float32 ulps of the sum's terms
     magnitude = np.abs(np.asarray(x.astype(dtype), np.float64)) @ np.abs(np.asarray(w, np.float64))
-    bound = 1e-6 * k * magnitude
+    bound = 2 * k * 2.0**-24 * magnitude  # float32 summation of k terms: k unit roundoffs
     assert got.shape == (m, n) and np.all(np.abs(got - exact) <= bound + 1e-30)
     # every row alone gives bit for bit what it gives inside the batch (a one-token step and a
     # k-token check agree on a row)
     for row in {0, m // 2, m - 1}:
         alone = np.asarray(jax.jit(packed_matmul)(x[row:row + 1], packed))
         np.testing.assert_array_equal(alone[0], got[row])
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(d, marks=needs_kernel(d)) for d in DTYPES])
+def test_every_row_count_runs_its_tiles_and_matches(dtype):
+    """m = 1..17 over 17 column blocks: every row tile (and its wide column tiles, then the
+    one-block remainder) runs; each row alone equals its row in the batch."""
+    rng = np.random.default_rng(5)
+    k, n = 96, 17 * 16
+    w = jnp.asarray(rng.standard_normal((k, n)), dtype)
+    packed = PackedWeight.pack(w)
+    matmul = jax.jit(packed_matmul)
+    x = jnp.asarray(rng.standard_normal((17, k)), jnp.float32)
+    xd = np.asarray(x.astype(dtype), np.float64)
+    exact, magnitude = xd @ np.asarray(w, np.float64), np.abs(xd) @ np.abs(np.asarray(w, np.float64))
+    for m in range(1, 18):
+        got = np.asarray(matmul(x[:m], packed))
+        assert np.all(np.abs(got - exact[:m]) <= 2 * k * 2.0**-24 * magnitude[:m]), m
+        np.testing.assert_array_equal(np.asarray(matmul(x[m - 1:m], packed))[0], got[m - 1])
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(d, marks=needs_kernel(d)) for d in DTYPES])
@@ -121,7 +139,7 @@ needs_rows = pytest.mark.skipif(not cpu_kernel.rows_available(),
 @needs_rows
 @pytest.mark.parametrize("batch,steps,heads,kv_heads,dim,size,window", [
     (1, 1, 9, 3, 64, 256, 0), (2, 5, 4, 2, 16, 40, 0), (1, 16, 9, 3, 64, 256, 0), (2, 3, 6, 3, 12, 33, 0),
-    (2, 7, 4, 4, 100, 50, 6)])
+    (2, 7, 4, 4, 100, 50, 6), (1, 3, 2, 1, 256, 20, 0)])
 def test_cached_attention_matches_xla_and_rows_stand_alone(batch, steps, heads, kv_heads, dim, size, window):
     from hsd_jax.models.ops import attention
 

@@ -183,8 +183,10 @@ def cached_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, layer
                      mask: jax.Array) -> jax.Array:
     """Grouped-query attention of q [B, T, H, D] against layer `layer` of a float32 cache
     [L, B, S, H_kv, D], read in place (no copy of the layer), under mask [B, T, S]: float32
-    [B, T, H, D]. Each query row's result depends only on that row (its scores, softmax and sum run
-    over the cache positions in one order whatever T is)."""
+    [B, T, H, D], D <= 256. Each query row's result depends only on that row (its scores, softmax
+    and sum run over the cache positions in one order whatever T is). A row with no position
+    unmasked gets zeros (XLA's softmax over all-masked scores gives the mean of v; decoding never
+    forms such a row)."""
     chex.assert_rank(q, 4)
     chex.assert_rank(cache_k, 5)
     chex.assert_equal_shape([cache_k, cache_v])

@@ -134,7 +134,8 @@ def hidden_states(params: Params, config: ModelConfig, tokens: jax.Array, cache:
     # table's embedding rows on our kernel where it runs (`cpu_kernel`): row by row, so a row's
     # logits do not depend on how many rows a pass holds (a k-token check computes what k one-token
     # steps do).
-    rowwise = not layout.stacked and cache.k.dtype == jnp.float32 and cpu_kernel.rows_available()
+    rowwise = (not layout.stacked and cache.k.dtype == jnp.float32 and config.head_dim <= 256
+               and cpu_kernel.rows_available())
     if rowwise and params["embed"].dtype == jnp.bfloat16:  # the residual stream stays float32
         x = cpu_kernel.embedding_rows(params["embed"], tokens)
     else:
