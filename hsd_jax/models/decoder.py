@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from hsd_jax.models import cpu_kernel
+import hsd_jax.models.cpu_kernel as cpu_kernel
 from hsd_jax.models.cache import KVCache
 from hsd_jax.models.config import ModelConfig, llama3_inv_freq
 from hsd_jax.models.layouts import STACKED, Layout, check_params, with_layout
