@@ -7,9 +7,10 @@ here reads each weight once for up to 16 rows, from a layout packed once at load
 float32 [N/16, K, 16], AVX-512 FMA; bfloat16 [N/16, K/2, 16, 2], the pairs AVX512-BF16's
 VDPBF16PS multiplies), and accumulates in float32. Every output element adds the same products
 in the same order whatever the number of rows, so a one-token step and a k-token check compute a
-row bit for bit alike. Attention over the float32 KV cache runs here too (`cached_attention`):
-it reads one layer of the cache in place (XLA copied and transposed it, ~3 ms a target step) and
-each query row's result is likewise independent of the other rows.
+row bit for bit alike. The rest of a layer's row-dependent work runs here too, likewise one row
+at a time: attention over the float32 KV cache (`cached_attention`, one layer read in place; XLA
+copied and transposed it, ~3 ms a target step), the norms' row sums (`row_sums`), and a bf16
+table's embedding rows (`embedding_rows`).
 
 The kernel is compiled with g++ on first use into a cache directory ($XDG_CACHE_HOME/hsd_jax, else
 ~/.cache/hsd_jax), keyed by the source and jaxlib's version, and registered as XLA FFI targets.

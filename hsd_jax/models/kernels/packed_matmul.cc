@@ -209,9 +209,11 @@ ffi::Error PackedMatmul(ffi::Buffer<T> x, ffi::Buffer<T> w, ffi::ResultBuffer<ff
   const auto* xp = reinterpret_cast<const typename E::X*>(x.untyped_data());
   const auto* wp = reinterpret_cast<const typename E::W*>(w.untyped_data());
   float* op = out->typed_data();
-  // chunks of 8 column blocks (a multiple of every tile's width): ~40 KB to 300 KB of weights each
+  // about four chunks a thread, each a multiple of 8 column blocks (a chunk's tail runs narrower tiles)
   const int64_t chunk = std::max<int64_t>(8, (blocks / (4 * Pool::Get().size()) + 7) / 8 * 8);
-  Pool::Get().Run(blocks, chunk, [&](int64_t first, int64_t last) { Blocks<E>(xp, m, steps, wp, op, n, first, last); });
+  Pool::Get().Run(blocks, chunk, [&](int64_t first, int64_t last) {
+    Blocks<E>(xp, m, steps, wp, op, n, first, last);
+  });
   return ffi::Error::Success();
 }
 
