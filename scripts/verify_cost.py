@@ -31,7 +31,8 @@ CONFIGS = {  # name: (dtype, layout, extra XLA flags, our CPU kernel on)
     "bf16-unstacked-xla": ("bfloat16", "unstacked", "", False),
     "bf16-unstacked-llvm-gemm": ("bfloat16", "unstacked", LLVM_GEMM_FLAGS, False),
     "bf16-unstacked-kernel": ("bfloat16", "unstacked", "", True),
-    "int8": ("float32", "int8", "", False),
+    "int8-xla": ("bfloat16", "int8", "", False),
+    "int8-kernel": ("bfloat16", "int8", "", True),
 }
 
 

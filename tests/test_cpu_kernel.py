@@ -1,6 +1,6 @@
-"""The CPU kernel (`models.cpu_kernel`), float32 and bfloat16: its products against exact arithmetic
-on the same values, a row's result independent of the other rows, the packed layout inside a
-model's weights, and XLA's own dots where the kernel is switched off."""
+"""The CPU kernel (`models.cpu_kernel`), float32, bfloat16 and int8: its products against exact
+arithmetic on the same values, a row's result independent of the other rows, the packed layout
+inside a model's weights, and XLA's own dots where the kernel is switched off."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ import pytest
 from families import family
 
 from hsd_jax.models import cpu_kernel, quantize_int8
-from hsd_jax.models.cpu_kernel import PackedWeight, packed_matmul
+from hsd_jax.models.cpu_kernel import PackedWeight, packed_int8_matmul, packed_matmul
+from hsd_jax.models.quantize import Int8Weight, int8_matmul
 
 DTYPES = [jnp.float32, jnp.bfloat16]
+GROUPS = {np.dtype(jnp.float32): 1, np.dtype(jnp.bfloat16): 2, np.dtype(jnp.int8): 4}
 
 
 def needs_kernel(dtype):
@@ -25,12 +27,13 @@ def needs_kernel(dtype):
                               reason=f"no {np.dtype(dtype)} CPU kernel here: {cpu_kernel.build_error()}")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [*DTYPES, jnp.int8])
 @pytest.mark.parametrize("k,n", [(576, 960), (577, 50), (64, 16), (3, 33)])
 def test_packing_round_trips(k, n, dtype):
-    w = jnp.asarray(np.random.default_rng(k).standard_normal((k, n)), dtype)
+    w = jnp.asarray(np.random.default_rng(k).standard_normal((k, n)) * 50, dtype)
     packed = PackedWeight.pack(w)
-    group = 2 if dtype == jnp.bfloat16 else 1
+    group = GROUPS[np.dtype(dtype)]
+    assert packed.shape == (k, n)
     assert packed.data.shape == (-(-n // 16), -(-k // group), 16 * group)
     assert packed.data.dtype == dtype
     np.testing.assert_array_equal(np.asarray(packed.unpack()), np.asarray(w))
@@ -98,6 +101,69 @@ def test_a_model_runs_packed_on_the_cpu_and_converts_back(dtype):
     np.testing.assert_allclose(np.asarray(packed_logits), np.asarray(xla_logits), **tolerance)
 
 
+def _int8_reference(x: np.ndarray, w: Int8Weight) -> np.ndarray:
+    """The int8 product in numpy: x quantised row by row (float32 absmax / 127, round half to even,
+    clipped), the integer sums exact, then rescaled in float32 as the kernel documents."""
+    x = np.asarray(x, np.float32)
+    absmax = np.max(np.abs(x), axis=-1, keepdims=True)
+    scale = np.where(absmax > 0, absmax / np.float32(127), np.float32(1)).astype(np.float32)
+    q = np.clip(np.round(x / scale), -127, 127).astype(np.int64)
+    sums = q @ np.asarray(w.q, np.int64)
+    return (sums.astype(np.float32) * scale) * np.asarray(w.scale, np.float32)
+
+
+needs_int8 = needs_kernel(jnp.int8)
+
+
+@needs_int8
+@pytest.mark.parametrize("m,k,n", [(1, 576, 960), (2, 577, 50), (3, 5, 17), (7, 1536, 576),
+                                   (16, 96, 3072), (17, 64, 40), (1, 576, 8192)])
+def test_int8_products_are_exact_integer_sums_and_rows_stand_alone(m, k, n):
+    rng = np.random.default_rng(m * k + n)
+    w = Int8Weight.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), in_dims=1)
+    x = rng.standard_normal((m, k)).astype(np.float32) * 3
+    x[0, : k // 2] = 0
+    x[-1, -1] = 0.5 * np.abs(x[-1]).max() / 127  # half a quantisation step: rounds to even
+    packed = w.packed()
+    matmul = jax.jit(int8_matmul)
+    got = np.asarray(matmul(jnp.asarray(x), packed))
+    np.testing.assert_array_equal(got, _int8_reference(x, w))
+    # XLA's int8 path quantises the same way; its float epilogue may round a last bit differently
+    np.testing.assert_allclose(got, np.asarray(matmul(jnp.asarray(x), w)), rtol=1e-6, atol=1e-6)
+    for row in {0, m // 2, m - 1}:
+        np.testing.assert_array_equal(np.asarray(matmul(jnp.asarray(x[row:row + 1]), packed))[0], got[row])
+
+
+@needs_int8
+def test_int8_rows_of_zeros_and_every_row_tile():
+    rng = np.random.default_rng(11)
+    w = Int8Weight.quantize(jnp.asarray(rng.standard_normal((96, 17 * 16 + 3)), jnp.float32), in_dims=1)
+    packed = w.packed()
+    x = rng.standard_normal((17, 96)).astype(np.float32)
+    x[3] = 0
+    matmul = jax.jit(lambda x, w: packed_int8_matmul(x, w.q, w.scale))
+    want = _int8_reference(x, w)
+    for m in range(1, 18):
+        np.testing.assert_array_equal(np.asarray(matmul(jnp.asarray(x[:m]), packed)), want[:m])
+    assert not want[3].any()
+
+
+@needs_int8
+def test_an_int8_copy_packs_for_the_kernel_and_converts_back():
+    target = family(vocab=48, seed=3)[-1]
+    int8 = quantize_int8(target.with_layout("unstacked"))
+    assert isinstance(int8.params["layers"][0]["wqkv"].q, PackedWeight)
+    assert isinstance(int8.params["lm_head"].q, PackedWeight)
+    assert int8.num_params == target.num_params
+    xla = int8.replace(params=jax.tree.map(cpu_kernel.unpacked, int8.params,
+                                           is_leaf=lambda x: isinstance(x, PackedWeight)))
+    assert isinstance(xla.params["lm_head"].q, jax.Array)
+    tokens = jnp.asarray([[1, 2, 3, 4]])
+    packed_logits, _ = int8.step(tokens, int8.init_cache(1, 8))
+    xla_logits, _ = xla.step(tokens, xla.init_cache(1, 8))
+    np.testing.assert_allclose(np.asarray(packed_logits), np.asarray(xla_logits), rtol=1e-4, atol=1e-4)
+
+
 def test_switched_off_the_kernel_leaves_xla_dots():
     code = "\n".join([
         "import jax, jax.numpy as jnp",
@@ -107,14 +173,17 @@ def test_switched_off_the_kernel_leaves_xla_dots():
         "cast = lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x",
         "m = m.replace(params=jax.tree.map(cast, m.params)).with_layout('unstacked')",
         "f32 = family(vocab=48, seed=3)[-1].with_layout('unstacked')",
+        "from hsd_jax.models import quantize_int8",
+        "q = quantize_int8(f32).params['lm_head'].q",
         "print(cpu_kernel.available(jnp.bfloat16), cpu_kernel.available(jnp.float32),",
-        "      cpu_kernel.build_error(), type(m.params['lm_head']).__name__,",
-        "      type(f32.params['lm_head']).__name__)"])
+        "      cpu_kernel.available(jnp.int8), cpu_kernel.build_error(), type(m.params['lm_head']).__name__,",
+        "      type(f32.params['lm_head']).__name__, type(q).__name__)"])
     path = os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])
     env = dict(os.environ, HSD_JAX_CPU_KERNEL="0", PYTHONPATH=path)
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.split() == ["False", "False", "HSD_JAX_CPU_KERNEL=0", "ArrayImpl", "ArrayImpl"]
+    assert run.stdout.split() == ["False", "False", "False", "HSD_JAX_CPU_KERNEL=0", "ArrayImpl", "ArrayImpl",
+                                  "ArrayImpl"]
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(d, marks=needs_kernel(d)) for d in DTYPES])
@@ -176,13 +245,16 @@ def test_row_sums_are_sums_and_rows_stand_alone(width):
 
 
 @needs_rows
-@pytest.mark.parametrize("dtype", [pytest.param(d, marks=needs_kernel(d)) for d in DTYPES])
+@pytest.mark.parametrize("dtype", [pytest.param(d, marks=needs_kernel(d)) for d in [*DTYPES, jnp.int8]])
 def test_a_k_token_pass_computes_what_k_one_token_steps_do_bit_for_bit(dtype):
     """The property that makes greedy HSD token-identical to greedy AR in every dtype on this path:
-    a row's logits and cache entries do not depend on how many rows the pass holds."""
+    a row's logits and cache entries do not depend on how many rows the pass holds. int8: the
+    int8 copy of a bfloat16 model (its weights packed for the int8 kernel)."""
     target = family(vocab=48, seed=3)[-1]
-    cast = lambda x: x.astype(dtype) if x.dtype == jnp.float32 else x  # noqa: E731
-    model = target.replace(params=jax.tree.map(cast, target.params)).with_layout("unstacked")
+    weight_dtype = jnp.bfloat16 if dtype == jnp.int8 else dtype
+    cast = lambda x: x.astype(weight_dtype) if x.dtype == jnp.float32 else x  # noqa: E731
+    model = target.replace(params=jax.tree.map(cast, target.params))
+    model = quantize_int8(model) if dtype == jnp.int8 else model.with_layout("unstacked")
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 48, (2, 24)), jnp.int32)
     step = jax.jit(lambda m, t, c: m.step(t, c))
     _, cache = step(model, tokens[:, :5], model.init_cache(2, 32))

@@ -1,13 +1,16 @@
-"""float32 and bfloat16 products on XLA:CPU through our own kernel (`kernels/packed_matmul.cc`).
+"""float32, bfloat16 and int8 products on XLA:CPU through our own kernel (`kernels/packed_matmul.cc`).
 
 XLA:CPU runs a one-row dot with its own GEMV (a one-row bfloat16 dot converts the whole weight to
 float32 first) and a k-row one through a GEMM library that is far from the memory bound at
 k <= 16 (../shared/cpu-dots.md), so a k-token check cost 1.8x one token in float32. The kernel
 here reads each weight once for up to 16 rows, from a layout packed once at load (`PackedWeight`:
 float32 [N/16, K, 16], AVX-512 FMA; bfloat16 [N/16, K/2, 16, 2], the pairs AVX512-BF16's
-VDPBF16PS multiplies), and accumulates in float32. Every output element adds the same products
-in the same order whatever the number of rows, so a one-token step and a k-token check compute a
-row bit for bit alike. The rest of a layer's row-dependent work runs here too, likewise one row
+VDPBF16PS multiplies), and accumulates in float32. int8 weights (`models.quantize.Int8Weight`,
+one scale per column) are packed [N/16, K/4, 16, 4] for AVX512-VNNI's VPDPBUSD against x
+quantised to int8 row by row, as XLA's int8 path does, with exact int32 sums
+(`packed_int8_matmul`): half a bfloat16 weight's bytes. Every output element adds the same
+products in the same order whatever the number of rows, so a one-token step and a k-token check
+compute a row bit for bit alike. The rest of a layer's row-dependent work runs here too, likewise one row
 at a time: attention over the float32 KV cache (`cached_attention`, one layer read in place; XLA
 copied and transposed it, ~3 ms a target step), the norms' row sums (`row_sums`), and a bf16
 table's embedding rows (`embedding_rows`).
@@ -15,10 +18,10 @@ table's embedding rows (`embedding_rows`).
 The kernel is compiled with g++ on first use into a cache directory ($XDG_CACHE_HOME/hsd_jax, else
 ~/.cache/hsd_jax), keyed by the source and jaxlib's version, and registered as XLA FFI targets.
 `available(dtype)` is False, and such weights keep XLA's own dots, where the CPU lacks AVX-512
-(float32) or AVX512-BF16 (bfloat16), no compiler is found, the build fails (`build_error()` says
-why), the backend is not the CPU, or HSD_JAX_CPU_KERNEL=0 is set. The kernel's threads are the
-cores the process may use, or HSD_JAX_KERNEL_THREADS. Importing this module builds nothing and
-sets no XLA flag.
+(float32), AVX512-BF16 (bfloat16) or AVX512-VNNI (int8), no compiler is found, the build fails
+(`build_error()` says why), the backend is not the CPU, or HSD_JAX_CPU_KERNEL=0 is set. The
+kernel's threads are the cores the process may use, or HSD_JAX_KERNEL_THREADS. Importing this
+module builds nothing and sets no XLA flag.
 """
 
 from __future__ import annotations
@@ -44,11 +47,13 @@ SOURCE = Path(__file__).with_name("kernels") / "packed_matmul.cc"
 TARGETS = {
     "hsd_f32_matmul": ("HsdF32Matmul", "avx512f"),
     "hsd_bf16_matmul": ("HsdBf16Matmul", "avx512_bf16"),
+    "hsd_s8_matmul": ("HsdS8Matmul", "avx512_vnni"),
     "hsd_attention": ("HsdAttention", "avx512f"),
     "hsd_row_sums": ("HsdRowSums", "avx512f"),
     "hsd_embedding_rows": ("HsdEmbeddingRows", "avx512f"),
 }
-MATMULS = {np.dtype(jnp.float32): "hsd_f32_matmul", np.dtype(jnp.bfloat16): "hsd_bf16_matmul"}
+MATMULS = {np.dtype(jnp.float32): "hsd_f32_matmul", np.dtype(jnp.bfloat16): "hsd_bf16_matmul",
+           np.dtype(jnp.int8): "hsd_s8_matmul"}
 BLOCK = 16  # output columns per packed block (one AVX-512 register of float32)
 _errors: list[str] = []
 
@@ -82,7 +87,8 @@ def _build() -> Path:
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         built = Path(tmp) / library.name
-        command = [compiler, "-O3", "-std=c++17", "-mavx512f", "-mfma", "-mavx512bf16", "-pthread", "-fPIC",
+        command = [compiler, "-O3", "-std=c++17", "-mavx512f", "-mfma", "-mavx512bf16", "-mavx512bw",
+                   "-mavx512vnni", "-pthread", "-fPIC",
                    "-shared", "-w", f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)]
         run = subprocess.run(command, capture_output=True, text=True)
         if run.returncode != 0:
@@ -138,15 +144,16 @@ def build_error() -> str | None:
 
 
 def _group(dtype) -> int:
-    """Weight rows per packed step: VDPBF16PS multiplies bfloat16 in (k, k+1) pairs."""
-    return 2 if np.dtype(dtype) == np.dtype(jnp.bfloat16) else 1
+    """Weight rows per packed step: VDPBF16PS multiplies bfloat16 in (k, k+1) pairs, VPDPBUSD int8 in
+    quads."""
+    return {np.dtype(jnp.bfloat16): 2, np.dtype(jnp.int8): 4}.get(np.dtype(dtype), 1)
 
 
 @struct.dataclass
 class PackedWeight:
-    """A float32 or bfloat16 weight [K, N] packed for the kernel: `data` [ceil(N/16), ceil(K/g), 16 g]
-    (g = 1 for float32, 2 for bfloat16), each block of 16 output columns one contiguous run of
-    steps; zero padding on both axes."""
+    """A float32, bfloat16 or int8 weight [K, N] packed for the kernel: `data` [ceil(N/16), ceil(K/g),
+    16 g] (g = 1 for float32, 2 for bfloat16, 4 for int8), each block of 16 output columns one
+    contiguous run of steps; zero padding on both axes."""
 
     data: jax.Array
     in_features: int = struct.field(pytree_node=False)
@@ -161,6 +168,10 @@ class PackedWeight:
         data = blocks.reshape(blocks.shape[0], blocks.shape[1], g * BLOCK)
         return cls(data=data, in_features=k, out_features=n)
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.in_features, self.out_features
+
     def unpack(self) -> jax.Array:
         blocks, steps, _ = self.data.shape
         g = _group(self.data.dtype)
@@ -173,10 +184,27 @@ def packed_matmul(x: jax.Array, w: PackedWeight) -> jax.Array:
     """x [..., K] times the packed weight: float32 [..., N] (x rounded to the weight's dtype first)."""
     lead = x.shape[:-1]
     dtype = w.data.dtype
+    if np.dtype(dtype) not in (np.dtype(jnp.float32), np.dtype(jnp.bfloat16)):
+        raise TypeError(f"packed_matmul takes float32 or bfloat16 weights, not {dtype} "
+                        "(int8: packed_int8_matmul)")
     rows = x.reshape(-1, x.shape[-1]).astype(dtype)
     rows = jnp.pad(rows, ((0, 0), (0, _group(dtype) * w.data.shape[1] - rows.shape[1])))
     result = jax.ShapeDtypeStruct((rows.shape[0], w.data.shape[0] * BLOCK), jnp.float32)
     out = jax.ffi.ffi_call(MATMULS[np.dtype(dtype)], result)(rows, w.data)
+    return out[:, : w.out_features].reshape(*lead, w.out_features)
+
+
+def packed_int8_matmul(x: jax.Array, w: PackedWeight, scale: jax.Array) -> jax.Array:
+    """x [..., K] times an int8 weight packed for the kernel with per-column scales [N]: float32
+    [..., N]. x is quantised to int8 row by row (absmax / 127) as `models.quantize.int8_matmul`
+    does, and the integer sums are exact: the same result as that XLA path, from half the bytes
+    of a bfloat16 weight."""
+    chex.assert_type(w.data, jnp.int8)
+    chex.assert_shape(scale, (w.out_features,))
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    result = jax.ShapeDtypeStruct((rows.shape[0], w.data.shape[0] * BLOCK), jnp.float32)
+    out = jax.ffi.ffi_call("hsd_s8_matmul", result)(rows, w.data, scale.astype(jnp.float32))
     return out[:, : w.out_features].reshape(*lead, w.out_features)
 
 

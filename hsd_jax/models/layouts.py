@@ -7,7 +7,8 @@
   in-major: q/k/v as one [D, (H + 2 H_kv) hd] matrix, gate/up as one [D, 2F], o as [H hd, D],
   down as [F, D], and an explicit head [D, V] (a tied head is materialised). In-major weights
   let XLA:CPU's YNNPACK dots use them without re-packing on every call (../shared/cpu-dots.md).
-* ``int8``: the unstacked layout with every projection and the head as `Int8Weight`.
+* ``int8``: the unstacked layout with every projection and the head as `Int8Weight` (packed for
+  our kernel on AVX512-VNNI).
 
 On a CPU with our kernel (`models.cpu_kernel.available(dtype)`: float32 on AVX-512, bfloat16 on
 AVX512-BF16), the unstacked layout holds every projection and the head packed for it
@@ -157,13 +158,18 @@ def with_layout(params: Params, config: ModelConfig, layout: str | Layout) -> tu
 
 
 def quantize_params(params: Params) -> Params:
-    """The int8 layout: every fused projection and the head as an `Int8Weight` (in-major)."""
+    """The int8 layout: every fused projection and the head as an `Int8Weight` (in-major), packed
+    for our CPU kernel where it runs (`cpu_kernel.available(int8)`)."""
     params = _unpacked(unstack_layers(params))
-    layers = tuple(
-        {k: Int8Weight.quantize(v, in_dims=1) if k in FUSED_PROJECTIONS else v for k, v in layer.items()}
-        for layer in params["layers"]
-    )
-    return {**params, "layers": layers, "lm_head": Int8Weight.quantize(params["lm_head"], in_dims=1)}
+    packed = cpu_kernel.available(jnp.int8)
+
+    def quantize(w):
+        w = Int8Weight.quantize(w, in_dims=1)
+        return w.packed() if packed else w
+
+    layers = tuple({k: quantize(v) if k in FUSED_PROJECTIONS else v for k, v in layer.items()}
+                   for layer in params["layers"])
+    return {**params, "layers": layers, "lm_head": quantize(params["lm_head"])}
 
 
 def check_params(params: Params, config: ModelConfig, layout: Layout) -> None:

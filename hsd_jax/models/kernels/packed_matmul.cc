@@ -1,7 +1,9 @@
 // x [M, K] times a weight packed once at load, for XLA:CPU through the XLA FFI
 // (`hsd_jax.models.cpu_kernel`), result float32 [M, N]:
 // * float32 weights packed as [N/16, K, 16]: AVX-512 FMA;
-// * bfloat16 weights packed as [N/16, K/2, 16, 2] (the pairs VDPBF16PS multiplies): AVX512-BF16.
+// * bfloat16 weights packed as [N/16, K/2, 16, 2] (the pairs VDPBF16PS multiplies): AVX512-BF16;
+// * int8 weights with a float32 scale per column, packed as [N/16, K/4, 16, 4] (the quads VPDPBUSD
+//   multiplies), against x quantised to int8 row by row (absmax / 127): AVX512-VNNI, exact int32 sums.
 // And attention of query rows against one layer of the float32 KV cache, read in place, and the
 // row sums the norms take: both row by row, in an order that does not depend on the row count.
 // And rows of a bf16 embedding table as float32, read in place.
@@ -34,33 +36,56 @@ namespace {
 
 // One multiply-accumulate step of each element type: x's element (a float, or a pair of bf16 as
 // 32 bits) broadcast against one packed step of 16 output columns.
-struct F32 {
+// Float accumulators (float32 and bfloat16 weights).
+struct FloatSums {
+  using Acc = __m512;
+  static Acc Zero() { return _mm512_setzero_ps(); }
+  static void Store(float* out, Acc acc) { _mm512_storeu_ps(out, acc); }
+};
+
+struct F32 : FloatSums {
   using X = float;
   using W = float;
   using V = __m512;
   static constexpr int64_t kStep = 16;  // weight elements per step and block
   static V Load(const W* w) { return _mm512_loadu_ps(w); }
   static V Broadcast(X x) { return _mm512_set1_ps(x); }
-  static __m512 Mac(__m512 acc, V x, V w) { return _mm512_fmadd_ps(x, w, acc); }
+  static Acc Mac(Acc acc, V x, V w) { return _mm512_fmadd_ps(x, w, acc); }
 };
 
-struct Bf16 {
+struct Bf16 : FloatSums {
   using X = uint32_t;
   using W = uint16_t;
   using V = __m512bh;
   static constexpr int64_t kStep = 32;
   static V Load(const W* w) { return (__m512bh)_mm512_loadu_si512(w); }
   static V Broadcast(X x) { return (__m512bh)_mm512_set1_epi32(static_cast<int>(x)); }
-  static __m512 Mac(__m512 acc, V x, V w) { return _mm512_dpbf16_ps(acc, x, w); }
+  static Acc Mac(Acc acc, V x, V w) { return _mm512_dpbf16_ps(acc, x, w); }
+};
+
+// int8: VPDPBUSD multiplies unsigned by signed bytes, so a weight q is read as the byte q + 128
+// (q ^ 0x80) and the sum carries 128 * sum(x) more, taken off afterwards. The int32 sums are stored
+// in the float output's place and rescaled there (`S8Epilogue`).
+struct S8 {
+  using X = uint32_t;  // four int8 of x
+  using W = int8_t;
+  using V = __m512i;
+  using Acc = __m512i;
+  static constexpr int64_t kStep = 64;
+  static V Load(const W* w) { return _mm512_xor_si512(_mm512_loadu_si512(w), _mm512_set1_epi8(-128)); }
+  static V Broadcast(X x) { return _mm512_set1_epi32(static_cast<int>(x)); }
+  static Acc Zero() { return _mm512_setzero_si512(); }
+  static Acc Mac(Acc acc, V x, V w) { return _mm512_dpbusd_epi32(acc, w, x); }
+  static void Store(float* out, Acc acc) { _mm512_storeu_si512(out, acc); }
 };
 
 // Rows [m0, m0 + RT) times column blocks [b0, b0 + CB), over all `steps` packed steps.
 template <typename E, int RT, int CB>
 inline void Tile(const typename E::X* x, int64_t steps, const typename E::W* w, float* out, int64_t n,
                  int64_t m0, int64_t b0) {
-  __m512 acc[RT][CB];
+  typename E::Acc acc[RT][CB];
   for (int r = 0; r < RT; ++r)
-    for (int c = 0; c < CB; ++c) acc[r][c] = _mm512_setzero_ps();
+    for (int c = 0; c < CB; ++c) acc[r][c] = E::Zero();
   const typename E::W* wp[CB];
   for (int c = 0; c < CB; ++c) wp[c] = w + (b0 + c) * steps * E::kStep;
   for (int64_t s = 0; s < steps; ++s) {
@@ -72,7 +97,7 @@ inline void Tile(const typename E::X* x, int64_t steps, const typename E::W* w, 
     }
   }
   for (int r = 0; r < RT; ++r)
-    for (int c = 0; c < CB; ++c) _mm512_storeu_ps(out + (m0 + r) * n + (b0 + c) * 16, acc[r][c]);
+    for (int c = 0; c < CB; ++c) E::Store(out + (m0 + r) * n + (b0 + c) * 16, acc[r][c]);
 }
 
 template <typename E, int RT, int CB>
@@ -213,6 +238,59 @@ ffi::Error PackedMatmul(ffi::Buffer<T> x, ffi::Buffer<T> w, ffi::ResultBuffer<ff
   const int64_t chunk = std::max<int64_t>(8, (blocks / (4 * Pool::Get().size()) + 7) / 8 * 8);
   Pool::Get().Run(blocks, chunk, [&](int64_t first, int64_t last) {
     Blocks<E>(xp, m, steps, wp, op, n, first, last);
+  });
+  return ffi::Error::Success();
+}
+
+// x float32 [M, K] quantised row by row as the XLA int8 path does (`models.quantize.int8_matmul`):
+// scale = absmax / 127 (1 for a zero row), q = round-half-even(x / scale) clipped to +-127; then
+// times int8 weights packed [N/16, ceil(K/4), 64] with per-column scales [N]: float32 [M, N/16 * 16]
+// = float(sum q_x q_w) * scale_x * scale_w (columns past N: 0). Integer sums are exact, so a row's
+// result does not depend on the other rows.
+ffi::Error S8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> w_scale,
+                        ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || wd[2] != S8::kStep || xd[1] > 4 * wd[1] || xd[1] <= 4 * (wd[1] - 1) ||
+      w_scale.dimensions().size() != 1 || w_scale.dimensions()[0] > 16 * wd[0] ||
+      w_scale.dimensions()[0] <= 16 * (wd[0] - 1)) {
+    return ffi::Error::InvalidArgument("hsd int8 matmul: x must be [M, K], w [N/16, K/4, 64] and scales [N]");
+  }
+  const int64_t m = xd[0], k = xd[1], steps = wd[1], blocks = wd[0], n = blocks * 16;
+  const int64_t columns = w_scale.dimensions()[0];
+  const float* xp = x.typed_data();
+  std::vector<int8_t> xq(m * steps * 4, 0);
+  std::vector<float> x_scale(m);
+  std::vector<int32_t> x_sum(m);
+  for (int64_t r = 0; r < m; ++r) {
+    const float* row = xp + r * k;
+    float absmax = 0.f;
+    for (int64_t i = 0; i < k; ++i) absmax = std::max(absmax, std::fabs(row[i]));
+    const float scale = absmax > 0.f ? absmax / 127.f : 1.f;
+    int32_t sum = 0;
+    for (int64_t i = 0; i < k; ++i) {
+      const float q = std::min(127.f, std::max(-127.f, std::nearbyint(row[i] / scale)));
+      xq[r * steps * 4 + i] = static_cast<int8_t>(q);
+      sum += static_cast<int32_t>(q);
+    }
+    x_scale[r] = scale;
+    x_sum[r] = sum;
+  }
+  const auto* xs = reinterpret_cast<const uint32_t*>(xq.data());
+  const auto* wp = reinterpret_cast<const int8_t*>(w.untyped_data());
+  const float* ws = w_scale.typed_data();
+  float* op = out->typed_data();
+  const int64_t chunk = std::max<int64_t>(8, (blocks / (4 * Pool::Get().size()) + 7) / 8 * 8);
+  Pool::Get().Run(blocks, chunk, [&](int64_t first, int64_t last) {
+    Blocks<S8>(xs, m, steps, wp, op, n, first, last);
+    for (int64_t r = 0; r < m; ++r) {  // the epilogue of these columns, in place
+      float* row = op + r * n;
+      for (int64_t c = first * 16; c < last * 16; ++c) {
+        int32_t sum;
+        std::memcpy(&sum, row + c, 4);
+        row[c] = c < columns ? static_cast<float>(sum - 128 * x_sum[r]) * x_scale[r] * ws[c] : 0.f;
+      }
+    }
   });
   return ffi::Error::Success();
 }
@@ -375,6 +453,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HsdBf16Matmul, Bf16MatmulImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HsdS8Matmul, S8MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HsdAttention, AttentionImpl,
