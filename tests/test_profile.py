@@ -30,9 +30,9 @@ def test_sparse_costs_are_interpolated(models, monkeypatch):
 
     seen = []
 
-    def fake(level, ks, **kwargs):
+    def fake(levels, ks, **kwargs):
         seen.extend(ks)
-        return [float(k) ** 2 for k in ks]
+        return [[float(k) ** 2 for k in ks] for _ in levels]
 
     monkeypatch.setattr(profile, "_measure_each", fake)
     costs = measure_costs(models[0], 3, sparse_ks=[2, 5, 9], repeats=1)
@@ -126,3 +126,21 @@ def test_interleaved_timing_times_every_call_once_per_round_after_warm_up():
     assert len(seconds) == 3 and all(s >= 0 for s in seconds)
     with pytest.raises(ValueError, match="repeats"):
         interleaved_median_seconds(calls, repeats=0)
+
+
+def test_family_costs_are_timed_in_shared_rounds(models, monkeypatch):
+    """Every member at every k runs once per round, round after round: a slow spell of the machine
+    falls on all of them."""
+    import hsd_jax.planning.profile as profile
+
+    order = []
+
+    def fake_interleaved(calls, repeats):
+        for _ in range(repeats):
+            order.append([args[2].shape[1] for _, args in calls])
+        return [float(i) for i in range(len(calls))]
+
+    monkeypatch.setattr(profile, "interleaved_median_seconds", fake_interleaved)
+    costs = profile.measure_family_costs(models[:2], 2, sparse_ks=[4], repeats=3, cache_size=32, context=8)
+    assert order == [[1, 2, 4, 1, 2, 4]] * 3
+    assert costs[0] == [0.0, 1.0, 1.5, 2.0] and costs[1] == [3.0, 4.0, 4.5, 5.0]

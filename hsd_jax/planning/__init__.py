@@ -27,6 +27,7 @@ from hsd_jax.planning.profile import (
                                       machine_name,
                                       measure_acceptance,
                                       measure_costs,
+                                      measure_family_costs,
                                       package_versions,
                                       profile_family,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "machine_name",
     "measure_acceptance",
     "measure_costs",
+    "measure_family_costs",
     "median_seconds",
     "Stopwatch",
     "package_versions",

@@ -60,9 +60,20 @@ def measure_costs(level: Drafter, max_k: int, *, cache_size: int = 256, context:
     timed once per round over `repeats` rounds (`interleaved_median_seconds`). Every k up
     to `max_k` is measured; beyond it only `sparse_ks` are, and the k between them are linearly
     interpolated (a table the planner reads densely, without one compile per k)."""
+    return measure_family_costs([level], max_k, cache_size=cache_size, context=context, batch=batch,
+                                repeats=repeats, sparse_ks=sparse_ks)[0]
+
+
+def measure_family_costs(levels: Sequence[Drafter], max_k: int, *, cache_size: int = 256,
+                         context: int = 128, batch: int = 1, repeats: int = 7,
+                         sparse_ks: Sequence[int] = ()) -> list[list[float]]:
+    """`measure_costs` of every level, all timed in the same rounds (each round runs every level at
+    every k once): a slow spell of the machine, which on 2 shared cores lasts seconds and moved one
+    model's c(1) by up to 2x between runs, then falls on every member alike, so the ratios the
+    planner reads hold even when the absolute costs move."""
     ks = cost_ks(max_k, sparse_ks)
-    measured = _measure_each(level, ks, cache_size=cache_size, context=context, batch=batch, repeats=repeats)
-    return np.interp(np.arange(1, ks[-1] + 1), ks, measured).tolist()
+    measured = _measure_each(levels, ks, cache_size=cache_size, context=context, batch=batch, repeats=repeats)
+    return [np.interp(np.arange(1, ks[-1] + 1), ks, m).tolist() for m in measured]
 
 
 def cost_ks(max_k: int, sparse_ks: Sequence[int] = ()) -> list[int]:
@@ -92,13 +103,16 @@ def _forward_as_decoding_runs_it(level: Drafter, batch: int, size: int, context:
     return fn
 
 
-def _measure_each(level: Drafter, ks: Sequence[int], *, cache_size: int, context: int, batch: int,
-                  repeats: int) -> list[float]:
-    fn = _forward_as_decoding_runs_it(level, batch, cache_size, context)  # one compile per k
+def _measure_each(levels: Sequence[Drafter], ks: Sequence[int], *, cache_size: int, context: int, batch: int,
+                  repeats: int) -> list[list[float]]:
     seq = jnp.ones((batch, cache_size), jnp.int32)
-    calls = [(fn, (level, seq, jnp.broadcast_to(context + 1 + jnp.arange(k, dtype=jnp.int32), (batch, k))))
-             for k in ks]
-    return interleaved_median_seconds(calls, repeats=repeats)
+    calls = []
+    for level in levels:
+        fn = _forward_as_decoding_runs_it(level, batch, cache_size, context)  # one compile per k
+        ends = [jnp.broadcast_to(context + 1 + jnp.arange(k, dtype=jnp.int32), (batch, k)) for k in ks]
+        calls += [(fn, (level, seq, e)) for e in ends]
+    seconds = interleaved_median_seconds(calls, repeats=repeats)
+    return [seconds[i:i + len(ks)] for i in range(0, len(seconds), len(ks))]
 
 
 def _score_all(level: Drafter, seq: jax.Array) -> jax.Array:
@@ -276,12 +290,13 @@ def profile_family(sources: Sequence[str], prompts: Sequence[str], *, names: Seq
                                              max_new_tokens)
     acceptance = measure_acceptance(levels, sequences, starts, temperature=temperature, vocab=vocab,
                                     max_positions=max([max_k, *sparse_ks]), progress=progress)
-    models = []
-    for name, source, level in zip(names, sources, levels):
-        if progress:
-            progress(f"timing {name} for k = 1..{max_k}")
-        costs = measure_costs(level, max_k, cache_size=cache_size, repeats=repeats, sparse_ks=sparse_ks)
-        models.append(ModelStats(name, source, level.num_params, tuple(costs)))
+    if progress:
+        beyond = "".join(f", {k}" for k in sparse_ks if k > max_k)
+        progress(f"timing every member for k = 1..{max_k}{beyond}, {repeats} rounds")
+    costs = measure_family_costs(levels, max_k, cache_size=cache_size, repeats=repeats,
+                                 sparse_ks=sparse_ks)
+    models = [ModelStats(name, source, level.num_params, tuple(c))
+              for name, source, level, c in zip(names, sources, levels, costs)]
     stats = Stats(
         hardware=machine_name(),
         dtype=str(target.dtype),
