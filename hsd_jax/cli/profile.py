@@ -32,7 +32,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="larger k to measure too, e.g. 16,24,32,48 (the k between are interpolated)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--cache-size", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=15,
+                   help="timed rounds (each runs every member at every k once); the median is kept")
     add_dtype_argument(p)
     add_mesh_argument(p)
     return p
