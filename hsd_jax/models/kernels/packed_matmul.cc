@@ -242,6 +242,11 @@ ffi::Error PackedMatmul(ffi::Buffer<T> x, ffi::Buffer<T> w, ffi::ResultBuffer<ff
   return ffi::Error::Success();
 }
 
+// The first min(count, 16) lanes (none for count <= 0).
+inline __mmask16 Lanes(int64_t count) {
+  return count >= 16 ? static_cast<__mmask16>(0xFFFF) : count <= 0 ? 0 : static_cast<__mmask16>((1u << count) - 1);
+}
+
 // x float32 [M, K] quantised row by row as the XLA int8 path does (`models.quantize.int8_matmul`):
 // scale = absmax / 127 (1 for a zero row), q = round-half-even(x / scale) clipped to +-127; then
 // times int8 weights packed [N/16, ceil(K/4), 64] with per-column scales [N]: float32 [M, N/16 * 16]
@@ -262,19 +267,24 @@ ffi::Error S8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Bu
   std::vector<int8_t> xq(m * steps * 4, 0);
   std::vector<float> x_scale(m);
   std::vector<int32_t> x_sum(m);
-  for (int64_t r = 0; r < m; ++r) {
+  for (int64_t r = 0; r < m; ++r) {  // 16 lanes at a time, each lane as the scalar rule computes it
     const float* row = xp + r * k;
-    float absmax = 0.f;
-    for (int64_t i = 0; i < k; ++i) absmax = std::max(absmax, std::fabs(row[i]));
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t i = 0; i < k; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(Lanes(k - i), row + i)));
+    const float absmax = _mm512_reduce_max_ps(amax);
     const float scale = absmax > 0.f ? absmax / 127.f : 1.f;
-    int32_t sum = 0;
-    for (int64_t i = 0; i < k; ++i) {
-      const float q = std::min(127.f, std::max(-127.f, std::nearbyint(row[i] / scale)));
-      xq[r * steps * 4 + i] = static_cast<int8_t>(q);
-      sum += static_cast<int32_t>(q);
+    const __m512 divisor = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t i = 0; i < k; i += 16) {
+      const __mmask16 lanes = Lanes(k - i);
+      const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(lanes, row + i), divisor),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // half to even
+      const __m512i qi = _mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, q)));
+      sum = _mm512_add_epi32(sum, qi);  // lanes past k hold 0 / scale = 0
+      _mm512_mask_cvtepi32_storeu_epi8(xq.data() + r * steps * 4 + i, lanes, qi);
     }
     x_scale[r] = scale;
-    x_sum[r] = sum;
+    x_sum[r] = _mm512_reduce_add_epi32(sum);
   }
   const auto* xs = reinterpret_cast<const uint32_t*>(xq.data());
   const auto* wp = reinterpret_cast<const int8_t*>(w.untyped_data());
@@ -283,12 +293,15 @@ ffi::Error S8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Bu
   const int64_t chunk = std::max<int64_t>(8, (blocks / (4 * Pool::Get().size()) + 7) / 8 * 8);
   Pool::Get().Run(blocks, chunk, [&](int64_t first, int64_t last) {
     Blocks<S8>(xs, m, steps, wp, op, n, first, last);
-    for (int64_t r = 0; r < m; ++r) {  // the epilogue of these columns, in place
+    for (int64_t r = 0; r < m; ++r) {  // the epilogue of these columns, in place: (sum * scale_x) * scale_w
       float* row = op + r * n;
-      for (int64_t c = first * 16; c < last * 16; ++c) {
-        int32_t sum;
-        std::memcpy(&sum, row + c, 4);
-        row[c] = c < columns ? static_cast<float>(sum - 128 * x_sum[r]) * x_scale[r] * ws[c] : 0.f;
+      const __m512i offset = _mm512_set1_epi32(128 * x_sum[r]);
+      const __m512 row_scale = _mm512_set1_ps(x_scale[r]);
+      for (int64_t c = first * 16; c < last * 16; c += 16) {
+        const __mmask16 lanes = Lanes(columns - c);
+        const __m512 sums = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_loadu_si512(row + c), offset));
+        const __m512 scaled = _mm512_mul_ps(_mm512_mul_ps(sums, row_scale), _mm512_maskz_loadu_ps(lanes, ws + c));
+        _mm512_storeu_ps(row + c, _mm512_maskz_mov_ps(lanes, scaled));
       }
     }
   });
