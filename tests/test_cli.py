@@ -321,3 +321,48 @@ def test_distill_makes_greedy_and_sampled_data_and_trains_on_both(model_dir, tmp
     summary = json.loads((out / "distill_summary.json").read_text())
     assert summary["data"] == [str(greedy), str(sampled)] and summary["data_sequences"] == 12
     assert load_model(out).config.head_vocab_size == 256
+
+
+def test_bench_times_every_method_on_each_prompt_in_turn(model_dir_8_heads, tmp_path, monkeypatch):
+    """Our methods are compiled first, then timed prompt by prompt with every method in turn (one-shot
+    runs, then the streamed ones), so a slow spell of the machine falls on every method alike."""
+    import hsd_jax.bench.methods as bench_methods
+
+    model_dir = model_dir_8_heads
+    prompts, stats_path, plan_path = (tmp_path / n for n in ("p.jsonl", "s.json", "plan.json"))
+    texts = ("Count to five.", "Name a colour.")
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in texts))
+    assert main(["profile", "--models", str(model_dir), "--ngram", "3", "--prompts", str(prompts),
+                 "--max-k", "2", "--max-new-tokens", "4", "--repeats", "1", "--temperature", "0",
+                 "--out", str(stats_path)]) == 0
+    plan = {"version": 1, "chain": [{"name": "ngram3", "source": "ngram:3"},
+                                    {"name": "model", "source": str(model_dir)}],
+            "buffers": [2], "verifier": "tokenwise", "mode": "greedy", "predicted_latency_s": 1e-3,
+            "ar_latency_s": 1e-3}
+    plan_path.write_text(json.dumps(plan))
+    calls = []
+
+    def recorded(factory, kind):
+        def make(*args):
+            timer, method = factory(*args), len({m for k, m, _ in calls if k == kind} | {None}) - 1
+            calls.append((kind, method, "compiled"))
+
+            def timed(i):
+                calls.append((kind, method, i))
+                return timer(i)
+            return timed
+        return make
+
+    monkeypatch.setattr(bench_methods, "jax_prompt_timer", recorded(bench_methods.jax_prompt_timer, "once"))
+    monkeypatch.setattr(bench_methods, "stream_prompt_timer",
+                        recorded(bench_methods.stream_prompt_timer, "stream"))
+    results = bench_methods.run_methods(str(plan_path), str(stats_path), str(prompts),
+                                        methods=("ar", "sd", "hsd"), max_new_tokens=4,
+                                        allow_outside_plan_dir=True)
+    compiled = [c for c in calls if c[2] == "compiled"]
+    timed = [c for c in calls if c[2] != "compiled"]
+    assert calls[:len(compiled)] == compiled and len(compiled) == 6  # everything compiled before any timing
+    assert timed == [(kind, method, i) for i in (0, 1) for kind in ("once", "stream") for method in (0, 1, 2)]
+    assert list(results["methods"]) == ["ar", "sd", "hsd"]
+    assert all(len(results["methods"][m]["per_prompt"]) == 2 for m in ("ar", "sd", "hsd"))
+    assert results["methods"]["hsd"]["identical_to_ar"] is True

@@ -14,8 +14,8 @@ times ours:
 - each timed call starts from an empty KV cache (`Llama.reset`: llama-cpp-python would otherwise
   reuse the cached prefix the chat prompts share) and includes prompt processing, as ours
   includes prefill;
-- one untimed warm-up call on the first prompt, then one timed call per prompt; the bench takes
-  the median of tokens/s over prompts.
+- one untimed warm-up call on the first prompt, then one timed call per prompt (in the bench,
+  each prompt runs every method in turn); the bench takes the median of tokens/s over prompts.
 
 llama.cpp's Q4_1 x Q8 arithmetic differs from our dequantized weights, so its greedy tokens need
 not equal ours; the bench reports how many prompts agree on the first 16 tokens, as information.
@@ -24,7 +24,7 @@ not equal ours; the bench reports how many prompts agree on the first 16 tokens,
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ __all__ = [
     "LLAMACPP_METHODS",
     "PEERS_HINT",
     "gguf_weight_bytes",
+    "llamacpp_prompt_timer",
     "prefix_match_fraction",
     "require_llama_cpp",
     "time_llamacpp_method",
@@ -95,6 +96,17 @@ def time_llamacpp_method(method: str, gguf_path: str | Path, encoded: Sequence[l
     """Per prompt: (seconds, tokens, {"forward_passes": llama.cpp eval calls, prompt included})
     of `method` on `gguf_path`, by the rule of `methods.time_jax_method` (module docstring).
     `vocab_size`, when given, must equal the GGUF's."""
+    timer = llamacpp_prompt_timer(method, gguf_path, encoded, max_new_tokens, temperature=temperature,
+                                  seed=seed, vocab_size=vocab_size, n_threads=n_threads)
+    return [timer(i) for i in range(len(encoded))]
+
+
+def llamacpp_prompt_timer(method: str, gguf_path: str | Path, encoded: Sequence[list[int]],
+                          max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0,
+                          vocab_size: int | None = None,
+                          n_threads: int | None = None) -> Callable[[int], tuple[float, list[int], dict]]:
+    """`time_llamacpp_method` one prompt at a time: loads the model and runs the warm-up now, and
+    returns `timer(i)`, the row of prompt i (so that a bench can interleave it with other methods)."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if not encoded:
@@ -130,8 +142,9 @@ def time_llamacpp_method(method: str, gguf_path: str | Path, encoded: Sequence[l
         return tokens
 
     generate(encoded[0])
-    rows = []
-    for ids in encoded:
-        seconds, tokens = time_once(generate, ids)
-        rows.append((seconds, tokens, {"forward_passes": evals[0]}))
-    return rows
+
+    def timer(i: int) -> tuple[float, list[int], dict[str, Any]]:
+        seconds, tokens = time_once(generate, encoded[i])
+        return seconds, tokens, {"forward_passes": evals[0]}
+
+    return timer

