@@ -123,7 +123,6 @@ def test_int8_products_are_exact_integer_sums_and_rows_stand_alone(m, k, n):
     w = Int8Weight.quantize(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), in_dims=1)
     x = rng.standard_normal((m, k)).astype(np.float32) * 3
     x[0, : k // 2] = 0
-    x[-1, -1] = 0.5 * np.abs(x[-1]).max() / 127  # half a quantisation step: rounds to even
     packed = w.packed()
     matmul = jax.jit(int8_matmul)
     got = np.asarray(matmul(jnp.asarray(x), packed))
@@ -132,6 +131,22 @@ def test_int8_products_are_exact_integer_sums_and_rows_stand_alone(m, k, n):
     np.testing.assert_allclose(got, np.asarray(matmul(jnp.asarray(x), w)), rtol=1e-6, atol=1e-6)
     for row in {0, m // 2, m - 1}:
         np.testing.assert_array_equal(np.asarray(matmul(jnp.asarray(x[row:row + 1]), packed))[0], got[row])
+
+
+@needs_int8
+def test_int8_quantisation_rounds_ties_to_even_on_both_signs():
+    """A row whose absmax is 127 has scale 1, so x itself is the quantised value: ties at +-0.5,
+    +-1.5, +-2.5 and -126.5 must round to 0, +-2, +-2 and -126 (half to even), on either sign."""
+    ties = np.asarray([127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.49, -126.5], np.float32)
+    k = len(ties)
+    rng = np.random.default_rng(3)
+    w = Int8Weight.quantize(jnp.asarray(rng.standard_normal((k, 20)), jnp.float32), in_dims=1)
+    identity = Int8Weight(q=jnp.eye(k, dtype=jnp.int8), scale=jnp.ones((k,), jnp.float32), in_dims=1)
+    # against the identity weight the product is the quantised row itself
+    quantised = np.asarray(jax.jit(int8_matmul)(jnp.asarray(ties[None]), identity.packed()))[0]
+    np.testing.assert_array_equal(quantised, [127, 0, 2, 2, 0, -2, -2, 3, -126])
+    got = np.asarray(jax.jit(int8_matmul)(jnp.asarray(ties[None]), w.packed()))
+    np.testing.assert_array_equal(got, _int8_reference(ties[None], w))
 
 
 @needs_int8

@@ -65,7 +65,7 @@ struct Bf16 : FloatSums {
 
 // int8: VPDPBUSD multiplies unsigned by signed bytes, so a weight q is read as the byte q + 128
 // (q ^ 0x80) and the sum carries 128 * sum(x) more, taken off afterwards. The int32 sums are stored
-// in the float output's place and rescaled there (`S8Epilogue`).
+// in the float output's place and rescaled there (the epilogue in `S8MatmulImpl`).
 struct S8 {
   using X = uint32_t;  // four int8 of x
   using W = int8_t;
@@ -250,16 +250,21 @@ inline __mmask16 Lanes(int64_t count) {
 // x float32 [M, K] quantised row by row as the XLA int8 path does (`models.quantize.int8_matmul`):
 // scale = absmax / 127 (1 for a zero row), q = round-half-even(x / scale) clipped to +-127; then
 // times int8 weights packed [N/16, ceil(K/4), 64] with per-column scales [N]: float32 [M, N/16 * 16]
-// = float(sum q_x q_w) * scale_x * scale_w (columns past N: 0). Integer sums are exact, so a row's
-// result does not depend on the other rows.
+// = float(sum q_x q_w) * scale_x * scale_w (columns past N: 0). The int32 sums wrap and come out
+// exact while |sum q_x q_w| <= 127 * 127 * K < 2^31 (K <= kMaxS8K), so a row's result does not
+// depend on the other rows. A row holding NaN or inf gets an unspecified finite result, as in
+// XLA's int8 path (int8 copies run as drafts, whose proposals their verifier checks).
+constexpr int64_t kMaxS8K = 133000;
+
 ffi::Error S8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> w_scale,
                         ffi::ResultBuffer<ffi::F32> out) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 3 || wd[2] != S8::kStep || xd[1] > 4 * wd[1] || xd[1] <= 4 * (wd[1] - 1) ||
       w_scale.dimensions().size() != 1 || w_scale.dimensions()[0] > 16 * wd[0] ||
-      w_scale.dimensions()[0] <= 16 * (wd[0] - 1)) {
-    return ffi::Error::InvalidArgument("hsd int8 matmul: x must be [M, K], w [N/16, K/4, 64] and scales [N]");
+      w_scale.dimensions()[0] <= 16 * (wd[0] - 1) || xd[1] > kMaxS8K) {
+    return ffi::Error::InvalidArgument(
+        "hsd int8 matmul: x must be [M, K] (K <= 133000), w [N/16, K/4, 64] and scales [N]");
   }
   const int64_t m = xd[0], k = xd[1], steps = wd[1], blocks = wd[0], n = blocks * 16;
   const int64_t columns = w_scale.dimensions()[0];
@@ -295,7 +300,7 @@ ffi::Error S8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Bu
     Blocks<S8>(xs, m, steps, wp, op, n, first, last);
     for (int64_t r = 0; r < m; ++r) {  // the epilogue of these columns, in place: (sum * scale_x) * scale_w
       float* row = op + r * n;
-      const __m512i offset = _mm512_set1_epi32(128 * x_sum[r]);
+      const __m512i offset = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(x_sum[r]) * 128u));
       const __m512 row_scale = _mm512_set1_ps(x_scale[r]);
       for (int64_t c = first * 16; c < last * 16; c += 16) {
         const __mmask16 lanes = Lanes(columns - c);
