@@ -1,6 +1,6 @@
 """Greedy identity in every supported weight dtype and layout: HSD's output is token for token the
 target's greedy AR output when every model runs the same kernels (float32 or bfloat16 weights,
-float32 accumulation; stacked, unstacked and int8-draft layouts)."""
+float32 accumulation; stacked, unstacked and int8 layouts, int8 also as the target)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from families import family
 from hsd_jax.decoding.ar import ar_generate
 from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
 from hsd_jax.decoding.ngram import NGramDrafter
-from hsd_jax.models import quantize_int8
+from hsd_jax.models import cpu_kernel, quantize_int8
 
 VOCAB = 48
 PROMPTS = np.array([[1, 2, 3, 4, 1, 2, 3, 9], [5, 6, 5, 6, 0, 0, 0, 0], [7, 0, 0, 0, 0, 0, 0, 0]], np.int32)
@@ -59,3 +59,22 @@ def test_bfloat16_weights_give_float32_logits():
     # one row is computed as two on CPU: the same logits as the row inside a two-row batch
     pair, _ = target.step(jnp.asarray(PROMPTS[:2, :1]), target.init_cache(2, 16))
     np.testing.assert_array_equal(np.asarray(logits[0]), np.asarray(pair[0]))
+
+
+@pytest.mark.skipif(not cpu_kernel.available(jnp.int8) or not cpu_kernel.rows_available(),
+                    reason=f"no int8 CPU kernel here: {cpu_kernel.build_error()}")
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_greedy_hsd_equals_greedy_ar_with_an_int8_target(dtype):
+    """An int8 copy as the target (on our int8 kernel, whose rows do not depend on each other):
+    every hierarchy under it reproduces its greedy AR output token for token."""
+    models = _family(DTYPES[dtype], "unstacked")
+    target = quantize_int8(models[-1])
+    reference = ar_generate(target, PROMPTS, LENGTHS, jax.random.PRNGKey(0), max_new_tokens=NEW)
+    chains = [([models[0]], (4,)), ([quantize_int8(models[0]), models[1]], (2, 3)),
+              ([NGramDrafter(2, VOCAB)], (3,))]
+    for drafts, buffers in chains:
+        out = hsd_generate(Hierarchy([*drafts, target], buffers, "block"), PROMPTS, LENGTHS,
+                           jax.random.PRNGKey(1), max_new_tokens=NEW)
+        np.testing.assert_array_equal(out.tokens, reference.tokens, err_msg=f"{dtype} {buffers}")
+        np.testing.assert_array_equal(out.num_tokens, reference.num_tokens)
+        assert int(out.stats.accepted.sum()) > 0
