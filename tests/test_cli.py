@@ -356,6 +356,11 @@ def test_bench_times_every_method_on_each_prompt_in_turn(model_dir_8_heads, tmp_
     monkeypatch.setattr(bench_methods, "jax_prompt_timer", recorded(bench_methods.jax_prompt_timer, "once"))
     monkeypatch.setattr(bench_methods, "stream_prompt_timer",
                         recorded(bench_methods.stream_prompt_timer, "stream"))
+
+    def not_transformers(method, *args):
+        raise AssertionError(f"{method} ran through transformers' path")
+
+    monkeypatch.setattr(bench_methods, "_time_hf_method", not_transformers)
     results = bench_methods.run_methods(str(plan_path), str(stats_path), str(prompts),
                                         methods=("ar", "sd", "hsd"), max_new_tokens=4,
                                         allow_outside_plan_dir=True)

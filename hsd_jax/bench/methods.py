@@ -369,10 +369,11 @@ def run_methods(plan_path: str, stats_path: str, prompts_file: str, *, methods: 
             runs[name].append(timer(i))
         for name, timer in stream_timers.items():
             streams[name].append(timer(i))
+    interleaved = set(timers)
     timers.clear()  # free llama.cpp's models and our programs before transformers' runs
     stream_timers.clear()
     for method in methods:
-        if method in timers:
+        if method in interleaved:
             continue
         if progress:
             progress(f"bench: {method} on {len(texts)} prompts")
