@@ -220,6 +220,12 @@ class Pool {
   std::function<void()>* job_ = nullptr;
 };
 
+// Column blocks per pool chunk: about four chunks a thread, each a multiple of 8 blocks (a chunk's
+// tail runs narrower tiles).
+inline int64_t ColumnChunk(int64_t blocks) {
+  return std::max<int64_t>(8, (blocks / (4 * Pool::Get().size()) + 7) / 8 * 8);
+}
+
 // x [M, K'] times w [N/16, K' / per_x, kStep]: per_x is how many weight rows one x element covers
 // (a bf16 pair is one 32-bit x element).
 template <typename E, ffi::DataType T>
@@ -234,8 +240,7 @@ ffi::Error PackedMatmul(ffi::Buffer<T> x, ffi::Buffer<T> w, ffi::ResultBuffer<ff
   const auto* xp = reinterpret_cast<const typename E::X*>(x.untyped_data());
   const auto* wp = reinterpret_cast<const typename E::W*>(w.untyped_data());
   float* op = out->typed_data();
-  // about four chunks a thread, each a multiple of 8 column blocks (a chunk's tail runs narrower tiles)
-  const int64_t chunk = std::max<int64_t>(8, (blocks / (4 * Pool::Get().size()) + 7) / 8 * 8);
+  const int64_t chunk = ColumnChunk(blocks);
   Pool::Get().Run(blocks, chunk, [&](int64_t first, int64_t last) {
     Blocks<E>(xp, m, steps, wp, op, n, first, last);
   });
@@ -295,7 +300,7 @@ ffi::Error S8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Bu
   const auto* wp = reinterpret_cast<const int8_t*>(w.untyped_data());
   const float* ws = w_scale.typed_data();
   float* op = out->typed_data();
-  const int64_t chunk = std::max<int64_t>(8, (blocks / (4 * Pool::Get().size()) + 7) / 8 * 8);
+  const int64_t chunk = ColumnChunk(blocks);
   Pool::Get().Run(blocks, chunk, [&](int64_t first, int64_t last) {
     Blocks<S8>(xs, m, steps, wp, op, n, first, last);
     for (int64_t r = 0; r < m; ++r) {  // the epilogue of these columns, in place: (sum * scale_x) * scale_w
