@@ -100,37 +100,48 @@ inline void Tile(const typename E::X* x, int64_t steps, const typename E::W* w, 
     for (int c = 0; c < CB; ++c) E::Store(out + (m0 + r) * n + (b0 + c) * 16, acc[r][c]);
 }
 
+// Rows [m0, m0 + RT) times column blocks [b, end): tiles of CB blocks, the rest in narrower ones.
 template <typename E, int RT, int CB>
-void Rows(const typename E::X* x, int64_t steps, const typename E::W* w, float* out, int64_t n, int64_t m0,
-          int64_t first, int64_t last) {
-  int64_t b = first;
-  for (; b + CB <= last; b += CB) Tile<E, RT, CB>(x, steps, w, out, n, m0, b);
-  for (; b < last; ++b) Tile<E, RT, 1>(x, steps, w, out, n, m0, b);
+void Span(const typename E::X* x, int64_t steps, const typename E::W* w, float* out, int64_t n, int64_t m0,
+          int64_t b, int64_t end) {
+  for (; b + CB <= end; b += CB) Tile<E, RT, CB>(x, steps, w, out, n, m0, b);
+  if constexpr (CB > 1) {
+    if (b < end) Span<E, RT, CB / 2>(x, steps, w, out, n, m0, b, end);
+  }
 }
 
-// Column blocks [first, last) of every row: up to 16 rows in one pass over the weights.
+// A group of 1 to 8 rows over column blocks [b, end), in the widest tile that fits the 32 vector
+// registers: RT * CB accumulators, CB weight vectors and one broadcast x.
+template <typename E>
+void Group(const typename E::X* x, int64_t steps, const typename E::W* w, float* out, int64_t n, int64_t m0,
+           int64_t rows, int64_t b, int64_t end) {
+  switch (rows) {
+    case 1: return Span<E, 1, 6>(x, steps, w, out, n, m0, b, end);
+    case 2: return Span<E, 2, 6>(x, steps, w, out, n, m0, b, end);
+    case 3: return Span<E, 3, 6>(x, steps, w, out, n, m0, b, end);
+    case 4: return Span<E, 4, 6>(x, steps, w, out, n, m0, b, end);
+    case 5: return Span<E, 5, 3>(x, steps, w, out, n, m0, b, end);
+    case 6: return Span<E, 6, 3>(x, steps, w, out, n, m0, b, end);
+    case 7: return Span<E, 7, 3>(x, steps, w, out, n, m0, b, end);
+    default: return Span<E, 8, 3>(x, steps, w, out, n, m0, b, end);
+  }
+}
+
+// Column blocks [first, last) of every row. The rows split into ceil(M / 8) groups of sizes as
+// equal as possible; every group runs over one span of 12 blocks before the next span, so after
+// the first group the span's weights come from L2 (12 blocks of K <= 1536: at most 590 KB).
+constexpr int64_t kSpanBlocks = 12;
 template <typename E>
 void Blocks(const typename E::X* x, int64_t m, int64_t steps, const typename E::W* w, float* out, int64_t n,
             int64_t first, int64_t last) {
-  int64_t r = 0;
-  for (; m - r >= 16; r += 16) Rows<E, 16, 1>(x, steps, w, out, n, r, first, last);
-  switch (m - r) {
-    case 0: break;
-    case 1: Rows<E, 1, 8>(x, steps, w, out, n, r, first, last); break;
-    case 2: Rows<E, 2, 8>(x, steps, w, out, n, r, first, last); break;
-    case 3: Rows<E, 3, 5>(x, steps, w, out, n, r, first, last); break;
-    case 4: Rows<E, 4, 4>(x, steps, w, out, n, r, first, last); break;
-    case 5: Rows<E, 5, 3>(x, steps, w, out, n, r, first, last); break;
-    case 6: Rows<E, 6, 2>(x, steps, w, out, n, r, first, last); break;
-    case 7: Rows<E, 7, 2>(x, steps, w, out, n, r, first, last); break;
-    case 8: Rows<E, 8, 2>(x, steps, w, out, n, r, first, last); break;
-    case 9: Rows<E, 9, 1>(x, steps, w, out, n, r, first, last); break;
-    case 10: Rows<E, 10, 1>(x, steps, w, out, n, r, first, last); break;
-    case 11: Rows<E, 11, 1>(x, steps, w, out, n, r, first, last); break;
-    case 12: Rows<E, 12, 1>(x, steps, w, out, n, r, first, last); break;
-    case 13: Rows<E, 13, 1>(x, steps, w, out, n, r, first, last); break;
-    case 14: Rows<E, 14, 1>(x, steps, w, out, n, r, first, last); break;
-    default: Rows<E, 15, 1>(x, steps, w, out, n, r, first, last); break;
+  const int64_t groups = (m + 7) / 8;
+  for (int64_t b = first; b < last; b += kSpanBlocks) {
+    const int64_t end = std::min(last, b + kSpanBlocks);
+    for (int64_t g = 0, m0 = 0; g < groups; ++g) {
+      const int64_t rows = m / groups + (g < m % groups ? 1 : 0);
+      Group<E>(x, steps, w, out, n, m0, rows, b, end);
+      m0 += rows;
+    }
   }
 }
 
@@ -220,10 +231,10 @@ class Pool {
   std::function<void()>* job_ = nullptr;
 };
 
-// Column blocks per pool chunk: about four chunks a thread, each a multiple of 8 blocks (a chunk's
-// tail runs narrower tiles).
+// Column blocks per pool chunk: about four chunks a thread, each a multiple of 6 blocks (the
+// tiles' widths divide 6).
 inline int64_t ColumnChunk(int64_t blocks) {
-  return std::max<int64_t>(8, (blocks / (4 * Pool::Get().size()) + 7) / 8 * 8);
+  return std::max<int64_t>(6, (blocks / (4 * Pool::Get().size()) + 3) / 6 * 6);
 }
 
 // x [M, K'] times w [N/16, K' / per_x, kStep]: per_x is how many weight rows one x element covers
