@@ -14,6 +14,7 @@ import torch
 import transformers
 from reference import compare_with_torch
 
+import hsd_jax.models.decoder as decoder
 from hsd_jax.io import convert as convert_mod
 from hsd_jax.io.checkpoint import PARAMS_DIR, load_model, save_model
 from hsd_jax.io.convert import convert
@@ -94,6 +95,17 @@ def test_matches_torch(case: str, tmp_path: Path):
     diff = compare_with_torch(model, torch_model, prompts, VOCAB)
     print(f"{case}: max abs logit diff {diff:.2e}")
     assert diff <= TOL
+
+
+def test_rotary_angles_computed_in_the_graph_match_torch(tmp_path: Path, monkeypatch):
+    """A cache longer than `ROTARY_TABLE_POSITIONS` computes cos and sin in the graph instead of
+    reading tables built at trace time: the same logits as torch (Llama 3 frequency scaling, GQA)."""
+    monkeypatch.setattr(decoder, "ROTARY_TABLE_POSITIONS", 8)
+    torch_model = tiny_model("llama-gqa-llama3-untied")
+    model = _convert(_save(torch_model, tmp_path / "hf"), tmp_path / "out")
+    prompts = [list(np.random.default_rng(1).integers(0, VOCAB, n)) for n in (6, 3)]
+    # a cache size no other test traces with, so no compiled step from the table path is reused
+    assert compare_with_torch(model, torch_model, prompts, VOCAB, cache_size=41) <= TOL
 
 
 def test_config_features_are_exercised(tmp_path: Path):

@@ -63,8 +63,9 @@ def test_products_match_exact_arithmetic_and_rows_stand_alone(m, k, n, dtype):
 
 @pytest.mark.parametrize("dtype", [pytest.param(d, marks=needs_kernel(d)) for d in DTYPES])
 def test_every_row_count_runs_its_tiles_and_matches(dtype):
-    """m = 1..17 over 17 column blocks: every row tile (and its wide column tiles, then the
-    one-block remainder) runs; each row alone equals its row in the batch."""
+    """m = 1..17 over 17 column blocks: every size of row group (one group of up to 8 rows, two up
+    to 16, three at 17), each in its wide column tiles and the narrower ones of a chunk's
+    remainder; the first and last rows alone equal their rows in the batch."""
     rng = np.random.default_rng(5)
     k, n = 96, 17 * 16
     w = jnp.asarray(rng.standard_normal((k, n)), dtype)
@@ -76,7 +77,8 @@ def test_every_row_count_runs_its_tiles_and_matches(dtype):
     for m in range(1, 18):
         got = np.asarray(matmul(x[:m], packed))
         assert np.all(np.abs(got - exact[:m]) <= 2 * k * 2.0**-24 * magnitude[:m]), m
-        np.testing.assert_array_equal(np.asarray(matmul(x[m - 1:m], packed))[0], got[m - 1])
+        for row in {0, m - 1}:
+            np.testing.assert_array_equal(np.asarray(matmul(x[row:row + 1], packed))[0], got[row])
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(d, marks=needs_kernel(d)) for d in DTYPES])
