@@ -358,12 +358,15 @@ inline __m512 Exp(__m512 x) {
 
 // One query row's heads of one KV group: out[g] = softmax(q[g] . k[s] * scale over the valid s) . v.
 // A row's result depends only on its own q, mask row and the cache: not on the other rows.
+// kChunks: d / 16 known at compile time (loops unrolled, no masked loads), or 0: any d <= 256.
+template <int kChunks>
 void AttendGroup(const float* q, const float* k, const float* v, const bool* mask, float* out, int64_t groups,
                  int64_t size, int64_t d, int64_t kv_stride, float scale, float* scores) {
-  const __mmask16 tail = static_cast<__mmask16>((1u << (d % 16 ? d % 16 : 16)) - 1);
-  const int64_t chunks = (d + 15) / 16;
+  const __mmask16 tail = kChunks ? static_cast<__mmask16>(0xFFFF)
+                                 : static_cast<__mmask16>((1u << (d % 16 ? d % 16 : 16)) - 1);
+  const int64_t chunks = kChunks ? kChunks : (d + 15) / 16;
   auto load = [&](const float* p, int64_t c) {
-    return c == chunks - 1 ? _mm512_maskz_loadu_ps(tail, p + 16 * c) : _mm512_loadu_ps(p + 16 * c);
+    return kChunks || c != chunks - 1 ? _mm512_loadu_ps(p + 16 * c) : _mm512_maskz_loadu_ps(tail, p + 16 * c);
   };
   for (int64_t g = 0; g < groups; ++g) {
     const float* qg = q + g * d;
@@ -428,9 +431,10 @@ ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::
     std::vector<float> scores(groups * size);
     for (int64_t task = first; task < last; ++task) {
       const int64_t b = task / (steps * kv_heads), row = task / kv_heads, h = task % kv_heads;
-      AttendGroup(qp + (row * heads + h * groups) * d, kp + b * size * kv_stride + h * d,
-                  vp + b * size * kv_stride + h * d, mp + row * size, op + (row * heads + h * groups) * d,
-                  groups, size, d, kv_stride, scale, scores.data());
+      const auto attend = d == 64 ? AttendGroup<4> : d == 128 ? AttendGroup<8> : AttendGroup<0>;
+      attend(qp + (row * heads + h * groups) * d, kp + b * size * kv_stride + h * d,
+             vp + b * size * kv_stride + h * d, mp + row * size, op + (row * heads + h * groups) * d,
+             groups, size, d, kv_stride, scale, scores.data());
     }
   });
   return ffi::Error::Success();
