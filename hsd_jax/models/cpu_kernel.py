@@ -3,7 +3,8 @@
 XLA:CPU runs a one-row dot with its own GEMV (a one-row bfloat16 dot converts the whole weight to
 float32 first) and a k-row one through a GEMM library that is far from the memory bound at
 k <= 16 (../shared/cpu-dots.md), so a k-token check cost 1.8x one token in float32. The kernel
-here reads each weight once for up to 16 rows, from a layout packed once at load (`PackedWeight`:
+here reads each weight from memory once per call (rows in register tiles of up to 8, further groups
+of rows from L2), from a layout packed once at load (`PackedWeight`:
 float32 [N/16, K, 16], AVX-512 FMA; bfloat16 [N/16, K/2, 16, 2], the pairs AVX512-BF16's
 VDPBF16PS multiplies), and accumulates in float32. int8 weights (`models.quantize.Int8Weight`,
 one scale per column) are packed [N/16, K/4, 16, 4] for AVX512-VNNI's VPDPBUSD against x

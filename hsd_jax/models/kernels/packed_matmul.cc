@@ -8,9 +8,11 @@
 // row sums the norms take: both row by row, in an order that does not depend on the row count.
 // And rows of a bf16 embedding table as float32, read in place.
 //
-// Each weight element is read once per call for up to 16 rows (every row's accumulators stay in
-// registers), so a k-token pass costs about what one token does, and the weights are read in
-// their packed order, one contiguous stream per 16 output columns. Every output element is one
+// Each weight element is read from memory once per call: rows run in groups of up to 8 whose
+// accumulators stay in registers, and every group runs over one span of column blocks before the
+// next span (the groups after the first read it from L2), so a k-token pass costs about what one
+// token does; the weights are read in their packed order, one contiguous stream per 16 output
+// columns. Every output element is one
 // accumulator that adds the same products in the same order whatever M is: a row's result does
 // not depend on the other rows (a one-token step and a k-token pass agree bit for bit).
 #include <immintrin.h>
