@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from families import tiny_config
 from reference import compare_with_torch
 
 import hsd_jax.models.decoder as decoder
@@ -98,14 +99,31 @@ def test_matches_torch(case: str, tmp_path: Path):
 
 
 def test_rotary_angles_computed_in_the_graph_match_torch(tmp_path: Path, monkeypatch):
-    """A cache longer than `ROTARY_TABLE_POSITIONS` computes cos and sin in the graph instead of
-    reading tables built at trace time: the same logits as torch (Llama 3 frequency scaling, GQA)."""
+    """A model of more than `ROTARY_TABLE_POSITIONS` positions computes cos and sin in the graph
+    instead of reading tables built at trace time: the same logits as torch (Llama 3 frequency
+    scaling, GQA)."""
     monkeypatch.setattr(decoder, "ROTARY_TABLE_POSITIONS", 8)
     torch_model = tiny_model("llama-gqa-llama3-untied")
     model = _convert(_save(torch_model, tmp_path / "hf"), tmp_path / "out")
+    positions = jnp.zeros((1, 2), jnp.int32)
+    assert "cos" in str(jax.make_jaxpr(lambda p: decoder._rotary_cos_sin(model.config, p, 41))(positions))
     prompts = [list(np.random.default_rng(1).integers(0, VOCAB, n)) for n in (6, 3)]
     # a cache size no other test traces with, so no compiled step from the table path is reused
     assert compare_with_torch(model, torch_model, prompts, VOCAB, cache_size=41) <= TOL
+
+
+@pytest.mark.parametrize("table_positions", [16384, 80, 8])
+def test_a_positions_rotary_angles_do_not_depend_on_the_cache_size(monkeypatch, table_positions: int):
+    """AR and HSD size their caches differently: a position's cos and sin must be the same bits
+    whatever the cache size (64 or 100 positions), from the tables (16384), in the graph (8), and
+    where the two cache sizes fall on either side of the bound (80)."""
+    monkeypatch.setattr(decoder, "ROTARY_TABLE_POSITIONS", table_positions)
+    config = tiny_config(max_position_embeddings=64)
+    positions = jnp.arange(64, dtype=jnp.int32)[None]
+    small, large = (jax.jit(lambda p, size=size: decoder._rotary_cos_sin(config, p, size))(positions)
+                    for size in (64, 100))
+    for a, b in zip(small, large):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_config_features_are_exercised(tmp_path: Path):

@@ -122,17 +122,21 @@ def _qkv(h: jax.Array, lp: Params, config: ModelConfig, layout: Layout) -> tuple
     return tuple(jnp.split(qkv, [config.num_heads, config.num_heads + config.num_kv_heads], axis=2))
 
 
-ROTARY_TABLE_POSITIONS = 16384  # longest cache whose cos/sin tables are built at trace time
+ROTARY_TABLE_POSITIONS = 16384  # models with at most this many positions read cos/sin from tables
 
 
 def _rotary_cos_sin(config: ModelConfig, positions: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
     """cos and sin of the rotary angles (float32 position x inverse frequency, as transformers computes
-    them) at `positions` [B, T]: [B, T, ceil(rotary_dims / 2)] each. For a cache of at most
-    ROTARY_TABLE_POSITIONS they are read from tables of every cache position, built once with numpy:
-    XLA:CPU fuses an in-graph cos and sin into each layer's rotation and evaluates them again for
-    every layer and head (about 7% of a 16-token pass of SmolLM2-135M)."""
+    them) at `positions` [B, T] of a cache of `size` positions: [B, T, ceil(rotary_dims / 2)] each.
+
+    For a model of at most ROTARY_TABLE_POSITIONS positions they are read from tables of every cache
+    position, built once with numpy (float64 cos and sin, rounded): XLA:CPU fuses an in-graph cos
+    and sin into each layer's rotation and evaluates them again for every layer and head (about 7%
+    of a 16-token pass of SmolLM2-135M). The choice depends on the model, never on the cache size:
+    AR and HSD size their caches differently, and a position's angle must come out the same bits in
+    both. Positions past the cache (rows whose cache writes are dropped) read its last row."""
     inv_freq = np.asarray(llama3_inv_freq(config), np.float32)
-    if size > ROTARY_TABLE_POSITIONS:
+    if config.max_position_embeddings > ROTARY_TABLE_POSITIONS:
         angles = positions[..., None].astype(jnp.float32) * inv_freq
         return jnp.cos(angles), jnp.sin(angles)
     angles = (np.arange(size, dtype=np.float32)[:, None] * inv_freq).astype(np.float64)
