@@ -131,7 +131,8 @@ void Group(const typename E::X* x, int64_t steps, const typename E::W* w, float*
 
 // Column blocks [first, last) of every row. The rows split into ceil(M / 8) groups of sizes as
 // equal as possible; every group runs over one span of 12 blocks before the next span, so after
-// the first group the span's weights come from L2 (12 blocks of K <= 1536: at most 590 KB).
+// the first group the span's weights come from L2 (12 blocks of bf16 at K = 1536: 590 KB; float32
+// twice that, and a larger K more: then they come from L3 or memory again, a matter of speed only).
 constexpr int64_t kSpanBlocks = 12;
 template <typename E>
 void Blocks(const typename E::X* x, int64_t m, int64_t steps, const typename E::W* w, float* out, int64_t n,
