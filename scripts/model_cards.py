@@ -76,9 +76,10 @@ median of repeats after compilation) and on the held-out prompts in `hsd_jax/io/
 continuations). The target's own forward costs {target["cost_s"][0] * 1e3:.2f} ms at T=1 and
 {target["cost_s"][7] * 1e3:.2f} ms at T=8. The int8 row is the same weights quantised at load time
 (`int8:DIR` in a hierarchy or profile; our CPU kernel's int8 path where the CPU has AVX512-VNNI).
-A T=1 cost is the member's first call in each timed round, after the other members' calls have
-pushed its weights out of the CPU's last-level cache, as a verification pass does in decoding;
-warm, alone, the same forward costs less (`scripts/verify_cost.py`).
+Each round of the profile starts a member's k one later than the round before, so a cost is its
+median over rounds in which the member's weights are mostly still in the CPU's last-level cache, as
+in a draft's single-token steps; its first forward of a decoding round, after a verification pass,
+costs more.
 
 | | cost / target's, T=1 | cost / target's, T=8 | greedy agreement | sum min(p, q) at T={stats["temperature"]:g} |
 |---|---|---|---|---|

@@ -128,6 +128,22 @@ def test_interleaved_timing_times_every_call_once_per_round_after_warm_up():
         interleaved_median_seconds(calls, repeats=0)
 
 
+def test_interleaved_timing_starts_each_group_one_call_later_every_round():
+    """The first call of a group after the other groups' calls finds its model's weights out of
+    cache: with groups, that call is a different one each round, so no call's median is always
+    the cold one."""
+    from hsd_jax.planning.timing import interleaved_median_seconds
+
+    log = []
+    calls = [(lambda name=name: log.append(name), ()) for name in "abcde"]
+    seconds = interleaved_median_seconds(calls, repeats=4, warmup=0, groups=[3, 2])
+    assert log == list("abcde") + list("bcaed") + list("cabde") + list("abced")
+    assert len(seconds) == 5
+    for bad in ([3, 3], [5, 0]):
+        with pytest.raises(ValueError, match="groups"):
+            interleaved_median_seconds(calls, repeats=1, groups=bad)
+
+
 def test_family_costs_are_timed_in_shared_rounds(models, monkeypatch):
     """Every member at every k runs once per round, round after round: a slow spell of the machine
     falls on all of them."""
@@ -135,7 +151,8 @@ def test_family_costs_are_timed_in_shared_rounds(models, monkeypatch):
 
     order = []
 
-    def fake_interleaved(calls, repeats):
+    def fake_interleaved(calls, repeats, groups):
+        assert groups == [3, 3]  # each member's ks rotate within its own group, round by round
         for _ in range(repeats):
             order.append([args[2].shape[1] for _, args in calls])
         return [float(i) for i in range(len(calls))]

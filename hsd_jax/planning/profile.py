@@ -70,7 +70,10 @@ def measure_family_costs(levels: Sequence[Drafter], max_k: int, *, cache_size: i
     """`measure_costs` of every level, all timed in the same rounds (each round runs every level at
     every k once): a slow spell of the machine, which on 2 shared cores lasts seconds and moved one
     model's c(1) by up to 2x between runs, then falls on every member alike, so the ratios the
-    planner reads hold even when the absolute costs move."""
+    planner reads hold even when the absolute costs move. Each round starts every level's ks one
+    k later than the round before, so the call that finds a small model's weights pushed out of
+    cache by the others' is a different k each round, not always c(1): in decoding only a draft's
+    first forward of a round is such a call, and its single-token steps run warm."""
     ks = cost_ks(max_k, sparse_ks)
     measured = _measure_each(levels, ks, cache_size=cache_size, context=context, batch=batch, repeats=repeats)
     return [np.interp(np.arange(1, ks[-1] + 1), ks, m).tolist() for m in measured]
@@ -111,7 +114,7 @@ def _measure_each(levels: Sequence[Drafter], ks: Sequence[int], *, cache_size: i
         fn = _forward_as_decoding_runs_it(level, batch, cache_size, context)  # one compile per k
         ends = [jnp.broadcast_to(context + 1 + jnp.arange(k, dtype=jnp.int32), (batch, k)) for k in ks]
         calls += [(fn, (level, seq, e)) for e in ends]
-    seconds = interleaved_median_seconds(calls, repeats=repeats)
+    seconds = interleaved_median_seconds(calls, repeats=repeats, groups=[len(ks)] * len(levels))
     return [seconds[i:i + len(ks)] for i in range(0, len(seconds), len(ks))]
 
 

@@ -36,19 +36,32 @@ def median_seconds(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup:
 
 
 def interleaved_median_seconds(calls: Sequence[tuple[Callable[..., Any], tuple]], repeats: int = 5,
-                               warmup: int = 1) -> list[float]:
+                               warmup: int = 1, groups: Sequence[int] | None = None) -> list[float]:
     """Median seconds of each `fn(*args)` in `calls`, compile excluded, timed round-robin (each round
     calls every one once), so that a slow spell of the machine falls on all of them alike instead
-    of on whichever was being timed (on 2 shared cores such spells last seconds)."""
+    of on whichever was being timed (on 2 shared cores such spells last seconds).
+
+    `groups` (default: each call alone, the same order every round): the sizes of consecutive runs
+    of `calls` that share one model's weights. Round r starts each run at its (r mod size)-th call
+    and wraps, so that no call is always the first of its run: that call finds the model's weights
+    pushed out of cache by the other models' calls, which in decoding befalls one call a round (a
+    draft's first), not every single-token step."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    groups = [1] * len(calls) if groups is None else list(groups)
+    if sum(groups) != len(calls) or min(groups, default=1) < 1:
+        raise ValueError(f"groups {groups} must be positive sizes that add up to the {len(calls)} calls")
     for fn, args in calls:
         for _ in range(warmup):
             jax.block_until_ready(fn(*args))
     times: list[list[float]] = [[] for _ in calls]
-    for _ in range(repeats):
-        for slot, (fn, args) in zip(times, calls):
-            slot.append(time_once(fn, *args)[0])
+    starts = [sum(groups[:g]) for g in range(len(groups))]
+    for r in range(repeats):
+        for start, size in zip(starts, groups):
+            for j in range(size):
+                i = start + (r + j) % size
+                fn, args = calls[i]
+                times[i].append(time_once(fn, *args)[0])
     return [float(statistics.median(t)) for t in times]
 
 
