@@ -27,6 +27,7 @@
 #include <cstdlib>
 #include <functional>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -282,8 +283,8 @@ ffi::Error S8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Bu
   if (xd.size() != 2 || wd.size() != 3 || wd[2] != S8::kStep || xd[1] > 4 * wd[1] || xd[1] <= 4 * (wd[1] - 1) ||
       w_scale.dimensions().size() != 1 || w_scale.dimensions()[0] > 16 * wd[0] ||
       w_scale.dimensions()[0] <= 16 * (wd[0] - 1) || xd[1] > kMaxS8K) {
-    return ffi::Error::InvalidArgument(
-        "hsd int8 matmul: x must be [M, K] (K <= 133000), w [N/16, K/4, 64] and scales [N]");
+    return ffi::Error::InvalidArgument("hsd int8 matmul: x must be [M, K] (K <= " + std::to_string(kMaxS8K) +
+                                       "), w [N/16, K/4, 64] and scales [N]");
   }
   const int64_t m = xd[0], k = xd[1], steps = wd[1], blocks = wd[0], n = blocks * 16;
   const int64_t columns = w_scale.dimensions()[0];
@@ -430,11 +431,11 @@ ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::
   const bool* mp = mask.typed_data();
   float* op = out->typed_data();
   const int64_t tasks = batch * steps * kv_heads;
+  const auto attend = d == 64 ? AttendGroup<4> : d == 128 ? AttendGroup<8> : AttendGroup<0>;
   Pool::Get().Run(tasks, 1, [&](int64_t first, int64_t last) {
     std::vector<float> scores(groups * size);
     for (int64_t task = first; task < last; ++task) {
       const int64_t b = task / (steps * kv_heads), row = task / kv_heads, h = task % kv_heads;
-      const auto attend = d == 64 ? AttendGroup<4> : d == 128 ? AttendGroup<8> : AttendGroup<0>;
       attend(qp + (row * heads + h * groups) * d, kp + b * size * kv_stride + h * d,
              vp + b * size * kv_stride + h * d, mp + row * size, op + (row * heads + h * groups) * d,
              groups, size, d, kv_stride, scale, scores.data());
