@@ -1,12 +1,14 @@
 """The control work of one HSD round: round time minus the forward passes it runs.
 
-    .venv/bin/python scripts/round_overhead.py [--vocab 49152] [--temperature 0]
+    .venv/bin/python scripts/round_overhead.py [--vocab 49152] [--temperature 0] [--model SOURCE]
 
 Models with SmolLM2's vocabulary and a tiny body (so that vocabulary-sized work shows at its real
 size while forward passes are cheap) in a hierarchy of copies of the target (every draft accepted,
 so each round runs exactly the passes the schedule gives). A round's time is measured from the
 difference of two generation lengths (prefill and compile cancel); its forwards are priced with
 c(k) measured for the same model at the same widths. What is left is the recursion's overhead.
+`--model SOURCE` (e.g. `int8:checkpoints/smollm2-draft-2l`) runs copies of that model instead,
+to see the overhead around a real draft's steps.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 from hsd_jax.decoding.ar import ar_generate
 from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
 from hsd_jax.io.files import write_json
+from hsd_jax.io.sources import from_source
 from hsd_jax.models import Model, ModelConfig, init_params
 from hsd_jax.planning.timing import median_seconds
 
@@ -40,8 +43,9 @@ def tiny_target(vocab: int, layers: int = 1, hidden: int = 64) -> Model:
     return Model(init_params(config, jax.random.PRNGKey(0), scale=0.5), config).with_layout("unstacked")
 
 
-def measure(vocab: int, buffers: tuple[int, ...], temperature: float, repeats: int) -> dict:
-    target = tiny_target(vocab)
+def measure(vocab: int, buffers: tuple[int, ...], temperature: float, repeats: int,
+            source: str | None = None) -> dict:
+    target = tiny_target(vocab) if source is None else from_source(source)
     hierarchy = Hierarchy([target] * (len(buffers) + 1), buffers)
     schedule = hierarchy.schedule
     prompt, length = np.ones((1, 16), np.int32), np.array([16], np.int32)
@@ -84,11 +88,13 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--buffers", default="4;2,4")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--model", help="a model source to run copies of (default: the tiny random model)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     rows = []
     for spec in args.buffers.split(";"):
-        row = measure(args.vocab, tuple(int(b) for b in spec.split(",")), args.temperature, args.repeats)
+        row = measure(args.vocab, tuple(int(b) for b in spec.split(",")), args.temperature, args.repeats,
+                      args.model)
         rows.append(row)
         print(
             f"buffers {spec:>6}: {row['round_ms']:6.2f} ms/round = {row['forwards_ms']:6.2f} ms of forwards "

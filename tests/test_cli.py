@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -166,8 +167,31 @@ def test_validate_plan_measures_and_compares(model_dir, tmp_path, capsys):
         assert row["error_iid"] == pytest.approx(row["predicted_iid_s"] / row["measured_s"] - 1)
         assert len(row["forward_passes"]) == len(row["chain"]) and row["tokens"] == 8
         assert row["tokens"] / row["target_rounds"] == pytest.approx(row["tokens_per_target_call"])
+        # the latency's two factors: rounds cost the round's seconds, each commits tokens
+        assert row["predicted_iid_s"] == pytest.approx(
+            row["predicted_round_s"] / row["predicted_tokens_per_target_call"])
+        assert row["measured_round_s"] == pytest.approx(row["measured_s"] * row["tokens_per_target_call"])
+        assert row["error_tokens"] == pytest.approx(
+            row["predicted_tokens_per_target_call"] / row["tokens_per_target_call"] - 1)
+        if row["label"] == "tiny":
+            assert row["predicted_tokens_per_target_call"] == 1.0 and row["tokens_per_target_call"] == 1.0
     assert report["summary"]["hierarchies"] == len(labels)
     assert "ms/token" in capsys.readouterr().out
+
+
+def test_validate_plan_runs_the_profiles_workload():
+    """By default the hierarchies run on as many prompts, and as many tokens each, as the stats'
+    acceptances were measured on, so that tokens per round are comparable with the prediction."""
+    from hsd_jax.bench.validate import profile_workload
+    from hsd_jax.planning import Stats
+
+    stats = Stats.from_json({"version": 1, "hardware": "test", "dtype": "float32", "batch_size": 1,
+                             "temperature": 0.0, "versions": {}, "target": "t", "prompts": 24,
+                             "answer_positions": 1536,
+                             "models": [{"name": "t", "source": "t", "params": 1, "cost_s": [1.0]}],
+                             "acceptance": {"greedy": {}}})
+    assert profile_workload(stats) == (24, 64)
+    assert profile_workload(dataclasses.replace(stats, prompts=None)) == (6, 48)
 
 
 def test_generate_with_a_plan_reports_against_ar(model_dir, tmp_path, capsys):

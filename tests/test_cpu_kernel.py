@@ -294,3 +294,41 @@ def test_embedding_rows_are_the_table_rows_as_float32():
     got = np.asarray(jax.jit(cpu_kernel.embedding_rows)(table, tokens))
     np.testing.assert_array_equal(got, np.asarray(jnp.take(table, tokens, axis=0).astype(jnp.float32)))
     assert got.dtype == np.float32 and got.shape == (2, 5, 24)
+
+
+@needs_rows
+@pytest.mark.parametrize("vocab", [1, 15, 16, 17, 33, 1000, 8193, 49152])
+def test_argmax_is_jnp_argmax_on_ties_infinities_and_nans(vocab):
+    """The first index of the maximum (a NaN counting as the maximum), as `jnp.argmax`: ties in
+    and across 16-lane blocks, the ragged tail, all -inf, +inf, signed zeros and NaN rows."""
+    rng = np.random.default_rng(vocab)
+    kernel = jax.jit(cpu_kernel.argmax)
+    for trial in range(12):
+        x = rng.integers(-3, 3, (3, 4, vocab)).astype(np.float32)  # many ties
+        if trial % 4 == 1:
+            x[0, 1, rng.integers(0, vocab)] = np.nan
+            x[1, 2, :] = np.nan
+        elif trial % 4 == 2:
+            x[0] = -np.inf
+            x[1, 0, -1] = np.inf
+        elif trial % 4 == 3:
+            x = rng.standard_normal((3, 4, vocab)).astype(np.float32)
+            x[2, 3] = -0.0
+            x[2, 3, vocab // 2] = 0.0
+            x[0, 0, -1] = 50.0  # the maximum in the last (possibly partial) block
+        got = np.asarray(kernel(jnp.asarray(x)))
+        assert got.dtype == np.int32 and got.shape == (3, 4)
+        np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
+
+
+@needs_rows
+def test_greedy_sampling_takes_the_same_tokens_on_the_kernel():
+    from hsd_jax.decoding.sampling import SamplingParams, kernel_argmax, sample_logits
+
+    logits = jnp.asarray(np.random.default_rng(2).standard_normal((5, 49152)), jnp.float32)
+    key = jax.random.PRNGKey(0)
+    on, probs_on = jax.jit(lambda x: sample_logits(key, x, SamplingParams(), kernel=True))(logits)
+    off, probs_off = sample_logits(key, logits, SamplingParams(), kernel=False)
+    np.testing.assert_array_equal(np.asarray(on), np.asarray(off))
+    np.testing.assert_array_equal(np.asarray(probs_on), np.asarray(probs_off))
+    assert kernel_argmax([object()]) and not kernel_argmax([type("Sharded", (), {"sharding": "mesh"})()])

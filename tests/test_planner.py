@@ -15,7 +15,9 @@ from hsd_jax.cli.plan import add_parser as add_plan_parser
 from hsd_jax.cli.plan import run as run_plan
 from hsd_jax.planning import (
     Plan,
+    RoundPrediction,
     expected_latency,
+    expected_round,
     forward_cost,
     gsp_candidates,
     hierarchy_from_plan,
@@ -89,6 +91,9 @@ def test_k1_constant_cost_is_leviathan(alpha, gamma):
     costs = [[c0] * 3, [c1] * 3]  # constant beyond the table too (flat extrapolation)
     assert expected_latency(costs, [alpha], [gamma]) == pytest.approx(want, rel=1e-12)
     assert surrogate_latency(costs, [alpha], [gamma]) == pytest.approx(want, rel=1e-12)
+    round_ = expected_round(costs, [alpha], [gamma])  # the round's two halves, checked apart
+    assert round_.tokens == pytest.approx(tokens, rel=1e-12)
+    assert round_.seconds == pytest.approx(gamma * c0 + c1, rel=1e-12)
 
 
 def test_cost_extrapolation_and_target_alone():
@@ -97,6 +102,7 @@ def test_cost_extrapolation_and_target_alone():
     assert forward_cost(table, 5) == 8.0  # slope of the last two points
     assert forward_cost([3.0, 2.0], 4) == 2.0  # a decreasing tail is not extrapolated downwards
     assert expected_latency([table], [], []) == 1.0
+    assert expected_round([table], [], []) == RoundPrediction(1.0, 1.0)
     assert simulate([table], [], [], rounds=10) == 1.0
 
 

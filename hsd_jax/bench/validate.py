@@ -3,7 +3,7 @@ seconds per committed token with `planner.expected_latency` (issue: prediction w
 the chosen plan within 5% of the best measured over a grid of small hierarchies).
 
     hsd-jax validate-plan --stats stats.json --prompts eval.jsonl [--plan plan.json] [--grid]
-        [--num-prompts 6] [--max-new-tokens 48] [--json out.json] [--plot out.png]
+        [--num-prompts N] [--max-new-tokens N] [--json out.json] [--plot out.png]
 
 (the command is `cli/validate.py`; the chart `bench.plots.plot_validation`.)
 
@@ -11,6 +11,12 @@ Decode latency excludes prefill: every model of a hierarchy first runs `generate
 the (padded) prompt, whose time is measured per model and subtracted from each run (plain AR's
 first token comes from that prefill, so its rest is divided by the tokens after it). The
 measured figure is then the per-token cost the latency model describes.
+
+The prediction is a round's cost over its committed tokens (`expected_round`), and each is
+checked on its own: tokens per target round (the acceptances) and milliseconds per round (the
+costs c(k)). The stats' acceptances are averages over the profile's prompts, so other prompts
+(fewer, or different) move the tokens per round before any cost error; the command runs the
+profile's own number of prompts and answer length unless told otherwise.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from hsd_jax.io.checkpoint import encode_prompt, load_tokenizer
 from hsd_jax.io.prompts import load_prompts, pad_prompts
 from hsd_jax.io.sources import from_source, parse_source
 from hsd_jax.models import Model
-from hsd_jax.planning import Plan, Stats, acceptance_mode, expected_latency, plan_label, solve
+from hsd_jax.planning import Plan, RoundPrediction, Stats, acceptance_mode, expected_round, plan_label, solve
 from hsd_jax.planning.timing import median_seconds
 
 GRID_BUFFERS_K1 = (2, 4, 8)
@@ -55,8 +61,8 @@ def grid(
 
 def predict(
     stats: Stats, chain: Sequence[str], buffers: Sequence[int], mode: str, position_profiles: bool
-) -> float:
-    return expected_latency(*stats.chain_inputs(list(chain), mode, position_profiles), list(buffers))
+) -> RoundPrediction:
+    return expected_round(*stats.chain_inputs(list(chain), mode, position_profiles), list(buffers))
 
 
 def candidates(stats: Stats, plan: Plan | None = None, top: int = 0,
@@ -76,12 +82,20 @@ def candidates(stats: Stats, plan: Plan | None = None, top: int = 0,
     return unique
 
 
+def profile_workload(stats: Stats) -> tuple[int, int]:
+    """(prompts, new tokens per prompt) the stats' acceptances were measured on, or (6, 48) for
+    stats that do not say."""
+    if stats.prompts and stats.answer_positions:
+        return stats.prompts, max(stats.answer_positions // stats.prompts, 1)
+    return 6, 48
+
+
 def measure(stats: Stats, hierarchies: Sequence[tuple[Sequence[str], Sequence[int]]], prompts_file: str, *,
             num_prompts: int = 6, max_new_tokens: int = 48, verifier: str = "tokenwise",
             progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Greedy, batch 1: per hierarchy the median over prompts of decode seconds per committed token
-    (prefill excluded), with every prediction beside it. `progress(message)` is called as each
-    hierarchy starts."""
+    (prefill excluded) and the mean tokens per target round, with the predictions of both.
+    `progress(message)` is called as each hierarchy starts."""
     mode = acceptance_mode(0.0)
     target_source = stats.model(stats.target).source
     target = from_source(target_source, dtype=stats.dtype or None)
@@ -126,12 +140,18 @@ def measure(stats: Stats, hierarchies: Sequence[tuple[Sequence[str], Sequence[in
         per_token = [max(s - overhead, 0.0) / max(len(t) - first_from_prefill, 1) for s, t, _ in timed]
         tokens = [t for _, t, _ in timed]
         reference = reference or tokens
+        iid = predict(stats, chain, buffers, mode, False)
+        tokens_per_call = float(np.mean([np.asarray(st.tokens_per_target_call)[0] for _, _, st in timed]))
         rows.append({"label": label, "chain": list(chain), "buffers": list(buffers),
                      "measured_s": statistics.median(per_token),
-                     "predicted_iid_s": predict(stats, chain, buffers, mode, False),
-                     "predicted_profile_s": predict(stats, chain, buffers, mode, True),
-                     "tokens_per_target_call": float(np.mean([np.asarray(st.tokens_per_target_call)[0]
-                                                               for _, _, st in timed])),
+                     "predicted_iid_s": iid.latency,
+                     "predicted_profile_s": predict(stats, chain, buffers, mode, True).latency,
+                     "tokens_per_target_call": tokens_per_call,
+                     "predicted_tokens_per_target_call": iid.tokens,
+                     # seconds per target round: the measured latency times the measured tokens
+                     # per round, against the model's E[round cost] (i.i.d. acceptance)
+                     "measured_round_s": statistics.median(per_token) * tokens_per_call,
+                     "predicted_round_s": iid.seconds,
                      # per prompt, averaged: forward passes per level (M_0's drafting steps, then
                      # verification passes of M_1..M_K), target rounds and committed tokens
                      "forward_passes": np.mean([np.asarray(st.forward_passes)[0] for _, _, st in timed],
@@ -147,6 +167,8 @@ def summarise(rows: Sequence[dict[str, Any]], chosen: str | None) -> dict[str, A
     for r in rows:
         for kind in ("iid", "profile"):
             r[f"error_{kind}"] = r[f"predicted_{kind}_s"] / r["measured_s"] - 1
+        r["error_tokens"] = r["predicted_tokens_per_target_call"] / r["tokens_per_target_call"] - 1
+        r["error_round"] = r["predicted_round_s"] / r["measured_round_s"] - 1
     best = min(rows, key=lambda r: r["measured_s"])
     out: dict[str, Any] = {"best_measured": best["label"], "best_measured_s": best["measured_s"],
                            "within_15pct_profile": sum(abs(r["error_profile"]) <= 0.15 for r in rows),
@@ -161,10 +183,15 @@ def summarise(rows: Sequence[dict[str, Any]], chosen: str | None) -> dict[str, A
 
 def format_rows(rows: Sequence[dict[str, Any]]) -> str:
     width = max(len(r["label"]) for r in rows)
-    lines = [f"{'hierarchy':<{width}}  measured  pred(iid)  err    pred(prof)  err    tok/target-call",
-             f"{'':<{width}}  ms/token  ms/token          ms/token"]
+    lines = [f"{'hierarchy':<{width}}  measured  pred(iid)  err    pred(prof)  err     tokens/round"
+             f"         ms/round (iid)",
+             f"{'':<{width}}  ms/token  ms/token          ms/token           meas  pred  err     "
+             f"meas   pred  err"]
     for r in sorted(rows, key=lambda r: r["measured_s"]):
         lines.append(f"{r['label']:<{width}}  {1e3 * r['measured_s']:8.2f}  {1e3 * r['predicted_iid_s']:9.2f}"
                      f"  {100 * r['error_iid']:+5.1f}%  {1e3 * r['predicted_profile_s']:9.2f}"
-                     f"  {100 * r['error_profile']:+5.1f}%  {r['tokens_per_target_call']:6.2f}")
+                     f"  {100 * r['error_profile']:+5.1f}%  {r['tokens_per_target_call']:5.2f} "
+                     f"{r['predicted_tokens_per_target_call']:5.2f} {100 * r['error_tokens']:+5.1f}%"
+                     f"  {1e3 * r['measured_round_s']:5.1f}  {1e3 * r['predicted_round_s']:5.1f} "
+                     f"{100 * r['error_round']:+5.1f}%")
     return "\n".join(lines)

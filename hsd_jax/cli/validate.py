@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from hsd_jax.bench.plots import plot_validation
-from hsd_jax.bench.validate import candidates, format_rows, measure, summarise
+from hsd_jax.bench.validate import candidates, format_rows, measure, profile_workload, summarise
 from hsd_jax.cli.common import progress_printer
 from hsd_jax.io.files import check_output_file, write_text
 from hsd_jax.planning import load_plan, load_stats
@@ -25,8 +25,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--plan", help="plan.json: measured too, and checked against the best measured")
     p.add_argument("--grid", action="store_true", help="measure the grid of small hierarchies (see `grid`)")
     p.add_argument("--top", type=int, default=6, help="also measure the planner's N best plans")
-    p.add_argument("--num-prompts", type=int, default=6)
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--num-prompts", type=int,
+                   help="prompts to run (default: as many as the profile measured its acceptances on, else 6)")
+    p.add_argument("--max-new-tokens", type=int,
+                   help="tokens per prompt (default: the profile's answer length, else 48)")
     p.add_argument("--json", dest="json_out")
     p.add_argument("--plot")
     return p
@@ -46,8 +48,9 @@ def run(args: argparse.Namespace) -> int:
     stats = load_stats(args.stats)
     plan = load_plan(args.plan) if args.plan else None
     hierarchies = candidates(stats, plan, top=args.top, use_grid=args.grid)
-    rows = measure(stats, hierarchies, args.prompts, num_prompts=args.num_prompts,
-                   max_new_tokens=args.max_new_tokens, progress=progress_printer)
+    num_prompts, max_new_tokens = profile_workload(stats)
+    rows = measure(stats, hierarchies, args.prompts, num_prompts=args.num_prompts or num_prompts,
+                   max_new_tokens=args.max_new_tokens or max_new_tokens, progress=progress_printer)
     summary = summarise(rows, plan.label if plan else None)
     print(format_rows(rows))
     print(json.dumps(summary, indent=1, default=_plain))

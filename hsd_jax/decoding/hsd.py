@@ -42,7 +42,7 @@ from hsd_jax.decoding.ar import (
 )
 from hsd_jax.decoding.drafter import Drafter
 from hsd_jax.decoding.hierarchy import MAX_BUFFER, Hierarchy, register_plan_loader
-from hsd_jax.decoding.sampling import SamplingParams, distribution, sample
+from hsd_jax.decoding.sampling import SamplingParams, argmax, distribution, kernel_argmax, sample
 from hsd_jax.decoding.schedule import Schedule
 from hsd_jax.decoding.verify import verify, verify_greedy
 
@@ -152,6 +152,10 @@ class _Plan:
         """At temperature 0 every law is one-hot: levels pass argmax tokens instead of [.., V] laws."""
         return self.sampling.greedy
 
+    @property
+    def kernel_argmax(self) -> bool:
+        return kernel_argmax(self.hierarchy.models)
+
 
 def _score(plan: _Plan, level: int, st: _State, first: jax.Array, count: int, window: int,
            rows: jax.Array) -> tuple[jax.Array, _State]:
@@ -166,7 +170,7 @@ def _score(plan: _Plan, level: int, st: _State, first: jax.Array, count: int, wi
     logits, advanced = plan.hierarchy.models[level].score(state, st.seq, ends, window)
     logits = logits[..., :plan.hierarchy.vocab_size]
     if plan.greedy:
-        probs = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        probs = argmax(logits, kernel=plan.kernel_argmax)
     else:
         probs = distribution(logits, plan.sampling)
     if state is None:

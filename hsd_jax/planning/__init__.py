@@ -12,9 +12,11 @@ Importing this package registers `hierarchy_from_plan` as `Hierarchy.from_plan`'
 
 from hsd_jax.planning.latency import (
                                       Acceptance,
+                                      RoundPrediction,
                                       acceptance_vector,
                                       draft_cost,
                                       expected_latency,
+                                      expected_round,
                                       expected_tokens,
                                       forward_cost,
                                       simulate,
@@ -57,6 +59,7 @@ __all__ = [
     "ModelStats",
     "PLAN_VERSION",
     "Plan",
+    "RoundPrediction",
     "STATS_VERSION",
     "Stats",
     "acceptance_mode",
@@ -64,6 +67,7 @@ __all__ = [
     "cost_ks",
     "draft_cost",
     "expected_latency",
+    "expected_round",
     "expected_tokens",
     "forward_cost",
     "greedy_position_profile",

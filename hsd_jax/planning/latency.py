@@ -131,9 +131,30 @@ def _chain(
     return _Chain(tables, tuple(acceptances), schedule)
 
 
+@dataclasses.dataclass(frozen=True)
+class RoundPrediction:
+    """One target round as the model prices it: its expected cost and committed tokens."""
+
+    seconds: float
+    tokens: float
+
+    @property
+    def latency(self) -> float:
+        """Seconds per committed token (renewal-reward: E[cost] / E[tokens])."""
+        return self.seconds / self.tokens
+
+
 def expected_latency(costs: Sequence[Sequence[float]], acceptances: Sequence[Acceptance],
                      buffers: Sequence[int]) -> float:
-    """Exact expected seconds per committed token of the hierarchy (the model in the module doc).
+    """Exact expected seconds per committed token of the hierarchy (the model in the module doc):
+    `expected_round(...).latency`."""
+    return expected_round(costs, acceptances, buffers).latency
+
+
+def expected_round(costs: Sequence[Sequence[float]], acceptances: Sequence[Acceptance],
+                   buffers: Sequence[int]) -> RoundPrediction:
+    """Exact expected cost and committed tokens of one target round (plain decoding: one step,
+    one token).
 
     `costs[i]` is M_i's cost table (M_K = target last), `acceptances[i]` = alpha(M_i, M_{i+1}) as a
     float (i.i.d.) or a per-position profile, `buffers` = T_0..T_{K-1}.
@@ -149,7 +170,7 @@ def expected_latency(costs: Sequence[Sequence[float]], acceptances: Sequence[Acc
     chain = _chain(costs, acceptances, buffers)
     depth = chain.depth
     if depth == 0:
-        return float(forward_cost(chain.tables[0], 1))
+        return RoundPrediction(float(forward_cost(chain.tables[0], 1)), 1.0)
     caps = chain.schedule.capacities
     batch = np.zeros(caps[0] + 1)
     batch[chain.buffers[0]] = 1.0  # M_0 hands up exactly T_0 drafts
@@ -166,7 +187,7 @@ def expected_latency(costs: Sequence[Sequence[float]], acceptances: Sequence[Acc
         batch = np.zeros(caps[level] + 1)
         batch[target:] = reach[target:caps[level] + 1]
     tokens = batch @ (_tau_pmf(chain.acceptances[-1], caps[-1]) @ np.arange(1, caps[-1] + 2))
-    return (batch_cost + chain.verify_cost(depth)) / tokens
+    return RoundPrediction(float(batch_cost + chain.verify_cost(depth)), float(tokens))
 
 
 def surrogate_latency(
