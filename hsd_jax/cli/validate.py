@@ -26,7 +26,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--grid", action="store_true", help="measure the grid of small hierarchies (see `grid`)")
     p.add_argument("--top", type=int, default=6, help="also measure the planner's N best plans")
     p.add_argument("--num-prompts", type=int,
-                   help="prompts to run (default: as many as the profile measured its acceptances on, else 6)")
+                   help="prompts to run (default: as many as the profile measured acceptances on, else 6)")
     p.add_argument("--max-new-tokens", type=int,
                    help="tokens per prompt (default: the profile's answer length, else 48)")
     p.add_argument("--json", dest="json_out")
