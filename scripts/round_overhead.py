@@ -88,7 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--buffers", default="4;2,4")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--model", help="a model source to run copies of (default: the tiny random model)")
+    p.add_argument("--model", help="a model source to run copies of (default: the tiny random model "
+                   "with --vocab; a model brings its own vocabulary)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     rows = []

@@ -2,10 +2,13 @@
 per target round over the passes each level ran.
 
     .venv/bin/python scripts/validation_fit.py docs/plan-validation.json checkpoints/stats.json
+    .venv/bin/python scripts/validation_fit.py docs/plan-validation-pre-argmax.json \
+        <(git show 1d4a49f:checkpoints/stats.json)   # the stats that run was priced with
 
 Each row's round is priced from its measured forward passes per round (M_0: one catch-up forward
 per batch, then 1-token steps; M_i: its fixed verify width) with the profiled c(k), split into the
-target and its int8 copy ("big") and the drafts ("small"). The fits, weighted by 1 / measured so
+target and its copies ("big": a name starting with the target's, a heuristic that fits the
+shipped family's names) and the drafts ("small"). The fits, weighted by 1 / measured so
 that every row counts alike: measured ~ s_big * big + s_small * small [+ o_step * M_0 steps per
 round] [+ o_mid * middle-level passes per round]. s = 1 and o = 0 is a cost model that prices the
 loop exactly; a positive o_step is work every drafting step pays beyond its forward.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -47,7 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("stats", help="the stats.json it was made from")
     args = p.parse_args(argv)
     stats = load_stats(args.stats)
-    rows = json.loads(open(args.validation).read())["rows"]
+    rows = json.loads(Path(args.validation).read_text())["rows"]
     x = np.array([features(r, stats) for r in rows])
     y = np.array([r["measured_round_s"] for r in rows])
     weight = 1 / y

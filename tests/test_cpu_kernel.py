@@ -308,6 +308,8 @@ def test_argmax_is_jnp_argmax_on_ties_infinities_and_nans(vocab):
         if trial % 4 == 1:
             x[0, 1, rng.integers(0, vocab)] = np.nan
             x[1, 2, :] = np.nan
+            x[2, 3, 0] = np.inf  # +inf before two NaNs in different 16-wide blocks: the first NaN
+            x[2, 3, [min(18, vocab - 1), vocab - 1]] = np.nan
         elif trial % 4 == 2:
             x[0] = -np.inf
             x[1, 0, -1] = np.inf

@@ -49,8 +49,10 @@ def run(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan) if args.plan else None
     hierarchies = candidates(stats, plan, top=args.top, use_grid=args.grid)
     num_prompts, max_new_tokens = profile_workload(stats)
-    rows = measure(stats, hierarchies, args.prompts, num_prompts=args.num_prompts or num_prompts,
-                   max_new_tokens=args.max_new_tokens or max_new_tokens, progress=progress_printer)
+    rows = measure(stats, hierarchies, args.prompts,
+                   num_prompts=num_prompts if args.num_prompts is None else args.num_prompts,
+                   max_new_tokens=max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
+                   progress=progress_printer)
     summary = summarise(rows, plan.label if plan else None)
     print(format_rows(rows))
     print(json.dumps(summary, indent=1, default=_plain))
