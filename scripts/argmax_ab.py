@@ -48,12 +48,11 @@ def alone(rows: int, repeats: int = 300) -> dict:
     return {"rows": rows, **out}
 
 
-def programs(plan_path: str, prompts: np.ndarray, lengths: np.ndarray, kernel: bool):
+def programs(hierarchy, prompts: np.ndarray, lengths: np.ndarray, kernel: bool):
     """(hsd, ar) one-prompt runners traced with the kernel argmax on or off (fresh jits, so each
     variant is traced apart)."""
     original = sampling.kernel_argmax
     forced = (lambda models: original(models)) if kernel else (lambda models: False)
-    hierarchy = hierarchy_from_plan(load_plan(plan_path))
     static = hsd_module.prepare_hsd(hierarchy, prompts[:1], lengths[:1], max_new_tokens=64)
     hsd = jax.jit(lambda *a, **k: hsd_module._run(*a, **k), static_argnames=hsd_module._STATIC)
     ar = jax.jit(lambda *a, **k: ar_module._ar_generate.__wrapped__(*a, **k), static_argnames=AR_STATIC)
@@ -81,10 +80,12 @@ def programs(plan_path: str, prompts: np.ndarray, lengths: np.ndarray, kernel: b
 
 
 def in_generation(plan_path: str, num_prompts: int, rounds: int) -> dict:
-    tokenizer = load_tokenizer(load_plan(plan_path).directory())
+    plan = load_plan(plan_path)
+    hierarchy = hierarchy_from_plan(plan)  # loaded once, traced twice
+    tokenizer = load_tokenizer(plan.directory())
     texts = load_prompts("hsd_jax/io/data/eval_prompts.jsonl")[:num_prompts]
     prompts, lengths = pad_prompts([encode_prompt(tokenizer, t) for t in texts])
-    variants = {name: programs(plan_path, prompts, lengths, kernel) for name, kernel in (("xla", False),
+    variants = {name: programs(hierarchy, prompts, lengths, kernel) for name, kernel in (("xla", False),
                                                                                          ("kernel", True))}
     times = {(v, m): [] for v in variants for m in ("hsd", "ar")}
     tokens: dict = {}
@@ -97,7 +98,7 @@ def in_generation(plan_path: str, num_prompts: int, rounds: int) -> dict:
                     times[(name, method)].append(time.perf_counter() - start)
                     tokens.setdefault((method, i), []).append(np.asarray(out).tolist())
     rate = {f"{v}_{m}_tokens_per_s": 64 / statistics.median(t) for (v, m), t in times.items()}
-    return {"plan": load_plan(plan_path).label, **rate,
+    return {"plan": plan.label, **rate,
             "hsd_kernel_over_xla": rate["kernel_hsd_tokens_per_s"] / rate["xla_hsd_tokens_per_s"],
             "ar_kernel_over_xla": rate["kernel_ar_tokens_per_s"] / rate["xla_ar_tokens_per_s"],
             "identical": all(all(t == runs[0] for t in runs) for runs in tokens.values())}

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hsd_jax.decoding.schedule import Schedule, catch_up
-from hsd_jax.planning import forward_cost, load_stats
+from hsd_jax.decoding.schedule import Schedule
+from hsd_jax.planning import draft_cost, forward_cost, load_stats
 
 FEATURES = ("s_big", "s_small", "o_step_ms", "o_mid_ms")
 
@@ -36,9 +36,8 @@ def features(row: dict, stats) -> list[float]:
     if depth == 0:
         return [forward_cost(tables[0], 1) * passes[0], 0.0, 0.0, 0.0]
     schedule = Schedule.of(row["buffers"])
-    batches = passes[1]
-    drafting = batches * forward_cost(tables[0], catch_up(depth, 0))
-    parts = [drafting + (passes[0] - batches) * forward_cost(tables[0], 1)]
+    batches = passes[1]  # M_0 drafts one batch per level-1 verification, passes[0] steps in all
+    parts = [batches * float(draft_cost(tables[0], depth, passes[0] / batches))]
     parts += [passes[i] * forward_cost(tables[i], schedule.verify_width(i)) for i in range(1, depth + 1)]
     big = sum(c for name, c in zip(chain, parts) if name.startswith(stats.target))
     small = sum(parts) - big

@@ -142,15 +142,16 @@ def measure(stats: Stats, hierarchies: Sequence[tuple[Sequence[str], Sequence[in
         reference = reference or tokens
         iid = predict(stats, chain, buffers, mode, False)
         tokens_per_call = float(np.mean([np.asarray(st.tokens_per_target_call)[0] for _, _, st in timed]))
+        measured = statistics.median(per_token)
         rows.append({"label": label, "chain": list(chain), "buffers": list(buffers),
-                     "measured_s": statistics.median(per_token),
+                     "measured_s": measured,
                      "predicted_iid_s": iid.latency,
                      "predicted_profile_s": predict(stats, chain, buffers, mode, True).latency,
                      "tokens_per_target_call": tokens_per_call,
                      "predicted_tokens_per_target_call": iid.tokens,
                      # seconds per target round: the measured latency times the measured tokens
                      # per round, against the model's E[round cost] (i.i.d. acceptance)
-                     "measured_round_s": statistics.median(per_token) * tokens_per_call,
+                     "measured_round_s": measured * tokens_per_call,
                      "predicted_round_s": iid.seconds,
                      # per prompt, averaged: forward passes per level (M_0's drafting steps, then
                      # verification passes of M_1..M_K), target rounds and committed tokens
