@@ -325,7 +325,7 @@ def test_argmax_is_jnp_argmax_on_ties_infinities_and_nans(vocab):
 
 @needs_rows
 def test_greedy_sampling_takes_the_same_tokens_on_the_kernel():
-    from hsd_jax.decoding.sampling import SamplingParams, kernel_argmax, sample_logits
+    from hsd_jax.decoding.sampling import SamplingParams, on_kernel, sample_logits
 
     logits = jnp.asarray(np.random.default_rng(2).standard_normal((5, 49152)), jnp.float32)
     key = jax.random.PRNGKey(0)
@@ -333,4 +333,82 @@ def test_greedy_sampling_takes_the_same_tokens_on_the_kernel():
     off, probs_off = sample_logits(key, logits, SamplingParams(), kernel=False)
     np.testing.assert_array_equal(np.asarray(on), np.asarray(off))
     np.testing.assert_array_equal(np.asarray(probs_on), np.asarray(probs_off))
-    assert kernel_argmax([object()]) and not kernel_argmax([type("Sharded", (), {"sharding": "mesh"})()])
+    assert on_kernel([object()]) and not on_kernel([type("Sharded", (), {"sharding": "mesh"})()])
+
+
+def _softmax64(x: np.ndarray, temperature: float) -> np.ndarray:
+    y = x.astype(np.float64) / temperature
+    e = np.exp(y - y.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@needs_rows
+@pytest.mark.parametrize("vocab", [1, 2, 15, 16, 17, 700, 49152])
+def test_softmax_is_as_close_to_exact_as_xlas(vocab):
+    """Against float64: within 1e-5 relative (the rounding of x / T and of its distance to the
+    maximum, as XLA's), and no further from it than XLA's softmax plus 1e-6; rows stand alone."""
+    rng = np.random.default_rng(vocab)
+    x = (rng.standard_normal((2, 3, vocab)) * 4).astype(np.float32)
+    x[1, 2, 1:: max(vocab // 5, 2)] = -1e30  # masked entries: exactly zero mass
+    for temperature in (1.0, 0.7, 2.5):
+        got = np.asarray(jax.jit(lambda x, t=temperature: cpu_kernel.softmax(x, t))(jnp.asarray(x)))
+        xla = np.asarray(jax.nn.softmax(jnp.asarray(x) / temperature, axis=-1))
+        exact = _softmax64(x, temperature)
+        assert got.shape == x.shape and got.dtype == np.float32
+        err, xla_err = np.abs(got - exact), np.abs(xla - exact)
+        assert np.all(err <= 1e-5 * exact + 1e-37), (temperature, float((err / (exact + 1e-37)).max()))
+        assert (err / np.maximum(exact, 1e-30)).max() <= (xla_err / np.maximum(exact, 1e-30)).max() + 1e-6
+        np.testing.assert_array_equal(got[x == -1e30], 0.0)
+        alone = np.asarray(cpu_kernel.softmax(jnp.asarray(x[1, 2:3]), temperature))
+        np.testing.assert_array_equal(alone[0], got[1, 2])
+
+
+@needs_rows
+def test_softmax_exponential_is_within_two_ulp_over_the_float32_range():
+    """One entry at 0 and 400k between -103 and -17.5: the total is known in float64, so each
+    probability is e^x / total; the kernel's error (exponential, float64 sum, reciprocal) stays
+    within 2.5 ulp, below float32's normals it gives XLA's answer, and NaN and +inf rows come out
+    NaN as in XLA."""
+    y = np.linspace(-103.0, -17.5, 400_001).astype(np.float32)
+    row = np.concatenate([[0.0], y]).astype(np.float32)[None]
+    got = np.asarray(cpu_kernel.softmax(jnp.asarray(row)))[0, 1:].astype(np.float64)
+    exact = np.exp(y.astype(np.float64))
+    exact /= 1.0 + exact.sum()
+    normal = exact > np.finfo(np.float32).tiny
+    ulp = np.spacing(exact.astype(np.float32)).astype(np.float64)
+    assert np.max(np.abs(got - exact)[normal] / ulp[normal]) < 2.5
+    xla = np.asarray(jax.nn.softmax(jnp.asarray(row), axis=-1))[0, 1:]
+    np.testing.assert_array_equal(got[~normal], xla[~normal])  # XLA:CPU flushes denormals to zero
+    odd = np.zeros((2, 40), np.float32)
+    odd[0, 7], odd[1, 33] = np.nan, np.inf
+    got = np.asarray(cpu_kernel.softmax(jnp.asarray(odd)))
+    assert np.isnan(got).all() and np.isnan(np.asarray(jax.nn.softmax(jnp.asarray(odd), axis=-1))).all()
+
+
+@needs_rows
+@pytest.mark.parametrize("vocab", [1, 3, 255, 256, 257, 700, 49152])
+def test_sample_kernel_inverts_as_the_jax_sampler_does(vocab):
+    """From the same two uniforms the kernel's draw is the jnp sampler's (dyadic masses, so every
+    partial sum is exact in both); zero, negative and NaN entries are never drawn; a row with no
+    mass gives V - 1 in both; the kernel runs under vmap."""
+    from hsd_jax.decoding.sampling import _invert
+
+    rng = np.random.default_rng(vocab)
+    mass = rng.integers(0, 64, (300, vocab)).astype(np.float32) / 64
+    mass[:, rng.integers(vocab, size=min(vocab, 5))] = 0.0
+    mass[::7, 0] = -1e-9
+    if vocab > 2:
+        mass[::11, 1] = np.nan
+    mass[5] = 0.0
+    mass[6] = np.nan
+    uniforms = rng.random((300, 2)).astype(np.float32)
+    uniforms[:20] = [[0.0, 0.0], [0.9999999, 0.9999999]] * 10
+    got = np.asarray(jax.jit(cpu_kernel.sample)(jnp.asarray(mass), jnp.asarray(uniforms)))
+    want = np.asarray(_invert(jnp.asarray(mass), jnp.asarray(uniforms[:, :1]), jnp.asarray(uniforms[:, 1:])))
+    np.testing.assert_array_equal(got, want)
+    assert got[5] == got[6] == vocab - 1
+    live = (mass > 0).any(axis=1)
+    assert np.all(mass[np.arange(300), got][live] > 0)
+    np.testing.assert_array_equal(got[~live], vocab - 1)
+    batched = jax.vmap(cpu_kernel.sample)(jnp.asarray(mass[:8, None]), jnp.asarray(uniforms[:8, None]))
+    np.testing.assert_array_equal(np.asarray(batched)[:, 0], got[:8])

@@ -27,8 +27,8 @@ from scipy import stats
 from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
 from hsd_jax.decoding.ngram import NGramDrafter
 from hsd_jax.decoding.sampling import SamplingParams, distribution
-from hsd_jax.decoding.verify import LOSSLESS_RULES, RULES, outcome
-from hsd_jax.models import Model, forward, init_params
+from hsd_jax.decoding.verify import LOSSLESS_RULES, RULES, outcome, verify
+from hsd_jax.models import Model, cpu_kernel, forward, init_params
 
 # =============================================================================================
 # 1. Rule level: exact enumeration
@@ -229,6 +229,45 @@ def test_greedy_accepts_the_argmax_matching_prefix(rule):
     rows = np.arange(len(drafts))
     np.testing.assert_allclose(tau, np.eye(width + 1)[expect_tau], atol=1e-6)
     np.testing.assert_allclose(nxt[rows, expect_tau], np.eye(vocab)[expect_next], atol=1e-6)
+
+
+KERNEL = [False, pytest.param(True, marks=pytest.mark.skipif(
+    not cpu_kernel.rows_available(), reason=f"no CPU kernel here: {cpu_kernel.build_error()}"))]
+
+
+@pytest.mark.parametrize("kernel", KERNEL)
+@pytest.mark.parametrize("rule", LOSSLESS_RULES)
+def test_verify_draws_from_the_outcome_law(rule, kernel):
+    """`verify` draws τ, then the token from row τ's residual alone (unnormalised, on our CPU
+    kernel or XLA's ops): over 100k rows per case the joint (τ, token) counts fit `outcome`'s
+    exact law (chi-square), and nothing outside its support is drawn. p is half q, the drafts q's
+    favourites, so block weights fall to ~0.5 and every τ is likely (drawing block's residuals with
+    w = 1 is 0.027 off in total variation and fails). Cases: full drafts, a short draft with garbage
+    after it, and p = q at the first offset (an empty residual: p is drawn)."""
+    rows, vocab, width = 100_000, 5, 3
+    rng = np.random.default_rng(3)
+    for case, length in enumerate((3, 1, 2)):
+        q = rng.dirichlet(np.ones(vocab), size=width)
+        p = 0.5 * np.concatenate([q, q[:1]]) + 0.5 * rng.dirichlet(np.ones(vocab), size=width + 1)
+        if case == 2:
+            p[0] = q[0]
+        drafts = jnp.asarray(np.argmax(q, axis=-1)[None], jnp.int32)
+        one = (drafts, jnp.full((1,), length, jnp.int32), jnp.asarray(q[None], jnp.float32),
+               jnp.asarray(p[None], jnp.float32))
+        tau_probs, next_dists = (np.asarray(a, np.float64)[0] for a in outcome(rule, *one))
+        law = (tau_probs[:, None] * next_dists).ravel()
+        law /= law.sum()
+        batch = [jnp.repeat(a, rows, axis=0) for a in one]
+        draw = jax.jit(lambda key, *a: verify(rule, key, *a, kernel=kernel))
+        verdict = draw(jax.random.PRNGKey(case), *batch)
+        counts = np.bincount(np.asarray(verdict.num_accepted) * vocab + np.asarray(verdict.next_token),
+                             minlength=law.size)
+        assert counts[law == 0].sum() == 0, (case, counts, law)
+        live = law * rows >= MIN_EXPECTED  # the rare cells pooled into one
+        expected = np.append(law[live], law[~live].sum()) * rows
+        observed = np.append(counts[live], counts[~live].sum())
+        pvalue = stats.chisquare(observed[expected > 0], expected[expected > 0]).pvalue
+        assert pvalue > ALPHA, (case, pvalue)
 
 
 # =============================================================================================

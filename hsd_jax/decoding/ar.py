@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from hsd_jax.decoding.sampling import SamplingParams, kernel_argmax, sample_logits
+from hsd_jax.decoding.sampling import SamplingParams, on_kernel, sample_logits
 from hsd_jax.models import KVCache, Model
 
 
@@ -238,7 +238,7 @@ def ar_init(model: Model, prompt_tokens: jax.Array, prompt_lengths: jax.Array, k
     batch = prompt_tokens.shape[0]
     prompt_lengths = prompt_lengths.astype(jnp.int32)
     logits, cache = prefill(model, prompt_tokens, prompt_lengths, model.init_cache(batch, cache_size))
-    token, _ = sample_logits(jax.random.fold_in(key, 0), logits, sampling, kernel=kernel_argmax([model]))
+    token, _ = sample_logits(jax.random.fold_in(key, 0), logits, sampling, kernel=on_kernel([model]))
     out = OutputBuffer.init(batch, max_new_tokens, pad_id).commit(
         token[:, None], jnp.ones((batch,), jnp.int32), eos_token_id
     )
@@ -261,7 +261,7 @@ def ar_steps(model: Model, st: ARState, *, sampling: SamplingParams, eos_token_i
         logits, stepped = model.step(st.token[:, None], st.cache)
         cache = stepped.with_lengths(jnp.where(active, stepped.lengths, st.cache.lengths))
         token, _ = sample_logits(jax.random.fold_in(st.key, st.step), logits[:, -1], sampling,
-                                 kernel=kernel_argmax([model]))
+                                 kernel=on_kernel([model]))
         out = st.out.commit(token[:, None], active.astype(jnp.int32), eos_token_id)
         return i + 1, st.replace(step=st.step + 1, token=token, cache=cache, out=out)
 

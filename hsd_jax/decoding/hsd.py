@@ -42,7 +42,7 @@ from hsd_jax.decoding.ar import (
 )
 from hsd_jax.decoding.drafter import Drafter
 from hsd_jax.decoding.hierarchy import MAX_BUFFER, Hierarchy, register_plan_loader
-from hsd_jax.decoding.sampling import SamplingParams, argmax, distribution, kernel_argmax, sample
+from hsd_jax.decoding.sampling import SamplingParams, argmax, distribution, on_kernel, sample
 from hsd_jax.decoding.schedule import Schedule
 from hsd_jax.decoding.verify import verify, verify_greedy
 
@@ -153,8 +153,9 @@ class _Plan:
         return self.sampling.greedy
 
     @property
-    def kernel_argmax(self) -> bool:
-        return kernel_argmax(self.hierarchy.models)
+    def on_kernel(self) -> bool:
+        """Whether passes over the vocabulary run on our CPU kernel (`sampling.on_kernel`)."""
+        return on_kernel(self.hierarchy.models)
 
 
 def _score(plan: _Plan, level: int, st: _State, first: jax.Array, count: int, window: int,
@@ -170,9 +171,9 @@ def _score(plan: _Plan, level: int, st: _State, first: jax.Array, count: int, wi
     logits, advanced = plan.hierarchy.models[level].score(state, st.seq, ends, window)
     logits = logits[..., :plan.hierarchy.vocab_size]
     if plan.greedy:
-        probs = argmax(logits, kernel=plan.kernel_argmax)
+        probs = argmax(logits, kernel=plan.on_kernel)
     else:
-        probs = distribution(logits, plan.sampling)
+        probs = distribution(logits, plan.sampling, kernel=plan.on_kernel)
     if state is None:
         return probs, st
     advanced = advanced.with_lengths(jnp.where(rows, first + count - 1, state.lengths))
@@ -190,7 +191,7 @@ def _draft(plan: _Plan, st: _State, base: jax.Array, rows: jax.Array) -> _State:
             token = probs[:, 0]
         else:
             st, key = st.next_key()
-            token = sample(key, probs[:, 0])
+            token = sample(key, probs[:, 0], kernel=plan.on_kernel)
             st = st.replace(probs=_set_tuple(st.probs, 0, st.probs[0].at[:, t].set(probs[:, 0])))
         return st.replace(seq=st.seq.at[jnp.arange(batch), base + t].set(token, mode="drop"))
 
@@ -216,9 +217,8 @@ def _verify(plan: _Plan, level: int, st: _State, draft_base: jax.Array,
         tau, next_token = verify_greedy(drafts, draft_len, p)
     else:
         st, key = st.next_key()
-        tau, next_token = verify(
-            plan.hierarchy.verifiers[level - 1], key, drafts, draft_len, st.probs[level - 1], p
-        )
+        tau, next_token = verify(plan.hierarchy.verifiers[level - 1], key, drafts, draft_len,
+                                 st.probs[level - 1], p, kernel=plan.on_kernel)
     accepted_end = draft_base + tau
     seq = _scatter_rows(st.seq, accepted_end[:, None], next_token[:, None], rows[:, None])
     caches = list(st.caches)

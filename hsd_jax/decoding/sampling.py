@@ -53,12 +53,15 @@ class SamplingParams:
         return dataclasses.replace(self, temperature=t, top_k=k, top_p=float(p))
 
 
-def distribution(logits: jax.Array, params: SamplingParams) -> jax.Array:
-    """Processed next-token probabilities [..., V] (float32) that `sample` draws from."""
+def distribution(logits: jax.Array, params: SamplingParams, *, kernel: bool = False) -> jax.Array:
+    """Processed next-token probabilities [..., V] (float32) that `sample` draws from; with `kernel`
+    (see `on_kernel`) the softmax runs on our CPU kernel."""
     logits = logits.astype(jnp.float32)
     if params.greedy:
-        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
-    logits = logits / params.temperature
+        return jax.nn.one_hot(argmax(logits, kernel=kernel), logits.shape[-1], dtype=jnp.float32)
+    temperature = params.temperature
+    if params.top_k or params.top_p < 1.0:
+        logits, temperature = logits / temperature, 1.0
     neg_inf = jnp.finfo(jnp.float32).min
     if params.top_k:
         kth = jax.lax.top_k(logits, params.top_k)[0][..., -1:]
@@ -72,53 +75,74 @@ def distribution(logits: jax.Array, params: SamplingParams) -> jax.Array:
         kept = jnp.sum(mass_before < params.top_p, axis=-1, keepdims=True)
         threshold = jnp.take_along_axis(sorted_logits, kept - 1, axis=-1)
         logits = jnp.where(logits < threshold, neg_inf, logits)
-    return jax.nn.softmax(logits, axis=-1)
+    if kernel:
+        return cpu_kernel.softmax(logits, temperature)
+    return jax.nn.softmax(logits / temperature, axis=-1)
 
 
 _BLOCK = 256
 
 
 def _first_above(cdf: jax.Array, u: jax.Array, mass: jax.Array) -> jax.Array:
-    """The first index whose cumulative mass exceeds u, never an index with no mass."""
+    """The first index whose cumulative mass exceeds u, never an index with no mass (the last
+    index where none has any)."""
     index = jnp.sum(cdf <= u, axis=-1)
     last_positive = mass.shape[-1] - 1 - jnp.argmax(jnp.flip(mass > 0, axis=-1), axis=-1)
     return jnp.minimum(index, last_positive)
 
 
-def sample(key: jax.Array, probs: jax.Array) -> jax.Array:
+def _invert(probs: jax.Array, u: jax.Array, v: jax.Array) -> jax.Array:
+    """`sample`'s draw with its two uniforms u, v [..., 1] given."""
+    mass = jnp.where(probs > 0, probs.astype(jnp.float32), 0.0)
+    vocab = mass.shape[-1]
+    pad = -vocab % _BLOCK
+    blocks = jnp.pad(mass, [(0, 0)] * (mass.ndim - 1) + [(0, pad)]).reshape(*mass.shape[:-1], -1, _BLOCK)
+    block_mass = jnp.sum(blocks, axis=-1)
+    block_cdf = jnp.cumsum(block_mass, axis=-1)
+    block = _first_above(block_cdf, u * block_cdf[..., -1:], block_mass)
+    inside = jnp.take_along_axis(blocks, block[..., None, None], axis=-2)[..., 0, :]
+    inside_cdf = jnp.cumsum(inside, axis=-1)
+    token = block * _BLOCK + _first_above(inside_cdf, v * inside_cdf[..., -1:], inside)
+    return jnp.minimum(token, vocab - 1).astype(jnp.int32)
+
+
+def sample(key: jax.Array, probs: jax.Array, *, kernel: bool = False) -> jax.Array:
     """Draw one token per row from probabilities [..., V] by inverting the CDF in two stages: a block
     of 256 tokens with one uniform, then a token inside it with a second, P = P(block) P(token |
-    block). Zero (and negative round-off) probabilities add no mass and are never drawn.
+    block). The rows need not be normalised. Zero, negative (round-off) and NaN entries add no
+    mass and are never drawn; a row with no mass at all gives V - 1. With `kernel` (see
+    `on_kernel`) the same inversion runs on our CPU kernel, from the same two uniforms.
 
     Two random numbers per row instead of a Gumbel draw per vocabulary entry: ~1 ms less per token
     on a 49k vocabulary on CPU. Blocking keeps float32 round-off in each stage's cumulative sums
     relative to a block's mass rather than the whole vocabulary's (total variation <= ~1e-5).
     """
-    mass = jnp.maximum(probs.astype(jnp.float32), 0.0)
-    vocab = mass.shape[-1]
-    pad = -vocab % _BLOCK
-    blocks = jnp.pad(mass, [(0, 0)] * (mass.ndim - 1) + [(0, pad)]).reshape(*mass.shape[:-1], -1, _BLOCK)
-    block_mass = jnp.sum(blocks, axis=-1)
     block_key, token_key = jax.random.split(key)
     lead = probs.shape[:-1] + (1,)
-    block_cdf = jnp.cumsum(block_mass, axis=-1)
-    u = jax.random.uniform(block_key, lead, jnp.float32) * block_cdf[..., -1:]
-    block = _first_above(block_cdf, u, block_mass)
-    inside = jnp.take_along_axis(blocks, block[..., None, None], axis=-2)[..., 0, :]
-    inside_cdf = jnp.cumsum(inside, axis=-1)
-    v = jax.random.uniform(token_key, lead, jnp.float32) * inside_cdf[..., -1:]
-    return (block * _BLOCK + _first_above(inside_cdf, v, inside)).astype(jnp.int32)
+    u = jax.random.uniform(block_key, lead, jnp.float32)
+    v = jax.random.uniform(token_key, lead, jnp.float32)
+    if kernel:
+        return cpu_kernel.sample(probs, jnp.concatenate([u, v], axis=-1))
+    return _invert(probs, u, v)
 
 
-def kernel_argmax(models) -> bool:
-    """Whether greedy decoding of these models takes its argmax on our CPU kernel: on the CPU where
-    the kernel runs, with no model sharded over a mesh (there each device reduces its own logits)."""
+def total(x: jax.Array, *, kernel: bool = False) -> jax.Array:
+    """float32 sums of x [..., V] over its last axis: [...] (with `kernel`, on our CPU kernel)."""
+    if kernel:
+        return cpu_kernel.row_sums(x)[..., 0]
+    return jnp.sum(x.astype(jnp.float32), axis=-1)
+
+
+def on_kernel(models) -> bool:
+    """Whether decoding these models runs its passes over the vocabulary (argmax, softmax, draws
+    and verification's sums) on our CPU kernel: on the CPU where the kernel runs, with no model
+    sharded over a mesh (there each device reduces its own logits)."""
     return cpu_kernel.rows_available() and all(getattr(m, "sharding", None) is None for m in models)
 
 
 def argmax(logits: jax.Array, *, kernel: bool = False) -> jax.Array:
     """int32 [...]: the first index of the largest logit (a NaN counts as the largest), as
-    `jnp.argmax`; with `kernel` (see `kernel_argmax`) on our CPU kernel, the same answer in
+    `jnp.argmax`; with `kernel` (see `on_kernel`) on our CPU kernel, the same answer in
     microseconds instead of XLA:CPU's ~0.25 ms a row of a 49k vocabulary."""
     if kernel:
         return cpu_kernel.argmax(logits)
@@ -128,9 +152,9 @@ def argmax(logits: jax.Array, *, kernel: bool = False) -> jax.Array:
 def sample_logits(key: jax.Array, logits: jax.Array, params: SamplingParams, *,
                   kernel: bool = False) -> tuple[jax.Array, jax.Array]:
     """Process logits and draw: returns (tokens [...], the probabilities they were drawn from).
-    Greedy: the argmax (on the kernel with `kernel`) and its one-hot."""
+    Greedy: the argmax and its one-hot. With `kernel` (see `on_kernel`) on our CPU kernel."""
     if params.greedy:
         token = argmax(logits.astype(jnp.float32), kernel=kernel)
         return token, jax.nn.one_hot(token, logits.shape[-1], dtype=jnp.float32)
-    probs = distribution(logits, params)
-    return sample(key, probs), probs
+    probs = distribution(logits, params, kernel=kernel)
+    return sample(key, probs, kernel=kernel), probs

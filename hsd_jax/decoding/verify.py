@@ -20,16 +20,26 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from hsd_jax.decoding.sampling import sample
+from hsd_jax.decoding.sampling import sample, total
 
 LOSSLESS_RULES = ("tokenwise", "block")
 INEXACT_RULES = ("zhou",)
 RULES = LOSSLESS_RULES + INEXACT_RULES
+EMPTY = 1e-12  # a residual with no more mass than this is numerically empty: p is drawn instead
 
 
 class Outcome(NamedTuple):
     tau_probs: jax.Array  # [B, G+1]
     next_dists: jax.Array  # [B, G+1, V]
+
+
+class _Law(NamedTuple):
+    """A rule's outcome before the V-sized laws are formed: P(τ = t) [B, G+1] and the weights w
+    [B, G] of its residuals (p_{t+1} w_t - q_{t+1})^+, the law of the token after a rejection at
+    offset t (tokenwise: w = 1)."""
+
+    tau_probs: jax.Array
+    weights: jax.Array
 
 
 class Verdict(NamedTuple):
@@ -47,10 +57,9 @@ def check_rule(rule: str, allow_inexact: bool = False) -> str:
     return rule
 
 
-def _normalise(mass: jax.Array, fallback: jax.Array) -> jax.Array:
-    """mass / sum(mass), or `fallback` where the mass is (numerically) empty."""
-    total = jnp.sum(mass, axis=-1, keepdims=True)
-    return jnp.where(total > 1e-12, mass / jnp.where(total > 1e-12, total, 1.0), fallback)
+def _residuals(weights, q, p) -> jax.Array:
+    """(w_t p_t - q_t)^+ at every draft offset t < G: [B, G, V]."""
+    return jnp.maximum(weights[..., None] * p[:, :-1] - q, 0.0)
 
 
 def _draft_ratio_terms(draft_tokens, draft_len, q, p):
@@ -62,24 +71,14 @@ def _draft_ratio_terms(draft_tokens, draft_len, q, p):
     return p_x, q_x, in_draft
 
 
-def _with_bonus(residual: jax.Array, p: jax.Array, draft_len: jax.Array) -> jax.Array:
-    """Residuals at offsets < γ, the bonus p_{γ+1} at offset γ (and p beyond, never drawn)."""
-    width = residual.shape[1]
-    use_residual = (jnp.arange(width + 1)[None, :] < draft_len[:, None])[..., None]
-    padded = jnp.concatenate([residual, jnp.zeros_like(residual[:, :1])], axis=1)
-    return jnp.where(use_residual, _normalise(padded, p), p)
-
-
-def tokenwise(draft_tokens, draft_len, q, p) -> Outcome:
+def tokenwise(draft_tokens, draft_len, q, p, kernel=False) -> _Law:
     """Leviathan et al. 2023 / Chen et al. 2023: accept x_i w.p. min(1, p_i(x_i)/q_i(x_i));
     at the first rejection resample from norm((p_i - q_i)^+)."""
     p_x, q_x, in_draft = _draft_ratio_terms(draft_tokens, draft_len, q, p)
     accept = jnp.where(in_draft, jnp.minimum(1.0, p_x / jnp.where(in_draft, q_x, 1.0)), 0.0)
     accept = jnp.concatenate([accept, jnp.zeros_like(accept[:, :1])], axis=1)  # [B, G+1]
     survive = jnp.cumprod(jnp.concatenate([jnp.ones_like(accept[:, :1]), accept[:, :-1]], axis=1), axis=1)
-    tau_probs = survive * (1.0 - accept)
-    residual = jnp.maximum(p[:, :-1] - q, 0.0)
-    return Outcome(tau_probs, _with_bonus(residual, p, draft_len))
+    return _Law(survive * (1.0 - accept), jnp.ones_like(q_x))
 
 
 def _block_weights(draft_tokens, draft_len, q, p):
@@ -92,14 +91,13 @@ def _block_weights(draft_tokens, draft_len, q, p):
     return jnp.minimum(1.0, jnp.exp(log_w)), log_r  # exp may round above 1
 
 
-def _block_outcome(w, final_accept, draft_len, q, p) -> Outcome:
+def _block_outcome(w, final_accept, draft_len, q, p, kernel) -> _Law:
     """τ = the largest i with η_i ~ Bern(h_i) = 1, where for i < γ
     h_i = Σ(w_i p_{i+1} - q_{i+1})^+ / [Σ(w_i p_{i+1} - q_{i+1})^+ + 1 - w_i], h_γ = `final_accept`,
     h_0 := 1; the next token is drawn from norm((w_τ p_{τ+1} - q_{τ+1})^+), or p_{γ+1} if τ = γ."""
     width = q.shape[1]
     offsets = jnp.arange(width + 1)[None, :]
-    residual = jnp.maximum(w[:, :-1, None] * p[:, :-1] - q, 0.0)  # [B, G, V]
-    mass = jnp.sum(residual, axis=-1)
+    mass = total(_residuals(w[:, :-1], q, p), kernel=kernel)  # [B, G]
     denominator = mass + 1.0 - w[:, :-1]
     h = jnp.clip(
         jnp.where(denominator > 0, mass / jnp.where(denominator > 0, denominator, 1.0), 0.0), 0.0, 1.0
@@ -112,36 +110,49 @@ def _block_outcome(w, final_accept, draft_len, q, p) -> Outcome:
     # P(τ = t) = h_t Π_{j > t} (1 - h_j)
     keep_after = jnp.flip(jnp.cumprod(jnp.flip(1.0 - h, axis=1), axis=1), axis=1)
     none_after = jnp.concatenate([keep_after[:, 1:], jnp.ones_like(h[:, :1])], axis=1)
-    return Outcome(h * none_after, _with_bonus(residual, p, draft_len))
+    return _Law(h * none_after, w[:, :-1])
 
 
-def block(draft_tokens, draft_len, q, p) -> Outcome:
+def block(draft_tokens, draft_len, q, p, kernel=False) -> _Law:
     """Block verification (Sun, Mendlovic, Leviathan, Aharoni, Beirami, Ro, Suresh; ICLR 2025)."""
     w, _ = _block_weights(draft_tokens, draft_len, q, p)
     final = jnp.take_along_axis(w, draft_len[:, None], axis=1)
-    return _block_outcome(w, final, draft_len, q, p)
+    return _block_outcome(w, final, draft_len, q, p, kernel)
 
 
-def zhou(draft_tokens, draft_len, q, p) -> Outcome:
+def zhou(draft_tokens, draft_len, q, p, kernel=False) -> _Law:
     """Zhou et al. (arXiv 2601.05724) as released: block verification whose last stop
     probability is min(1, R_γ) instead of w_γ. Not lossless: see tests/test_verify.py."""
     w, log_r = _block_weights(draft_tokens, draft_len, q, p)
     final = jnp.minimum(1.0, jnp.exp(jnp.take_along_axis(log_r, draft_len[:, None], axis=1)))
-    return _block_outcome(w, final, draft_len, q, p)
+    return _block_outcome(w, final, draft_len, q, p, kernel)
 
 
 _OUTCOMES = {"tokenwise": tokenwise, "block": block, "zhou": zhou}
 
 
-def outcome(rule: str, draft_tokens, draft_len, q, p) -> Outcome:
-    """The exact law of (τ, next token) under `rule`. Shapes: draft_tokens [B,G], draft_len [B],
-    q [B,G,V], p [B,G+1,V]."""
+def _law(rule, draft_tokens, draft_len, q, p, kernel) -> tuple[_Law, jax.Array, jax.Array]:
     batch, width = draft_tokens.shape
     chex.assert_shape(draft_len, (batch,))
     chex.assert_shape(q, (batch, width, None))
     chex.assert_shape(p, (batch, width + 1, q.shape[-1]))
     chex.assert_type([draft_tokens, draft_len], jnp.int32)
-    return _OUTCOMES[rule](draft_tokens, draft_len, q.astype(jnp.float32), p.astype(jnp.float32))
+    q, p = q.astype(jnp.float32), p.astype(jnp.float32)
+    return _OUTCOMES[rule](draft_tokens, draft_len, q, p, kernel), q, p
+
+
+def outcome(rule: str, draft_tokens, draft_len, q, p) -> Outcome:
+    """The exact law of (τ, next token) under `rule`. Shapes: draft_tokens [B,G], draft_len [B],
+    q [B,G,V], p [B,G+1,V]. The next token's law after τ = t < γ is the normalised residual
+    (p_{t+1} w_t - q_{t+1})^+ (p_{t+1} itself where that is numerically empty), after τ = γ p_{γ+1}."""
+    law, q, p = _law(rule, draft_tokens, draft_len, q, p, False)
+    residual = _residuals(law.weights, q, p)
+    width = residual.shape[1]
+    use_residual = (jnp.arange(width + 1)[None, :] < draft_len[:, None])[..., None]
+    padded = jnp.concatenate([residual, jnp.zeros_like(residual[:, :1])], axis=1)
+    mass = jnp.sum(padded, axis=-1, keepdims=True)
+    normalised = padded / jnp.where(mass > EMPTY, mass, 1.0)
+    return Outcome(law.tau_probs, jnp.where(use_residual & (mass > EMPTY), normalised, p))
 
 
 def verify_greedy(draft_tokens, draft_len, predicted) -> Verdict:
@@ -157,10 +168,18 @@ def verify_greedy(draft_tokens, draft_len, predicted) -> Verdict:
     return Verdict(num_accepted=tau, next_token=jnp.take_along_axis(predicted, tau[:, None], axis=1)[:, 0])
 
 
-def verify(rule: str, key: jax.Array, draft_tokens, draft_len, q, p) -> Verdict:
-    """Accept a prefix of each row's drafts and draw the next token (correction or bonus)."""
-    tau_probs, next_dists = outcome(rule, draft_tokens, draft_len, q, p)
+def verify(rule: str, key: jax.Array, draft_tokens, draft_len, q, p, *, kernel: bool = False) -> Verdict:
+    """Accept a prefix of each row's drafts and draw the next token from `outcome`'s law: τ first,
+    then the token from row τ's residual alone (unnormalised: `sample` scales its uniforms by the
+    row's mass), so only one V-sized law is formed. With `kernel` (`sampling.on_kernel`) the sums
+    and draws run on our CPU kernel."""
+    law, q, p = _law(rule, draft_tokens, draft_len, q, p, kernel)
     tau_key, token_key = jax.random.split(key)
-    tau = sample(tau_key, tau_probs)
-    chosen = jnp.take_along_axis(next_dists, tau[:, None, None], axis=1)[:, 0]
-    return Verdict(num_accepted=tau, next_token=sample(token_key, chosen))
+    tau = sample(tau_key, law.tau_probs, kernel=kernel)
+    row = jnp.minimum(tau, q.shape[1] - 1)[:, None, None]
+    weight = jnp.take_along_axis(law.weights, row[..., 0], axis=1)
+    after = jnp.take_along_axis(p, tau[:, None, None], axis=1)[:, 0]  # p_{τ+1}
+    residual = jnp.maximum(weight * after - jnp.take_along_axis(q, row, axis=1)[:, 0], 0.0)
+    use_residual = (tau < draft_len) & (total(residual, kernel=kernel) > EMPTY)
+    chosen = jnp.where(use_residual[:, None], residual, after)
+    return Verdict(num_accepted=tau, next_token=sample(token_key, chosen, kernel=kernel))

@@ -14,7 +14,8 @@ products in the same order whatever the number of rows, so a one-token step and 
 compute a row bit for bit alike. The rest of a layer's row-dependent work runs here too, likewise one row
 at a time: attention over the float32 KV cache (`cached_attention`, one layer read in place; XLA
 copied and transposed it, ~3 ms a target step), the norms' row sums (`row_sums`), and a bf16
-table's embedding rows (`embedding_rows`); and greedy decoding's argmax over the vocabulary (`argmax`).
+table's embedding rows (`embedding_rows`); and the decoders' passes over the vocabulary: greedy
+decoding's argmax (`argmax`), sampling's softmax (`softmax`) and draw (`sample`).
 
 The kernel is compiled with g++ on first use into a cache directory ($XDG_CACHE_HOME/hsd_jax, else
 ~/.cache/hsd_jax), keyed by the source and jaxlib's version, and registered as XLA FFI targets.
@@ -53,7 +54,11 @@ TARGETS = {
     "hsd_row_sums": ("HsdRowSums", "avx512f"),
     "hsd_embedding_rows": ("HsdEmbeddingRows", "avx512f"),
     "hsd_argmax": ("HsdArgmax", "avx512f"),
+    "hsd_softmax": ("HsdSoftmax", "avx512f"),
+    "hsd_sample": ("HsdSample", "avx512f"),
 }
+ROW_TARGETS = ("hsd_attention", "hsd_row_sums", "hsd_embedding_rows", "hsd_argmax", "hsd_softmax",
+               "hsd_sample")
 MATMULS = {np.dtype(jnp.float32): "hsd_f32_matmul", np.dtype(jnp.bfloat16): "hsd_bf16_matmul",
            np.dtype(jnp.int8): "hsd_s8_matmul"}
 BLOCK = 16  # output columns per packed block (one AVX-512 register of float32)
@@ -135,10 +140,9 @@ def available(dtype) -> bool:
 
 
 def rows_available() -> bool:
-    """Whether attention over a float32 cache, row sums, embedding rows and argmax can run on the
-    kernel here."""
-    return jax.default_backend() == "cpu" and all(
-        _register(name) for name in ("hsd_attention", "hsd_row_sums", "hsd_embedding_rows", "hsd_argmax"))
+    """Whether attention over a float32 cache, row sums, embedding rows, argmax, softmax and
+    sampling draws can run on the kernel here."""
+    return jax.default_backend() == "cpu" and all(_register(name) for name in ROW_TARGETS)
 
 
 def build_error() -> str | None:
@@ -241,8 +245,33 @@ def argmax(x: jax.Array) -> jax.Array:
     the largest: exactly `jnp.argmax`'s answer. XLA:CPU runs an argmax as a scalar loop (~0.25 ms
     a row of a 49k vocabulary, as much as a small draft's forward); the kernel takes microseconds."""
     rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    out = jax.ffi.ffi_call("hsd_argmax", jax.ShapeDtypeStruct(rows.shape[:1], jnp.int32))(rows)
+    out = jax.ffi.ffi_call("hsd_argmax", jax.ShapeDtypeStruct(rows.shape[:1], jnp.int32),
+                           vmap_method="broadcast_all")(rows)
     return out.reshape(x.shape[:-1])
+
+
+def softmax(x: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """float32 softmax(x / temperature) over x's last axis, as `jax.nn.softmax` computes it (the
+    maximum taken off before the exponential, a NaN or +inf making its row NaN), with an
+    exponential within about 1 ulp of XLA's. XLA:CPU's reductions over a 49k vocabulary take
+    ~70 µs each; the kernel's three vector passes take a few."""
+    if not temperature > 0:
+        raise ValueError(f"softmax needs a temperature > 0, got {temperature!r}")
+    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    out = jax.ffi.ffi_call("hsd_softmax", jax.ShapeDtypeStruct(rows.shape, jnp.float32),
+                           vmap_method="broadcast_all")(rows, temperature=np.float32(temperature))
+    return out.reshape(x.shape)
+
+
+def sample(mass: jax.Array, uniforms: jax.Array) -> jax.Array:
+    """int32 [...]: one token per row of `mass` [..., V] (unnormalised, entries <= 0 or NaN carry
+    none) by `sampling.sample`'s two-stage inversion, with `uniforms` [..., 2] in [0, 1) as its
+    two uniforms; a row with no mass gives V - 1."""
+    chex.assert_shape(uniforms, (*mass.shape[:-1], 2))
+    rows = mass.reshape(-1, mass.shape[-1]).astype(jnp.float32)
+    out = jax.ffi.ffi_call("hsd_sample", jax.ShapeDtypeStruct(rows.shape[:1], jnp.int32),
+                           vmap_method="broadcast_all")(rows, uniforms.reshape(-1, 2).astype(jnp.float32))
+    return out.reshape(mass.shape[:-1])
 
 
 def embedding_rows(table: jax.Array, tokens: jax.Array) -> jax.Array:

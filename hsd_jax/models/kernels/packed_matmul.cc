@@ -6,7 +6,8 @@
 //   multiplies), against x quantised to int8 row by row (absmax / 127): AVX512-VNNI, exact int32 sums.
 // And attention of query rows against one layer of the float32 KV cache, read in place, and the
 // row sums the norms take: both row by row, in an order that does not depend on the row count.
-// And rows of a bf16 embedding table as float32, read in place, and each row's argmax.
+// And rows of a bf16 embedding table as float32, read in place, and each row's argmax; and
+// sampling's softmax and two-stage draw over the vocabulary.
 //
 // Each weight element is read from memory once per call: rows run in groups of up to 8 whose
 // accumulators stay in registers, and every group runs over one span of column blocks before the
@@ -462,13 +463,13 @@ ffi::Error RowSumsImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out)
   return ffi::Error::Success();
 }
 
-// x [R, V] -> out [R] int32: each row's first index of its largest element, a NaN counting as
+// x [..., V] -> out [...] int32: each row's first index of its largest element, a NaN counting as
 // the largest (jnp.argmax's answer, exactly). XLA:CPU runs an argmax as a scalar loop, ~0.25 ms
 // for a 49k vocabulary; here one vector pass finds the maximum and a second its first index.
 ffi::Error ArgmaxImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> out) {
   const auto xd = x.dimensions();
-  if (xd.size() != 2 || xd[1] < 1) return ffi::Error::InvalidArgument("hsd argmax: x must be [R, V], V >= 1");
-  const int64_t rows = xd[0], v = xd[1];
+  if (xd.size() < 1 || xd.back() < 1) return ffi::Error::InvalidArgument("hsd argmax: x must be [..., V], V >= 1");
+  const int64_t v = xd.back(), rows = x.element_count() / v;
   const float* xp = x.typed_data();
   int32_t* op = out->typed_data();
   for (int64_t r = 0; r < rows; ++r) {
@@ -502,6 +503,135 @@ ffi::Error ArgmaxImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> out) 
       found = i + __builtin_ctz(hit);
     }
     op[r] = static_cast<int32_t>(found);
+  }
+  return ffi::Error::Success();
+}
+
+// e^x for x <= 0 (and NaN, which stays NaN), within about 1 ulp (Cephes' expf: x = n ln2 + r,
+// |r| <= ln2 / 2, a degree-7 polynomial for e^r, times 2^n); 0 below -104, where e^x is below
+// float32's smallest denormal.
+inline __m512 ExpNonPositive(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-110.0f), x);  // a NaN x is the second operand: kept
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 TailMask(int64_t left) { return static_cast<__mmask16>((1u << left) - 1); }
+
+// sum += x in float64 lanes: a row's total stays exact to float32 however peaked the row is (one
+// float32 lane adding thousands of small terms to a large one drifts by up to ~1e-5).
+inline void AddWide(__m512d& sum, __m512 x) {
+  sum = _mm512_add_pd(sum, _mm512_cvtps_pd(_mm512_castps512_ps256(x)));
+  sum = _mm512_add_pd(sum, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1))));
+}
+
+// x [R, V] -> out [R, V]: softmax(x / temperature) of each row, as jax.nn.softmax computes it:
+// e^(y - max y) / sum e^(y - max y) with y = x / temperature (a NaN or +inf in a row makes it all
+// NaN, as there), the sum in float64 and the division a multiplication by its reciprocal (within
+// an ulp of dividing; a division per element cost more than the exponential). Three vector
+// passes; XLA:CPU's reductions over a 49k row take ~70 µs each.
+ffi::Error SoftmaxImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out, float temperature) {
+  const auto xd = x.dimensions();
+  if (xd.size() < 1 || xd.back() < 1) return ffi::Error::InvalidArgument("hsd softmax: x must be [..., V], V >= 1");
+  const int64_t v = xd.back(), rows = x.element_count() / v;
+  const __m512 t = _mm512_set1_ps(temperature);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x.typed_data() + r * v;
+    float* o = out->typed_data() + r * v;
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    __mmask16 nan = 0;
+    int64_t i = 0;
+    for (; i + 16 <= v; i += 16) {
+      const __m512 y = _mm512_loadu_ps(row + i);
+      nan |= _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+      top = _mm512_max_ps(top, y);
+    }
+    if (i < v) {
+      const __m512 y = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), TailMask(v - i), row + i);
+      nan |= _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+      top = _mm512_max_ps(top, y);
+    }
+    // division by a positive temperature keeps the order, so max(x) / t is max(x / t) exactly
+    const __m512 shift = _mm512_set1_ps(nan ? NAN : _mm512_reduce_max_ps(top) / temperature);
+    const bool scaled = temperature != 1.0f;  // x / 1 is x
+    __m512d sum = _mm512_setzero_pd();
+    for (i = 0; i + 16 <= v; i += 16) {
+      const __m512 y = scaled ? _mm512_div_ps(_mm512_loadu_ps(row + i), t) : _mm512_loadu_ps(row + i);
+      const __m512 e = ExpNonPositive(_mm512_sub_ps(y, shift));
+      _mm512_storeu_ps(o + i, e);
+      AddWide(sum, e);
+    }
+    if (i < v) {
+      const __mmask16 tail = TailMask(v - i);
+      const __m512 y = _mm512_div_ps(_mm512_maskz_loadu_ps(tail, row + i), t);
+      const __m512 e = ExpNonPositive(_mm512_sub_ps(y, shift));
+      _mm512_mask_storeu_ps(o + i, tail, e);
+      AddWide(sum, _mm512_maskz_mov_ps(tail, e));
+    }
+    const __m512 inverse = _mm512_set1_ps(static_cast<float>(1.0 / _mm512_reduce_add_pd(sum)));
+    for (i = 0; i + 16 <= v; i += 16) _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_loadu_ps(o + i), inverse));
+    if (i < v) {
+      const __mmask16 tail = TailMask(v - i);
+      _mm512_mask_storeu_ps(o + i, tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, o + i), inverse));
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// The first index in [0, n) whose running sum exceeds u, clamped to the last index with mass, or
+// n - 1 where none has any (sampling.py's `_first_above`); `sums` holds the running sums of `mass`.
+inline int64_t FirstAbove(const double* sums, const double* mass, int64_t n, double u) {
+  int64_t index = 0, last_positive = n - 1;
+  while (index < n && sums[index] <= u) ++index;
+  while (last_positive >= 0 && !(mass[last_positive] > 0.0)) --last_positive;
+  return std::min(index, last_positive < 0 ? n - 1 : last_positive);
+}
+
+// mass [R, V], uniforms [R, 2] -> out [R] int32: sampling.py's two-stage inversion of each row's
+// CDF (a block of 256 tokens with the first uniform, a token inside it with the second), over
+// the mass clamped at zero (a negative or NaN entry has none), its sums in float64. A row with no
+// mass gives V - 1.
+ffi::Error SampleImpl(ffi::Buffer<ffi::F32> mass, ffi::Buffer<ffi::F32> uniforms, ffi::ResultBuffer<ffi::S32> out) {
+  constexpr int64_t kBlock = 256;
+  const auto md = mass.dimensions();
+  if (md.size() < 1 || md.back() < 1) return ffi::Error::InvalidArgument("hsd sample: mass must be [..., V], V >= 1");
+  const int64_t v = md.back(), rows = mass.element_count() / v, blocks = (v + kBlock - 1) / kBlock;
+  if (uniforms.element_count() != 2 * rows) return ffi::Error::InvalidArgument("hsd sample: uniforms must be [..., 2]");
+  std::vector<double> block_mass(blocks), block_sums(blocks), inside(kBlock), inside_sums(kBlock);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = mass.typed_data() + r * v;
+    double running = 0.0;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t end = std::min(v, (b + 1) * kBlock);
+      __m512d acc = _mm512_setzero_pd();
+      int64_t i = b * kBlock;
+      for (; i + 16 <= end; i += 16) AddWide(acc, _mm512_max_ps(_mm512_loadu_ps(row + i), _mm512_setzero_ps()));
+      if (i < end) AddWide(acc, _mm512_max_ps(_mm512_maskz_loadu_ps(TailMask(end - i), row + i), _mm512_setzero_ps()));
+      block_mass[b] = _mm512_reduce_add_pd(acc);
+      running += block_mass[b];
+      block_sums[b] = running;
+    }
+    const float* u = uniforms.typed_data() + 2 * r;
+    const int64_t block = FirstAbove(block_sums.data(), block_mass.data(), blocks, u[0] * running);
+    const int64_t first = block * kBlock, width = std::min(v, first + kBlock) - first;
+    double inner = 0.0;
+    for (int64_t j = 0; j < width; ++j) {
+      inside[j] = row[first + j] > 0.0f ? row[first + j] : 0.0;
+      inner += inside[j];
+      inside_sums[j] = inner;
+    }
+    const int64_t token = first + FirstAbove(inside_sums.data(), inside.data(), width, u[1] * inner);
+    out->typed_data()[r] = static_cast<int32_t>(std::min(token, v - 1));
   }
   return ffi::Error::Success();
 }
@@ -562,6 +692,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HsdRowSums, RowSumsImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HsdArgmax, ArgmaxImpl,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HsdSoftmax, SoftmaxImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("temperature"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HsdSample, SampleImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HsdEmbeddingRows, EmbeddingRowsImpl,
                               ffi::Ffi::Bind()
