@@ -364,10 +364,10 @@ def test_softmax_is_as_close_to_exact_as_xlas(vocab):
 
 
 @needs_rows
-def test_softmax_exponential_is_within_two_ulp_over_the_float32_range():
+def test_softmax_exponential_is_within_three_ulp_over_the_float32_range():
     """One entry at 0 and 400k between -103 and -17.5: the total is known in float64, so each
-    probability is e^x / total; the kernel's error (exponential, float64 sum, reciprocal) stays
-    within 2.5 ulp, below float32's normals it gives XLA's answer, and NaN and +inf rows come out
+    probability is e^x / total; the kernel's error (the attention's exponential, float64 sum,
+    reciprocal) stays within 3.5 ulp (XLA's: 2), below float32's normals it gives XLA's answer, and NaN and +inf rows come out
     NaN as in XLA."""
     y = np.linspace(-103.0, -17.5, 400_001).astype(np.float32)
     row = np.concatenate([[0.0], y]).astype(np.float32)[None]
@@ -376,7 +376,7 @@ def test_softmax_exponential_is_within_two_ulp_over_the_float32_range():
     exact /= 1.0 + exact.sum()
     normal = exact > np.finfo(np.float32).tiny
     ulp = np.spacing(exact.astype(np.float32)).astype(np.float64)
-    assert np.max(np.abs(got - exact)[normal] / ulp[normal]) < 2.5
+    assert np.max(np.abs(got - exact)[normal] / ulp[normal]) < 3.5
     xla = np.asarray(jax.nn.softmax(jnp.asarray(row), axis=-1))[0, 1:]
     np.testing.assert_array_equal(got[~normal], xla[~normal])  # XLA:CPU flushes denormals to zero
     odd = np.zeros((2, 40), np.float32)

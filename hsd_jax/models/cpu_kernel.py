@@ -252,9 +252,8 @@ def argmax(x: jax.Array) -> jax.Array:
 
 def softmax(x: jax.Array, temperature: float = 1.0) -> jax.Array:
     """float32 softmax(x / temperature) over x's last axis, as `jax.nn.softmax` computes it (the
-    maximum taken off before the exponential, a NaN or +inf making its row NaN), with an
-    exponential within about 1 ulp of XLA's. XLA:CPU's reductions over a 49k vocabulary take
-    ~70 µs each; the kernel's three vector passes take a few."""
+    maximum taken off before the exponential, a NaN or +inf making its row NaN, denormals 0):
+    within 3.5 ulp of exact (XLA's within 2), its sum in float64. ~20 µs a row of 49k."""
     if not temperature > 0:
         raise ValueError(f"softmax needs a temperature > 0, got {temperature!r}")
     rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
