@@ -194,8 +194,8 @@ def packed_matmul(x: jax.Array, w: PackedWeight) -> jax.Array:
     if np.dtype(dtype) not in (np.dtype(jnp.float32), np.dtype(jnp.bfloat16)):
         raise TypeError(f"packed_matmul takes float32 or bfloat16 weights, not {dtype} "
                         "(int8: packed_int8_matmul)")
-    rows = x.reshape(-1, x.shape[-1]).astype(dtype)
-    rows = jnp.pad(rows, ((0, 0), (0, _group(dtype) * w.data.shape[1] - rows.shape[1])))
+    # float32 rows: the bfloat16 kernel rounds them itself (XLA:CPU's convert is a scalar loop)
+    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     result = jax.ShapeDtypeStruct((rows.shape[0], w.data.shape[0] * BLOCK), jnp.float32)
     out = jax.ffi.ffi_call(MATMULS[np.dtype(dtype)], result)(rows, w.data)
     return out[:, : w.out_features].reshape(*lead, w.out_features)
