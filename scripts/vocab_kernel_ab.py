@@ -1,18 +1,18 @@
 """Passes over the vocabulary on our CPU kernel against XLA's: alone, and inside generation.
 
     .venv/bin/python scripts/vocab_kernel_ab.py [--plans checkpoints/plan.json,checkpoints/plan-hsd.json] \
-        [--temperature 0] [--num-prompts 8] [--rounds 3] [--json docs/argmax-ab.json]
+        [--temperature 1] [--num-prompts 8] [--rounds 3] [--json docs/vocab-kernel-ab-t1.json]
 
-Alone: jitted over [rows, 49152] float32 logits (median of 300 calls), the kernel's and XLA's:
-greedy, the argmax (which must agree); at a temperature, the distribution (softmax), the draw,
-and one verification of `rows - 1` drafts. Inside generation: each plan's hierarchy and its
-target's plain AR, traced twice, once with `sampling.on_kernel` forced off (XLA) and once as
-shipped, then timed prompt by prompt in one process, every variant in turn on each prompt,
+Alone, over [rows, 49152] float32 logits, the kernel's and XLA's: greedy, the argmax (which must
+agree); at a temperature, the distribution (softmax), the draw, and one verification of
+`rows - 1` drafts; each timed inside a compiled loop (`_loop_us`, no dispatch; the argmax
+figures in docs/argmax-ab.json were timed call by call). Inside generation: each plan's hierarchy
+and its target's plain AR, traced twice, once with `sampling.on_kernel` forced off (XLA) and once
+as shipped, then timed prompt by prompt in one process, every variant in turn on each prompt,
 `--rounds` times (64 new tokens, one key). Greedy tokens must be identical; at a temperature the
 two variants draw from laws an ulp apart with the same uniforms, and the share of identical
 outputs is reported. CPU only. (Before the sampling kernel this script was scripts/argmax_ab.py,
-greedy only; docs/argmax-ab.json is its run.)
-"""
+greedy only; docs/argmax-ab.json is its run.)"""
 
 from __future__ import annotations
 
@@ -38,13 +38,23 @@ from hsd_jax.planning import hierarchy_from_plan, load_plan
 AR_STATIC = ("max_new_tokens", "sampling", "eos_token_id", "cache_size", "pad_id")
 
 
-def _median_us(fn, *args, repeats: int = 300) -> float:
-    jax.block_until_ready(fn(*args))
+def _loop_us(fn, x, *rest, iterations: int = 100, repeats: int = 7) -> float:
+    """Microseconds a call of fn(x, *rest) takes inside a compiled loop (no dispatch): x is nudged
+    by a carried scalar each iteration, and every output folded into it, so nothing is hoisted or
+    dropped (the nudge, an add over x, is in both variants' times). Median of `repeats` runs."""
+    def run(x, *rest):
+        def body(_, nudge):
+            outputs = jax.tree.leaves(fn(x + nudge, *rest))
+            return nudge + 1e-30 * sum(leaf.reshape(-1)[0].astype(jnp.float32) for leaf in outputs)
+        return jax.lax.fori_loop(0, iterations, body, jnp.float32(0))
+
+    program = jax.jit(run)
+    jax.block_until_ready(program(x, *rest))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
+        jax.block_until_ready(program(x, *rest))
+        times.append((time.perf_counter() - start) / iterations)
     return 1e6 * statistics.median(times)
 
 
@@ -53,8 +63,7 @@ def alone(rows: int, temperature: float) -> dict:
     out = {"rows": rows}
     if temperature == 0:
         for name, kernel in (("xla", False), ("kernel", True)):
-            out[f"{name}_argmax_us"] = _median_us(
-                jax.jit(lambda x, k=kernel: sampling.argmax(x, kernel=k)), x)
+            out[f"{name}_argmax_us"] = _loop_us(lambda x, k=kernel: sampling.argmax(x, kernel=k), x)
         assert np.array_equal(np.asarray(cpu_kernel.argmax(x)), np.asarray(jnp.argmax(x, -1)))
         return out
     params = sampling.SamplingParams(temperature=temperature)
@@ -64,12 +73,11 @@ def alone(rows: int, temperature: float) -> dict:
     drafts, draft_len = jnp.zeros((1, width), jnp.int32), jnp.full((1,), width, jnp.int32)
     q, p = probs[None, :width], jnp.concatenate([probs, probs[:1]])[None, :width + 1]
     for name, kernel in (("xla", False), ("kernel", True)):
-        out[f"{name}_distribution_us"] = _median_us(
-            jax.jit(lambda x, k=kernel: sampling.distribution(x, params, kernel=k)), x)
-        out[f"{name}_sample_us"] = _median_us(
-            jax.jit(lambda p, k=kernel: sampling.sample(key, p, kernel=k)), probs)
-        out[f"{name}_verify_us"] = _median_us(
-            jax.jit(lambda q, p, k=kernel: verify("tokenwise", key, drafts, draft_len, q, p, kernel=k)), q, p)
+        out[f"{name}_distribution_us"] = _loop_us(
+            lambda x, k=kernel: sampling.distribution(x, params, kernel=k), x)
+        out[f"{name}_sample_us"] = _loop_us(lambda p, k=kernel: sampling.sample(key, p, kernel=k), probs)
+        out[f"{name}_verify_us"] = _loop_us(
+            lambda q, p, k=kernel: verify("tokenwise", key, drafts, draft_len, q, p, kernel=k), q, p)
     return out
 
 

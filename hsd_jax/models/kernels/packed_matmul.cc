@@ -525,8 +525,9 @@ ffi::Error ArgmaxImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> out) 
   return ffi::Error::Success();
 }
 
-// sum += x in float64 lanes: a row's total stays exact to float32 however peaked the row is (one
-// float32 lane adding thousands of small terms to a large one drifts by up to ~1e-5).
+// sum += x in float64 lanes. A softmax total adds float32 partial sums of 16 terms a lane this
+// way, so it stays exact to float32 however peaked the row is (one float32 lane adding thousands
+// of small terms to a large one drifts by up to ~1e-5).
 inline void AddWide(__m512d& sum, __m512 x) {
   sum = _mm512_add_pd(sum, _mm512_cvtps_pd(_mm512_castps512_ps256(x)));
   sum = _mm512_add_pd(sum, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1))));
@@ -567,12 +568,18 @@ ffi::Error SoftmaxImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out,
     const __m512 shift = _mm512_set1_ps(largest / temperature);
     const bool scaled = temperature != 1.0f;  // x / 1 is x
     __m512d sum = _mm512_setzero_pd();
+    __m512 part = _mm512_setzero_ps();
     for (i = 0; i + 16 <= v; i += 16) {
       const __m512 y = scaled ? _mm512_div_ps(_mm512_loadu_ps(row + i), t) : _mm512_loadu_ps(row + i);
       const __m512 e = Exp(_mm512_sub_ps(y, shift));
       _mm512_storeu_ps(o + i, e);
-      AddWide(sum, e);
+      part = _mm512_add_ps(part, e);
+      if ((i / 16) % 16 == 15) {  // float32 sums of 16 terms a lane, then float64
+        AddWide(sum, part);
+        part = _mm512_setzero_ps();
+      }
     }
+    AddWide(sum, part);
     if (i < v) {
       const __mmask16 tail = Lanes(v - i);
       const __m512 y = _mm512_div_ps(_mm512_maskz_loadu_ps(tail, row + i), t);
@@ -601,8 +608,8 @@ inline int64_t FirstAbove(const double* sums, const double* mass, int64_t n, dou
 
 // mass [R, V], uniforms [R, 2] -> out [R] int32: sampling.py's two-stage inversion of each row's
 // CDF (a block of 256 tokens with the first uniform, a token inside it with the second), over
-// the mass clamped at zero (a negative or NaN entry has none), its sums in float64. A row with no
-// mass gives V - 1.
+// the mass clamped at zero (a negative or NaN entry has none); a block's mass summed in float32
+// lanes, the running sums in float64. A row with no mass gives V - 1.
 ffi::Error SampleImpl(ffi::Buffer<ffi::F32> mass, ffi::Buffer<ffi::F32> uniforms, ffi::ResultBuffer<ffi::S32> out) {
   constexpr int64_t kBlock = 256;
   const auto md = mass.dimensions();
@@ -615,11 +622,11 @@ ffi::Error SampleImpl(ffi::Buffer<ffi::F32> mass, ffi::Buffer<ffi::F32> uniforms
     double running = 0.0;
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t end = std::min(v, (b + 1) * kBlock);
-      __m512d acc = _mm512_setzero_pd();
+      __m512 acc = _mm512_setzero_ps();  // 16 terms a lane in float32, the blocks' running sum in float64
       int64_t i = b * kBlock;
-      for (; i + 16 <= end; i += 16) AddWide(acc, _mm512_max_ps(_mm512_loadu_ps(row + i), _mm512_setzero_ps()));
-      if (i < end) AddWide(acc, _mm512_max_ps(_mm512_maskz_loadu_ps(Lanes(end - i), row + i), _mm512_setzero_ps()));
-      block_mass[b] = _mm512_reduce_add_pd(acc);
+      for (; i + 16 <= end; i += 16) acc = _mm512_add_ps(acc, _mm512_max_ps(_mm512_loadu_ps(row + i), _mm512_setzero_ps()));
+      if (i < end) acc = _mm512_add_ps(acc, _mm512_max_ps(_mm512_maskz_loadu_ps(Lanes(end - i), row + i), _mm512_setzero_ps()));
+      block_mass[b] = _mm512_reduce_add_ps(acc);
       running += block_mass[b];
       block_sums[b] = running;
     }
