@@ -367,8 +367,8 @@ def test_softmax_is_as_close_to_exact_as_xlas(vocab):
 def test_softmax_exponential_is_within_three_ulp_over_the_float32_range():
     """One entry at 0 and 400k between -103 and -17.5: the total is known in float64, so each
     probability is e^x / total; the kernel's error (the attention's exponential, float64 sum,
-    reciprocal) stays within 3.5 ulp (XLA's: 2), below float32's normals it gives XLA's answer, and NaN and +inf rows come out
-    NaN as in XLA."""
+    reciprocal) stays within 3.5 ulp (XLA's: 2), below float32's normals it gives XLA's answer,
+    and NaN and +inf rows come out NaN as in XLA."""
     y = np.linspace(-103.0, -17.5, 400_001).astype(np.float32)
     row = np.concatenate([[0.0], y]).astype(np.float32)[None]
     got = np.asarray(cpu_kernel.softmax(jnp.asarray(row)))[0, 1:].astype(np.float64)
