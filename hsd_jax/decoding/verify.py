@@ -1,12 +1,13 @@
 """Verification rules: one verifier call over one draft path, vectorised over batch and draft length.
 
 Every rule is written as its exact outcome law: given the drafts x_1..x_γ (γ may differ per row),
-their draft distributions q_1..q_γ and the verifier's distributions p_1..p_{γ+1},
-  * `tau_probs[b, t]`   = P(exactly t drafts are accepted), t = 0..G, and
-  * `next_dists[b, t]`  = the law of the token emitted after accepting t drafts
-                          (the correction for t < γ, the bonus p_{γ+1} for t = γ).
-`verify` then draws τ and the next token from these. Drawing τ from its law is equivalent in
-distribution to the rules' sequential coin flips, and it lets tests enumerate the rules exactly.
+their draft distributions q_1..q_γ and the verifier's distributions p_1..p_{γ+1}, a rule gives
+  * `tau_probs[b, t]` = P(exactly t drafts are accepted), t = 0..G, and
+  * the weights w_t of its residuals: after a rejection at offset t < γ the next token is drawn
+    from norm((w_t p_{t+1} - q_{t+1})^+) (tokenwise: w = 1), after τ = γ from the bonus p_{γ+1}.
+`outcome` forms these laws (`next_dists[b, t]`) for tests to enumerate; `verify` draws τ, then
+the token from row τ's residual alone. Drawing τ from its law is equivalent in distribution to
+the rules' sequential coin flips.
 
 Array layout: q[:, i] and p[:, i] are the distributions of the token at draft offset i
 (0-based), p[:, γ] is the bonus distribution. Offsets >= γ of q, and > γ of p, are ignored.
@@ -58,7 +59,8 @@ def check_rule(rule: str, allow_inexact: bool = False) -> str:
 
 
 def _residuals(weights, q, p) -> jax.Array:
-    """(w_t p_t - q_t)^+ at every draft offset t < G: [B, G, V]."""
+    """(w_t p_{t+1} - q_{t+1})^+ at every draft offset t < G (0-based arrays: p[:, t], q[:, t]):
+    [B, G, V]."""
     return jnp.maximum(weights[..., None] * p[:, :-1] - q, 0.0)
 
 
@@ -73,7 +75,7 @@ def _draft_ratio_terms(draft_tokens, draft_len, q, p):
 
 def tokenwise(draft_tokens, draft_len, q, p, kernel=False) -> _Law:
     """Leviathan et al. 2023 / Chen et al. 2023: accept x_i w.p. min(1, p_i(x_i)/q_i(x_i));
-    at the first rejection resample from norm((p_i - q_i)^+)."""
+    at the first rejection resample from norm((p_i - q_i)^+). (No V-sized sums: `kernel` unused.)"""
     p_x, q_x, in_draft = _draft_ratio_terms(draft_tokens, draft_len, q, p)
     accept = jnp.where(in_draft, jnp.minimum(1.0, p_x / jnp.where(in_draft, q_x, 1.0)), 0.0)
     accept = jnp.concatenate([accept, jnp.zeros_like(accept[:, :1])], axis=1)  # [B, G+1]
@@ -94,7 +96,8 @@ def _block_weights(draft_tokens, draft_len, q, p):
 def _block_outcome(w, final_accept, draft_len, q, p, kernel) -> _Law:
     """τ = the largest i with η_i ~ Bern(h_i) = 1, where for i < γ
     h_i = Σ(w_i p_{i+1} - q_{i+1})^+ / [Σ(w_i p_{i+1} - q_{i+1})^+ + 1 - w_i], h_γ = `final_accept`,
-    h_0 := 1; the next token is drawn from norm((w_τ p_{τ+1} - q_{τ+1})^+), or p_{γ+1} if τ = γ."""
+    h_0 := 1; the next token's law is norm((w_τ p_{τ+1} - q_{τ+1})^+), or p_{γ+1} if τ = γ: its
+    weights are w_0..w_{G-1}."""
     width = q.shape[1]
     offsets = jnp.arange(width + 1)[None, :]
     mass = total(_residuals(w[:, :-1], q, p), kernel=kernel)  # [B, G]
@@ -122,7 +125,7 @@ def block(draft_tokens, draft_len, q, p, kernel=False) -> _Law:
 
 def zhou(draft_tokens, draft_len, q, p, kernel=False) -> _Law:
     """Zhou et al. (arXiv 2601.05724) as released: block verification whose last stop
-    probability is min(1, R_γ) instead of w_γ. Not lossless: see tests/test_verify.py."""
+    probability is min(1, R_γ) instead of w_γ. Not lossless: see tests/test_exactness.py."""
     w, log_r = _block_weights(draft_tokens, draft_len, q, p)
     final = jnp.minimum(1.0, jnp.exp(jnp.take_along_axis(log_r, draft_len[:, None], axis=1)))
     return _block_outcome(w, final, draft_len, q, p, kernel)

@@ -359,7 +359,6 @@ ffi::Error S8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Bu
   return ffi::Error::Success();
 }
 
-
 // exp on 16 lanes: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2, p a degree-6 Taylor polynomial
 // (relative error below 2e-7); exact 0 below -87.3.
 inline __m512 Exp(__m512 x) {
@@ -463,11 +462,11 @@ ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::
   return ffi::Error::Success();
 }
 
-// x [R, D] -> out [R]: each row summed in 16 lanes, in order, then across the lanes.
+// x [..., D] -> out [...]: each row summed in 16 lanes, in order, then across the lanes.
 ffi::Error RowSumsImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out) {
   const auto xd = x.dimensions();
-  if (xd.size() != 2) return ffi::Error::InvalidArgument("hsd row sums: x must be [R, D]");
-  const int64_t rows = xd[0], d = xd[1];
+  if (xd.size() < 1 || xd.back() < 1) return ffi::Error::InvalidArgument("hsd row sums: x must be [..., D], D >= 1");
+  const int64_t d = xd.back(), rows = x.element_count() / d;
   const float* xp = x.typed_data();
   float* op = out->typed_data();
   for (int64_t r = 0; r < rows; ++r) {
@@ -559,13 +558,13 @@ ffi::Error SoftmaxImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out,
       nan |= _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
       top = _mm512_max_ps(top, y);
     }
-    const float largest = _mm512_reduce_max_ps(top);
-    if (nan || largest == INFINITY) {  // XLA's answer: inf - inf and NaN spread to the whole row
+    // division by a positive temperature keeps the order, so max(x) / t is max(x / t) exactly
+    const float largest = _mm512_reduce_max_ps(top) / temperature;
+    if (nan || !std::isfinite(largest)) {  // XLA's answer: NaN, or inf - inf, fills the row
       std::fill(o, o + v, NAN);
       continue;
     }
-    // division by a positive temperature keeps the order, so max(x) / t is max(x / t) exactly
-    const __m512 shift = _mm512_set1_ps(largest / temperature);
+    const __m512 shift = _mm512_set1_ps(largest);
     const bool scaled = temperature != 1.0f;  // x / 1 is x
     __m512d sum = _mm512_setzero_pd();
     __m512 part = _mm512_setzero_ps();
