@@ -239,7 +239,8 @@ needs_rows = pytest.mark.skipif(not cpu_kernel.rows_available(),
 @needs_rows
 @pytest.mark.parametrize("batch,steps,heads,kv_heads,dim,size,window", [
     (1, 1, 9, 3, 64, 256, 0), (2, 5, 4, 2, 16, 40, 0), (1, 16, 9, 3, 64, 256, 0), (2, 3, 6, 3, 12, 33, 0),
-    (2, 7, 4, 4, 100, 50, 6), (1, 3, 2, 1, 256, 20, 0), (1, 4, 4, 2, 128, 40, 0)])
+    (2, 7, 4, 4, 100, 50, 6), (1, 3, 2, 1, 256, 20, 0), (1, 4, 4, 2, 128, 40, 0), (1, 2, 8, 2, 64, 70, 0),
+    (2, 2, 2, 2, 128, 30, 0), (1, 2, 10, 2, 64, 30, 0)])
 def test_cached_attention_matches_xla_and_rows_stand_alone(batch, steps, heads, kv_heads, dim, size, window):
     from hsd_jax.models.ops import attention
 

@@ -381,23 +381,70 @@ inline __m512 Exp(__m512 x) {
 // One query row's heads of one KV group: out[g] = softmax(q[g] . k[s] * scale over the valid s) . v.
 // A row's result depends only on its own q, mask row and the cache: not on the other rows.
 // kChunks: d / 16 known at compile time (loops unrolled, no masked loads), or 0: any d <= 256.
+// The scores of all kGroups heads of a KV group (head width 16 kChunks) against every valid
+// position, each cached key loaded once for all of them and every q in registers: scores[g * size
+// + s], tops[g] their maxima. Each score adds the same products in the same order as the one-head
+// loop in AttendGroup.
+template <int kChunks, int kGroups>
+void GroupScores(const float* q, const float* k, const bool* mask, int64_t size, int64_t kv_stride, float scale,
+                 float* scores, float* tops) {
+  __m512 qv[kGroups][kChunks];
+  float top[kGroups];
+  for (int g = 0; g < kGroups; ++g) {
+    top[g] = -INFINITY;
+    for (int c = 0; c < kChunks; ++c) qv[g][c] = _mm512_loadu_ps(q + (g * kChunks + c) * 16);
+  }
+  for (int64_t s = 0; s < size; ++s) {
+    if (!mask[s]) continue;
+    __m512 kv[kChunks];
+    for (int c = 0; c < kChunks; ++c) kv[c] = _mm512_loadu_ps(k + s * kv_stride + 16 * c);
+    for (int g = 0; g < kGroups; ++g) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int c = 0; c < kChunks; ++c) acc = _mm512_fmadd_ps(qv[g][c], kv[c], acc);
+      const float score = _mm512_reduce_add_ps(acc) * scale;
+      scores[g * size + s] = score;
+      top[g] = std::max(top[g], score);
+    }
+  }
+  for (int g = 0; g < kGroups; ++g) tops[g] = top[g];
+}
+using GroupScoresFn = void (*)(const float*, const float*, const bool*, int64_t, int64_t, float, float*, float*);
+
+// The GroupScores for a head width and group size whose q fits 16 registers, else null.
+inline GroupScoresFn GroupScoresFor(int64_t d, int64_t groups) {
+  if (d == 64) {
+    switch (groups) {
+      case 1: return GroupScores<4, 1>;
+      case 2: return GroupScores<4, 2>;
+      case 3: return GroupScores<4, 3>;
+      case 4: return GroupScores<4, 4>;
+    }
+  }
+  if (d == 128 && groups <= 2) return groups == 1 ? GroupScores<8, 1> : GroupScores<8, 2>;
+  return nullptr;
+}
+
 template <int kChunks>
 void AttendGroup(const float* q, const float* k, const float* v, const bool* mask, float* out, int64_t groups,
-                 int64_t size, int64_t d, int64_t kv_stride, float scale, float* scores) {
+                 int64_t size, int64_t d, int64_t kv_stride, float scale, float* scores, GroupScoresFn shared) {
   const __mmask16 tail = kChunks ? static_cast<__mmask16>(0xFFFF)
                                  : static_cast<__mmask16>((1u << (d % 16 ? d % 16 : 16)) - 1);
   const int64_t chunks = kChunks ? kChunks : (d + 15) / 16;
   auto load = [&](const float* p, int64_t c) {
     return kChunks || c != chunks - 1 ? _mm512_loadu_ps(p + 16 * c) : _mm512_maskz_loadu_ps(tail, p + 16 * c);
   };
+  float tops[16];
+  if (shared) shared(q, k, mask, size, kv_stride, scale, scores, tops);
   for (int64_t g = 0; g < groups; ++g) {
     const float* qg = q + g * d;
     float* sg = scores + g * size;
-    float top = -INFINITY;
-    for (int64_t s = 0; s < size; ++s) {
+    float top = shared ? tops[g] : -INFINITY;
+    __m512 qv[16];  // in registers: stores to sg may alias q for the compiler, which reloaded it
+    for (int64_t c = 0; c < chunks && !shared; ++c) qv[c] = load(qg, c);
+    for (int64_t s = 0; s < size && !shared; ++s) {
       if (!mask[s]) continue;
       __m512 acc = _mm512_setzero_ps();
-      for (int64_t c = 0; c < chunks; ++c) acc = _mm512_fmadd_ps(load(qg, c), load(k + s * kv_stride, c), acc);
+      for (int64_t c = 0; c < chunks; ++c) acc = _mm512_fmadd_ps(qv[c], load(k + s * kv_stride, c), acc);
       sg[s] = _mm512_reduce_add_ps(acc) * scale;
       top = std::max(top, sg[s]);
     }
@@ -450,13 +497,14 @@ ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::
   float* op = out->typed_data();
   const int64_t tasks = batch * steps * kv_heads;
   const auto attend = d == 64 ? AttendGroup<4> : d == 128 ? AttendGroup<8> : AttendGroup<0>;
+  const GroupScoresFn shared = GroupScoresFor(d, groups);
   Pool::Get().Run(tasks, 1, [&](int64_t first, int64_t last) {
     std::vector<float> scores(groups * size);
     for (int64_t task = first; task < last; ++task) {
       const int64_t b = task / (steps * kv_heads), row = task / kv_heads, h = task % kv_heads;
       attend(qp + (row * heads + h * groups) * d, kp + b * size * kv_stride + h * d,
              vp + b * size * kv_stride + h * d, mp + row * size, op + (row * heads + h * groups) * d,
-             groups, size, d, kv_stride, scale, scores.data());
+             groups, size, d, kv_stride, scale, scores.data(), shared);
     }
   });
   return ffi::Error::Success();
