@@ -439,14 +439,16 @@ void AttendGroup(const float* q, const float* k, const float* v, const bool* mas
     const float* qg = q + g * d;
     float* sg = scores + g * size;
     float top = shared ? tops[g] : -INFINITY;
-    __m512 qv[16];  // in registers: stores to sg may alias q for the compiler, which reloaded it
-    for (int64_t c = 0; c < chunks && !shared; ++c) qv[c] = load(qg, c);
-    for (int64_t s = 0; s < size && !shared; ++s) {
-      if (!mask[s]) continue;
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t c = 0; c < chunks; ++c) acc = _mm512_fmadd_ps(qv[c], load(k + s * kv_stride, c), acc);
-      sg[s] = _mm512_reduce_add_ps(acc) * scale;
-      top = std::max(top, sg[s]);
+    if (!shared) {
+      __m512 qv[16];  // in registers: stores to sg may alias q for the compiler, which reloaded it
+      for (int64_t c = 0; c < chunks; ++c) qv[c] = load(qg, c);
+      for (int64_t s = 0; s < size; ++s) {
+        if (!mask[s]) continue;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t c = 0; c < chunks; ++c) acc = _mm512_fmadd_ps(qv[c], load(k + s * kv_stride, c), acc);
+        sg[s] = _mm512_reduce_add_ps(acc) * scale;
+        top = std::max(top, sg[s]);
+      }
     }
     float total = 0.f;
     __m512 acc[16];
@@ -510,11 +512,39 @@ ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::
   return ffi::Error::Success();
 }
 
+// A buffer [..., W] as rows of width W >= 1: false for a scalar or an empty last axis.
+template <typename Buffer>
+bool AsRows(const Buffer& x, int64_t& rows, int64_t& width) {
+  const auto dims = x.dimensions();
+  if (dims.size() < 1 || dims.back() < 1) return false;
+  width = dims.back();
+  rows = x.element_count() / width;
+  return true;
+}
+
+// The largest of a row's v >= 1 values, and whether any is NaN (one vector pass).
+inline float RowMax(const float* row, int64_t v, bool& nan) {
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  __mmask16 unordered = 0;
+  int64_t i = 0;
+  for (; i + 16 <= v; i += 16) {
+    const __m512 y = _mm512_loadu_ps(row + i);
+    unordered |= _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+    top = _mm512_max_ps(top, y);
+  }
+  if (i < v) {
+    const __m512 y = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), Lanes(v - i), row + i);
+    unordered |= _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+    top = _mm512_max_ps(top, y);
+  }
+  nan = unordered != 0;
+  return _mm512_reduce_max_ps(top);
+}
+
 // x [..., D] -> out [...]: each row summed in 16 lanes, in order, then across the lanes.
 ffi::Error RowSumsImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out) {
-  const auto xd = x.dimensions();
-  if (xd.size() < 1 || xd.back() < 1) return ffi::Error::InvalidArgument("hsd row sums: x must be [..., D], D >= 1");
-  const int64_t d = xd.back(), rows = x.element_count() / d;
+  int64_t rows, d;
+  if (!AsRows(x, rows, d)) return ffi::Error::InvalidArgument("hsd row sums: x must be [..., D], D >= 1");
   const float* xp = x.typed_data();
   float* op = out->typed_data();
   for (int64_t r = 0; r < rows; ++r) {
@@ -522,7 +552,7 @@ ffi::Error RowSumsImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out)
     __m512 acc = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= d; i += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(row + i));
-    if (i < d) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (d - i)) - 1), row + i));
+    if (i < d) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(Lanes(d - i), row + i));
     op[r] = _mm512_reduce_add_ps(acc);
   }
   return ffi::Error::Success();
@@ -532,33 +562,21 @@ ffi::Error RowSumsImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out)
 // the largest (jnp.argmax's answer, exactly). XLA:CPU runs an argmax as a scalar loop, ~0.25 ms
 // for a 49k vocabulary; here one vector pass finds the maximum and a second its first index.
 ffi::Error ArgmaxImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> out) {
-  const auto xd = x.dimensions();
-  if (xd.size() < 1 || xd.back() < 1) return ffi::Error::InvalidArgument("hsd argmax: x must be [..., V], V >= 1");
-  const int64_t v = xd.back(), rows = x.element_count() / v;
+  int64_t rows, v;
+  if (!AsRows(x, rows, v)) return ffi::Error::InvalidArgument("hsd argmax: x must be [..., V], V >= 1");
   const float* xp = x.typed_data();
   int32_t* op = out->typed_data();
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = xp + r * v;
-    __m512 best = _mm512_set1_ps(-INFINITY);
-    __mmask16 nan = 0;
-    int64_t i = 0;
-    for (; i + 16 <= v; i += 16) {
-      const __m512 y = _mm512_loadu_ps(row + i);
-      nan |= _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
-      best = _mm512_max_ps(best, y);
-    }
-    const __mmask16 tail = static_cast<__mmask16>((1u << (v - i)) - 1);
-    if (i < v) {
-      const __m512 y = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail, row + i);
-      nan |= _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
-      best = _mm512_max_ps(best, y);
-    }
+    bool nan;
+    const __m512 top = _mm512_set1_ps(RowMax(row, v, nan));
     int64_t found = 0;
     if (nan) {  // the first NaN
       while (!std::isnan(row[found])) ++found;
     } else {
-      const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(best));
+      const __mmask16 tail = Lanes(v % 16);
       __mmask16 hit = 0;
+      int64_t i;
       for (i = 0; i + 16 <= v && !hit; i += 16) hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + i), top, _CMP_EQ_OQ);
       if (hit) {
         i -= 16;
@@ -586,28 +604,15 @@ inline void AddWide(__m512d& sum, __m512 x) {
 // division a multiplication by its reciprocal (within an ulp of dividing; a division per element
 // cost more than the exponential). Three vector passes.
 ffi::Error SoftmaxImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out, float temperature) {
-  const auto xd = x.dimensions();
-  if (xd.size() < 1 || xd.back() < 1) return ffi::Error::InvalidArgument("hsd softmax: x must be [..., V], V >= 1");
-  const int64_t v = xd.back(), rows = x.element_count() / v;
+  int64_t rows, v;
+  if (!AsRows(x, rows, v)) return ffi::Error::InvalidArgument("hsd softmax: x must be [..., V], V >= 1");
   const __m512 t = _mm512_set1_ps(temperature);
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = x.typed_data() + r * v;
     float* o = out->typed_data() + r * v;
-    __m512 top = _mm512_set1_ps(-INFINITY);
-    __mmask16 nan = 0;
-    int64_t i = 0;
-    for (; i + 16 <= v; i += 16) {
-      const __m512 y = _mm512_loadu_ps(row + i);
-      nan |= _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
-      top = _mm512_max_ps(top, y);
-    }
-    if (i < v) {
-      const __m512 y = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), Lanes(v - i), row + i);
-      nan |= _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
-      top = _mm512_max_ps(top, y);
-    }
+    bool nan;
     // division by a positive temperature keeps the order, so max(x) / t is max(x / t) exactly
-    const float largest = _mm512_reduce_max_ps(top) / temperature;
+    const float largest = RowMax(row, v, nan) / temperature;
     if (nan || !std::isfinite(largest)) {  // XLA's answer: NaN, or inf - inf, fills the row
       std::fill(o, o + v, NAN);
       continue;
@@ -616,6 +621,7 @@ ffi::Error SoftmaxImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out,
     const bool scaled = temperature != 1.0f;  // x / 1 is x
     __m512d sum = _mm512_setzero_pd();
     __m512 part = _mm512_setzero_ps();
+    int64_t i;
     for (i = 0; i + 16 <= v; i += 16) {
       const __m512 y = scaled ? _mm512_div_ps(_mm512_loadu_ps(row + i), t) : _mm512_loadu_ps(row + i);
       const __m512 e = Exp(_mm512_sub_ps(y, shift));
@@ -659,9 +665,9 @@ inline int64_t FirstAbove(const double* sums, const double* mass, int64_t n, dou
 // lanes, the running sums in float64. A row with no mass gives V - 1.
 ffi::Error SampleImpl(ffi::Buffer<ffi::F32> mass, ffi::Buffer<ffi::F32> uniforms, ffi::ResultBuffer<ffi::S32> out) {
   constexpr int64_t kBlock = 256;
-  const auto md = mass.dimensions();
-  if (md.size() < 1 || md.back() < 1) return ffi::Error::InvalidArgument("hsd sample: mass must be [..., V], V >= 1");
-  const int64_t v = md.back(), rows = mass.element_count() / v, blocks = (v + kBlock - 1) / kBlock;
+  int64_t rows, v;
+  if (!AsRows(mass, rows, v)) return ffi::Error::InvalidArgument("hsd sample: mass must be [..., V], V >= 1");
+  const int64_t blocks = (v + kBlock - 1) / kBlock;
   if (uniforms.element_count() != 2 * rows) return ffi::Error::InvalidArgument("hsd sample: uniforms must be [..., 2]");
   std::vector<double> block_mass(blocks), block_sums(blocks), inside(kBlock), inside_sums(kBlock);
   for (int64_t r = 0; r < rows; ++r) {
