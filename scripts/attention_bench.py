@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +19,7 @@ import numpy as np
 
 from hsd_jax.io.files import write_json
 from hsd_jax.models import cpu_kernel
+from hsd_jax.planning.timing import timed_runs
 
 LAYERS, SIZE, CACHED = 30, 512, 300
 
@@ -33,14 +33,13 @@ def layer_us(rows: int, repeats: int = 7, calls: int = 100) -> float:
     program = jax.jit(lambda q, k, v, mask: sum(
         cpu_kernel.cached_attention(q + layer * 1e-9, k, v, layer, mask)[0, 0, 0, 0]
         for layer in range(LAYERS)))
-    jax.block_until_ready(program(q, k, v, mask))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+
+    def batch_of_calls():
         for _ in range(calls):
             jax.block_until_ready(program(q, k, v, mask))
-        best = min(best, (time.perf_counter() - start) / calls / LAYERS)
-    return 1e6 * best
+
+    times, _ = timed_runs(batch_of_calls, repeats=repeats)
+    return 1e6 * min(times) / calls / LAYERS
 
 
 def main(argv=None) -> int:

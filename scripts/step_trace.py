@@ -18,10 +18,8 @@ import collections
 import gzip
 import json
 import re
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import jax
@@ -29,6 +27,7 @@ import jax.numpy as jnp
 
 from hsd_jax.io.files import write_json
 from hsd_jax.io.sources import from_source
+from hsd_jax.planning.timing import median_seconds
 
 TRACED_STEPS = 10
 
@@ -43,13 +42,7 @@ def trace_step(model, width: int, cached: int) -> dict:
     cache = model.init_cache(1, 512).with_lengths(jnp.full((1,), cached, jnp.int32))
     tokens = jnp.ones((1, width), jnp.int32)
     step = jax.jit(model.step)
-    for _ in range(5):
-        jax.block_until_ready(step(tokens, cache))
-    times = []
-    for _ in range(30):
-        start = time.perf_counter()
-        jax.block_until_ready(step(tokens, cache))
-        times.append(time.perf_counter() - start)
+    wall = median_seconds(step, tokens, cache, repeats=30, warmup=5)
     targets = dict(re.findall(r'(ffi_call[.\d]*) = .*custom_call_target="(\w+)"',
                               step.lower(tokens, cache).compile().as_text()))
     with tempfile.TemporaryDirectory() as trace_dir:
@@ -69,7 +62,7 @@ def trace_step(model, width: int, cached: int) -> dict:
             calls[targets[name]] += 1 / TRACED_STEPS
         elif re.fullmatch(r"[a-z][\w-]*(\.\d+)?", name) and not name.startswith("end"):
             xla_ms[re.sub(r"\.\d+$", "", name)] += event["dur"] / 1e3 / TRACED_STEPS
-    return {"width": width, "wall_ms": 1e3 * statistics.median(times),
+    return {"width": width, "wall_ms": 1e3 * wall,
             "kernel_ms": dict(kernel_ms.most_common()),
             "kernel_calls": {k: round(v) for k, v in calls.items()},
             "xla_ms": dict(xla_ms.most_common(12)), "xla_total_ms": sum(xla_ms.values())}

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +33,7 @@ from hsd_jax.io.files import write_json
 from hsd_jax.io.prompts import load_prompts, pad_prompts
 from hsd_jax.models import cpu_kernel
 from hsd_jax.planning import hierarchy_from_plan, load_plan
+from hsd_jax.planning.timing import median_seconds, time_once
 
 AR_STATIC = ("max_new_tokens", "sampling", "eos_token_id", "cache_size", "pad_id")
 
@@ -48,14 +48,7 @@ def _loop_us(fn, x, *rest, iterations: int = 100, repeats: int = 7) -> float:
             return nudge + 1e-30 * sum(leaf.reshape(-1)[0].astype(jnp.float32) for leaf in outputs)
         return jax.lax.fori_loop(0, iterations, body, jnp.float32(0))
 
-    program = jax.jit(run)
-    jax.block_until_ready(program(x, *rest))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(program(x, *rest))
-        times.append((time.perf_counter() - start) / iterations)
-    return 1e6 * statistics.median(times)
+    return 1e6 * median_seconds(jax.jit(run), x, *rest, repeats=repeats) / iterations
 
 
 def alone(rows: int, temperature: float) -> dict:
@@ -127,9 +120,8 @@ def in_generation(plan_path: str, num_prompts: int, rounds: int, temperature: fl
         for i in range(len(texts)):
             for name, (run_hsd, run_ar) in variants.items():
                 for method, run in (("hsd", run_hsd), ("ar", run_ar)):
-                    start = time.perf_counter()
-                    out = run(i).block_until_ready()
-                    times[(name, method)].append(time.perf_counter() - start)
+                    seconds, out = time_once(run, i)
+                    times[(name, method)].append(seconds)
                     tokens.setdefault((method, i), []).append(np.asarray(out).tolist())
     rate = {f"{v}_{m}_tokens_per_s": 64 / statistics.median(t) for (v, m), t in times.items()}
     return {"plan": plan.label, **rate,
