@@ -232,23 +232,25 @@ def cached_attention(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, layer
                                                      layer=np.int64(layer))
 
 
+def _per_row(target: str, x: jax.Array, dtype, *operands, width: tuple[int, ...] = (), **attrs) -> jax.Array:
+    """Our kernel's `target` over the rows of x [..., W] as float32 (the kernel takes any leading
+    shape): [..., *width] of `dtype`. Under jax.vmap the batch is more rows."""
+    x = x.astype(jnp.float32)
+    result = jax.ShapeDtypeStruct(x.shape[:-1] + width, dtype)
+    return jax.ffi.ffi_call(target, result, vmap_method="broadcast_all")(x, *operands, **attrs)
+
+
 def row_sums(x: jax.Array) -> jax.Array:
     """float32 x [..., D] summed over its last axis, keepdims: [..., 1], each row in one order
     whatever the number of rows (XLA's reductions vectorise by shape)."""
-    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    out = jax.ffi.ffi_call("hsd_row_sums", jax.ShapeDtypeStruct(rows.shape[:1], jnp.float32),
-                           vmap_method="broadcast_all")(rows)
-    return out.reshape(*x.shape[:-1], 1)
+    return _per_row("hsd_row_sums", x, jnp.float32)[..., None]
 
 
 def argmax(x: jax.Array) -> jax.Array:
     """int32 [...]: the first index of the largest value along x's last axis, a NaN counting as
     the largest: exactly `jnp.argmax`'s answer. XLA:CPU runs an argmax as a scalar loop (~0.25 ms
     a row of a 49k vocabulary, as much as a small draft's forward); the kernel takes microseconds."""
-    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    out = jax.ffi.ffi_call("hsd_argmax", jax.ShapeDtypeStruct(rows.shape[:1], jnp.int32),
-                           vmap_method="broadcast_all")(rows)
-    return out.reshape(x.shape[:-1])
+    return _per_row("hsd_argmax", x, jnp.int32)
 
 
 def softmax(x: jax.Array, temperature: float = 1.0) -> jax.Array:
@@ -258,10 +260,7 @@ def softmax(x: jax.Array, temperature: float = 1.0) -> jax.Array:
     within 3.5 ulp of exact (XLA's within 2), its sum in float64. ~20 µs a row of 49k."""
     if not temperature > 0:
         raise ValueError(f"softmax needs a temperature > 0, got {temperature!r}")
-    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    out = jax.ffi.ffi_call("hsd_softmax", jax.ShapeDtypeStruct(rows.shape, jnp.float32),
-                           vmap_method="broadcast_all")(rows, temperature=np.float32(temperature))
-    return out.reshape(x.shape)
+    return _per_row("hsd_softmax", x, jnp.float32, width=x.shape[-1:], temperature=np.float32(temperature))
 
 
 def sample(mass: jax.Array, uniforms: jax.Array) -> jax.Array:
@@ -269,10 +268,7 @@ def sample(mass: jax.Array, uniforms: jax.Array) -> jax.Array:
     none) by `sampling.sample`'s two-stage inversion, with `uniforms` [..., 2] in [0, 1) as its
     two uniforms; a row with no mass gives V - 1."""
     chex.assert_shape(uniforms, (*mass.shape[:-1], 2))
-    rows = mass.reshape(-1, mass.shape[-1]).astype(jnp.float32)
-    out = jax.ffi.ffi_call("hsd_sample", jax.ShapeDtypeStruct(rows.shape[:1], jnp.int32),
-                           vmap_method="broadcast_all")(rows, uniforms.reshape(-1, 2).astype(jnp.float32))
-    return out.reshape(mass.shape[:-1])
+    return _per_row("hsd_sample", mass, jnp.int32, uniforms.astype(jnp.float32))
 
 
 def embedding_rows(table: jax.Array, tokens: jax.Array) -> jax.Array:
