@@ -17,13 +17,19 @@ copied and transposed it, ~3 ms a target step), the norms' row sums (`row_sums`)
 table's embedding rows (`embedding_rows`); and the decoders' passes over the vocabulary: greedy
 decoding's argmax (`argmax`), sampling's softmax (`softmax`) and draw (`sample`).
 
-The kernel is compiled with g++ on first use into a cache directory ($XDG_CACHE_HOME/hsd_jax, else
-~/.cache/hsd_jax), keyed by the source and jaxlib's version, and registered as XLA FFI targets.
-`available(dtype)` is False, and such weights keep XLA's own dots, where the CPU lacks AVX-512
-(float32), AVX512-BF16 (bfloat16) or AVX512-VNNI (int8), no compiler is found, the build fails
-(`build_error()` says why), the backend is not the CPU, or HSD_JAX_CPU_KERNEL=0 is set. The
-kernel's threads are the cores the process may use, or HSD_JAX_KERNEL_THREADS. Importing this
-module builds nothing and sets no XLA flag.
+The kernel is built for one of two instruction sets, the first this CPU has: AVX-512
+(`kernels/packed_matmul.cc`: F, BW, BF16 and VNNI, as on AMD Zen 4 or Intel Sapphire Rapids), or
+AVX2 with FMA (`kernels/packed_matmul_avx2.cc`: the same targets, layouts and contract in 8-lane
+registers, for Zen 2 and 3, Intel's client cores and older servers). Both give every kernel, and
+each is exact in the same sense; float32 sums are ordered differently between the two, so their
+results may differ in the last bits (a machine always uses the same one). It is compiled with g++
+on first use into a cache directory ($XDG_CACHE_HOME/hsd_jax, else ~/.cache/hsd_jax), keyed by the
+sources, the instruction set and jaxlib's version, and registered as XLA FFI targets.
+`available(dtype)` is False, and weights keep XLA's own dots, where the CPU has neither
+instruction set, no compiler is found, the build fails (`build_error()` says why), the backend is
+not the CPU, or HSD_JAX_CPU_KERNEL=0 is set (HSD_JAX_CPU_KERNEL=avx2 takes the AVX2 build on an
+AVX-512 CPU too). The kernel's threads are the cores the process may use, or
+HSD_JAX_KERNEL_THREADS. Importing this module builds nothing and sets no XLA flag.
 """
 
 from __future__ import annotations
@@ -44,18 +50,25 @@ import jaxlib
 import numpy as np
 from flax import struct
 
-SOURCE = Path(__file__).with_name("kernels") / "packed_matmul.cc"
-# FFI target: the symbol of its handler, and the CPU flag it needs
+KERNELS = Path(__file__).with_name("kernels")
+# instruction set: its source, the CPU flags it needs (/proc/cpuinfo's names) and g++'s flags for it
+BUILDS = {
+    "avx512": ("packed_matmul.cc", {"avx512f", "avx512bw", "avx512_bf16", "avx512_vnni"},
+               ["-mavx512f", "-mfma", "-mavx512bf16", "-mavx512bw", "-mavx512vnni"]),
+    "avx2": ("packed_matmul_avx2.cc", {"avx2", "fma"}, ["-mavx2", "-mfma"]),
+}
+SHARED_SOURCES = ("common.h", "handlers.inc")
+# FFI target: the symbol of its handler (each build exports all of them)
 TARGETS = {
-    "hsd_f32_matmul": ("HsdF32Matmul", "avx512f"),
-    "hsd_bf16_matmul": ("HsdBf16Matmul", "avx512_bf16"),
-    "hsd_s8_matmul": ("HsdS8Matmul", "avx512_vnni"),
-    "hsd_attention": ("HsdAttention", "avx512f"),
-    "hsd_row_sums": ("HsdRowSums", "avx512f"),
-    "hsd_embedding_rows": ("HsdEmbeddingRows", "avx512f"),
-    "hsd_argmax": ("HsdArgmax", "avx512f"),
-    "hsd_softmax": ("HsdSoftmax", "avx512f"),
-    "hsd_sample": ("HsdSample", "avx512f"),
+    "hsd_f32_matmul": "HsdF32Matmul",
+    "hsd_bf16_matmul": "HsdBf16Matmul",
+    "hsd_s8_matmul": "HsdS8Matmul",
+    "hsd_attention": "HsdAttention",
+    "hsd_row_sums": "HsdRowSums",
+    "hsd_embedding_rows": "HsdEmbeddingRows",
+    "hsd_argmax": "HsdArgmax",
+    "hsd_softmax": "HsdSoftmax",
+    "hsd_sample": "HsdSample",
 }
 ROW_TARGETS = ("hsd_attention", "hsd_row_sums", "hsd_embedding_rows", "hsd_argmax", "hsd_softmax",
                "hsd_sample")
@@ -81,11 +94,38 @@ def _cache_dir() -> Path:
     return Path(base) / "hsd_jax"
 
 
-def _build() -> Path:
-    """The compiled library, built on first use (atomically: a killed build leaves nothing)."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + jaxlib.__version__.encode()).hexdigest()[:16]
-    library = _cache_dir() / f"packed_matmul-{key}.so"
+def instruction_set() -> str | None:
+    """The build this process uses: "avx512", "avx2", or None (HSD_JAX_CPU_KERNEL=0, or a CPU with
+    neither; `build_error()` says which)."""
+    return _instruction_set()
+
+
+@functools.cache
+def _instruction_set() -> str | None:
+    choice = os.environ.get("HSD_JAX_CPU_KERNEL", "1")
+    if choice == "0":
+        _errors.append("HSD_JAX_CPU_KERNEL=0")
+        return None
+    if choice not in ("1", *BUILDS):
+        _errors.append(f"HSD_JAX_CPU_KERNEL={choice!r} is not one of 0, 1, {', '.join(BUILDS)}")
+        return None
+    flags = _cpu_flags()
+    for isa, (_, needs, _) in BUILDS.items():
+        if choice in ("1", isa) and needs <= flags:
+            return isa
+    wanted = BUILDS[choice][1] if choice in BUILDS else set().union(*(b[1] for b in BUILDS.values()))
+    _errors.append(f"this CPU lacks {', '.join(sorted(wanted - flags))} (the kernel needs AVX-512 F, BW, "
+                   "BF16 and VNNI, or AVX2 with FMA)")
+    return None
+
+
+def _build(isa: str) -> Path:
+    """The compiled library for `isa`, built on first use (atomically: a killed build leaves nothing)."""
+    source_name, _, isa_flags = BUILDS[isa]
+    source = KERNELS / source_name
+    text = b"".join((KERNELS / name).read_bytes() for name in (source_name, *SHARED_SOURCES))
+    key = hashlib.sha256(text + isa.encode() + jaxlib.__version__.encode()).hexdigest()[:16]
+    library = _cache_dir() / f"{source.stem}-{key}.so"
     if library.is_file():
         return library
     compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
@@ -94,9 +134,8 @@ def _build() -> Path:
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         built = Path(tmp) / library.name
-        command = [compiler, "-O3", "-std=c++17", "-mavx512f", "-mfma", "-mavx512bf16", "-mavx512bw",
-                   "-mavx512vnni", "-pthread", "-fPIC",
-                   "-shared", "-w", f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)]
+        command = [compiler, "-O3", "-std=c++17", *isa_flags, "-pthread", "-fPIC", "-shared", "-w",
+                   f"-I{jax.ffi.include_dir()}", str(source), "-o", str(built)]
         run = subprocess.run(command, capture_output=True, text=True)
         if run.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed: {run.stderr.strip()[-500:]}")
@@ -106,11 +145,11 @@ def _build() -> Path:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("HSD_JAX_CPU_KERNEL", "1") == "0":
-        _errors.append("HSD_JAX_CPU_KERNEL=0")
+    isa = _instruction_set()
+    if isa is None:
         return None
     try:
-        return ctypes.cdll.LoadLibrary(str(_build()))
+        return ctypes.cdll.LoadLibrary(str(_build(isa)))
     except (OSError, RuntimeError) as e:
         _errors.append(str(e))
         return None
@@ -118,15 +157,11 @@ def _library() -> ctypes.CDLL | None:
 
 @functools.cache
 def _register(name: str) -> bool:
-    symbol, flag = TARGETS[name]
-    if flag not in _cpu_flags():
-        _errors.append(f"this CPU has no {flag} ({name} needs it)")
-        return False
     library = _library()
     if library is None:
         return False
     try:
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, TARGETS[name])), platform="cpu")
     except (AttributeError, ValueError) as e:
         _errors.append(str(e))
         return False

@@ -16,25 +16,7 @@
 // columns. Every output element is one
 // accumulator that adds the same products in the same order whatever M is: a row's result does
 // not depend on the other rows (a one-token step and a k-token pass agree bit for bit).
-#include <immintrin.h>
-#include <sched.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstring>
-#include <atomic>
-#include <condition_variable>
-#include <cstdint>
-#include <cstdlib>
-#include <functional>
-#include <mutex>
-#include <string>
-#include <thread>
-#include <vector>
-
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "common.h"
 
 namespace {
 
@@ -150,91 +132,6 @@ void Blocks(const typename E::X* x, int64_t m, int64_t steps, const typename E::
   }
 }
 
-// Workers that spin briefly between calls (a decode step makes ~200 calls a few microseconds
-// apart; waking a sleeping thread each time would cost more than the work) and then sleep. A call's
-// items are claimed in chunks from one counter by whichever threads run: the caller never waits for
-// a worker that has not started (on two cores a worker is often descheduled for milliseconds while
-// XLA's own threads run), only for chunks already claimed, and while it waits it yields its core.
-class Pool {
- public:
-  static Pool& Get() {
-    static Pool* pool = new Pool(Threads());
-    return *pool;
-  }
-  // The cores this process may run on (not the machine's), or HSD_JAX_KERNEL_THREADS.
-  static unsigned Threads() {
-    if (const char* env = std::getenv("HSD_JAX_KERNEL_THREADS")) return std::max(1, std::atoi(env));
-    cpu_set_t set;
-    if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-    return std::max(1u, std::thread::hardware_concurrency());
-  }
-
-  int size() const { return static_cast<int>(workers_.size()) + 1; }
-
-  // Runs body(first, last) over [0, items) in chunks of `chunk` and waits for all. A call made
-  // while another one runs (XLA may run two custom calls at once) runs alone on its thread.
-  template <typename F>
-  void Run(int64_t items, int64_t chunk, F&& body) {
-    std::unique_lock<std::mutex> busy(running_, std::try_to_lock);
-    if (workers_.empty() || items <= chunk || !busy.owns_lock()) return body(0, items);
-    std::atomic<int64_t> next{0};
-    std::function<void()> job = [&] {
-      for (int64_t first; (first = next.fetch_add(chunk)) < items;) body(first, std::min(items, first + chunk));
-    };
-    uint64_t generation;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      job_ = &job;
-      generation = generation_.load(std::memory_order_relaxed) + 1;
-      open_.store(generation, std::memory_order_seq_cst);
-      generation_.store(generation, std::memory_order_release);
-    }
-    wake_.notify_all();
-    job();
-    open_.store(0, std::memory_order_seq_cst);  // no worker joins this call from here on
-    // a worker inside may have lost its core to another thread: after a short spin, lend it ours
-    for (int spin = 0; inflight_.load(std::memory_order_seq_cst) > 0; ++spin) {
-      if (spin < 256) _mm_pause(); else sched_yield();
-    }
-  }
-
- private:
-  explicit Pool(unsigned threads) {
-    for (unsigned i = 1; i < threads; ++i) workers_.emplace_back([this] { Loop(); });
-  }
-  void Loop() {
-    uint64_t seen = 0;
-    for (;;) {
-      uint64_t now = generation_.load(std::memory_order_acquire);
-      for (int spin = 0; now == seen && spin < 20000; ++spin) {
-        if (spin % 64 == 63) sched_yield(); else _mm_pause();  // spin, but give way to runnable threads
-        now = generation_.load(std::memory_order_acquire);
-      }
-      if (now == seen) {
-        std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
-      }
-      std::function<void()>* job;
-      {  // the generation and its job are published together under the lock
-        std::lock_guard<std::mutex> lock(mutex_);
-        seen = generation_.load(std::memory_order_relaxed);
-        job = job_;
-      }
-      // Join only while the call is open: the caller closes it, then waits for those inside.
-      inflight_.fetch_add(1, std::memory_order_seq_cst);
-      if (open_.load(std::memory_order_seq_cst) == seen) (*job)();
-      inflight_.fetch_sub(1, std::memory_order_seq_cst);
-    }
-  }
-  std::vector<std::thread> workers_;
-  std::mutex running_;
-  std::mutex mutex_;
-  std::condition_variable wake_;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<uint64_t> open_{0};
-  std::atomic<int> inflight_{0};
-  std::function<void()>* job_ = nullptr;
-};
 
 // Column blocks per pool chunk: about four chunks a thread, each a multiple of 6 blocks (the
 // tiles' widths divide 6).
@@ -481,45 +378,16 @@ void AttendGroup(const float* q, const float* k, const float* v, const bool* mas
 // mask [B, T, S] -> out [B, T, H, D]. Heads of one KV group are adjacent in q (H = H_kv * G).
 ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                          ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out, int64_t layer) {
-  const auto qd = q.dimensions();
-  const auto kd = k.dimensions();
-  const auto md = mask.dimensions();
-  if (qd.size() != 4 || kd.size() != 5 || md.size() != 3 || kd[1] != qd[0] || kd[4] != qd[3] ||
-      qd[2] % kd[3] != 0 || md[0] != qd[0] || md[1] != qd[1] || md[2] != kd[2] || layer < 0 || layer >= kd[0] ||
-      qd[3] > 256) {
-    return ffi::Error::InvalidArgument("hsd attention: q [B, T, H, D], cache [L, B, S, H_kv, D], mask [B, T, S]");
-  }
-  const int64_t batch = qd[0], steps = qd[1], heads = qd[2], d = qd[3], size = kd[2], kv_heads = kd[3];
-  const int64_t groups = heads / kv_heads, kv_stride = kv_heads * d;
-  const float scale = 1.f / std::sqrt(static_cast<float>(d));
-  const float* qp = q.typed_data();
-  const float* kp = k.typed_data() + layer * batch * size * kv_stride;
-  const float* vp = v.typed_data() + layer * batch * size * kv_stride;
-  const bool* mp = mask.typed_data();
-  float* op = out->typed_data();
-  const int64_t tasks = batch * steps * kv_heads;
-  const auto attend = d == 64 ? AttendGroup<4> : d == 128 ? AttendGroup<8> : AttendGroup<0>;
-  const GroupScoresFn shared = GroupScoresFor(d, groups);
-  Pool::Get().Run(tasks, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> scores(groups * size);
-    for (int64_t task = first; task < last; ++task) {
-      const int64_t b = task / (steps * kv_heads), row = task / kv_heads, h = task % kv_heads;
-      attend(qp + (row * heads + h * groups) * d, kp + b * size * kv_stride + h * d,
-             vp + b * size * kv_stride + h * d, mp + row * size, op + (row * heads + h * groups) * d,
-             groups, size, d, kv_stride, scale, scores.data(), shared);
-    }
-  });
+  AttentionShape shape;
+  if (!ReadAttentionShape(q, k, mask, layer, shape)) return AttentionShapeError();
+  const auto attend = shape.d == 64 ? AttendGroup<4> : shape.d == 128 ? AttendGroup<8> : AttendGroup<0>;
+  const GroupScoresFn shared = GroupScoresFor(shape.d, shape.groups);
+  ForEachAttentionTask(shape, q.typed_data(), k.typed_data(), v.typed_data(), mask.typed_data(), out->typed_data(),
+                       [&](const AttentionTask& t, float* scores) {
+                         attend(t.q, t.k, t.v, t.mask, t.out, shape.groups, shape.size, shape.d, shape.kv_stride,
+                                shape.scale, scores, shared);
+                       });
   return ffi::Error::Success();
-}
-
-// A buffer [..., W] as rows of width W >= 1: false for a scalar or an empty last axis.
-template <typename Buffer>
-bool AsRows(const Buffer& x, int64_t& rows, int64_t& width) {
-  const auto dims = x.dimensions();
-  if (dims.size() < 1 || dims.back() < 1) return false;
-  width = dims.back();
-  rows = x.element_count() / width;
-  return true;
 }
 
 // The largest of a row's v >= 1 values, and whether any is NaN (one vector pass).
@@ -650,125 +518,24 @@ ffi::Error SoftmaxImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out,
   return ffi::Error::Success();
 }
 
-// The first index in [0, n) whose running sum exceeds u, clamped to the last index with mass, or
-// n - 1 where none has any (sampling.py's `_first_above`); `sums` holds the running sums of `mass`.
-inline int64_t FirstAbove(const double* sums, const double* mass, int64_t n, double u) {
-  int64_t index = 0, last_positive = n - 1;
-  while (index < n && sums[index] <= u) ++index;
-  while (last_positive >= 0 && !(mass[last_positive] > 0.0)) --last_positive;
-  return std::min(index, last_positive < 0 ? n - 1 : last_positive);
-}
-
 // mass [R, V], uniforms [R, 2] -> out [R] int32: sampling.py's two-stage inversion of each row's
 // CDF (a block of 256 tokens with the first uniform, a token inside it with the second), over
 // the mass clamped at zero (a negative or NaN entry has none); a block's mass summed in float32
 // lanes, the running sums in float64. A row with no mass gives V - 1.
 ffi::Error SampleImpl(ffi::Buffer<ffi::F32> mass, ffi::Buffer<ffi::F32> uniforms, ffi::ResultBuffer<ffi::S32> out) {
-  constexpr int64_t kBlock = 256;
   int64_t rows, v;
   if (!AsRows(mass, rows, v)) return ffi::Error::InvalidArgument("hsd sample: mass must be [..., V], V >= 1");
-  const int64_t blocks = (v + kBlock - 1) / kBlock;
   if (uniforms.element_count() != 2 * rows) return ffi::Error::InvalidArgument("hsd sample: uniforms must be [..., 2]");
-  std::vector<double> block_mass(blocks), block_sums(blocks), inside(kBlock), inside_sums(kBlock);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = mass.typed_data() + r * v;
-    double running = 0.0;
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t end = std::min(v, (b + 1) * kBlock);
-      __m512 acc = _mm512_setzero_ps();  // 16 terms a lane in float32, the blocks' running sum in float64
-      int64_t i = b * kBlock;
-      for (; i + 16 <= end; i += 16) acc = _mm512_add_ps(acc, _mm512_max_ps(_mm512_loadu_ps(row + i), _mm512_setzero_ps()));
-      if (i < end) acc = _mm512_add_ps(acc, _mm512_max_ps(_mm512_maskz_loadu_ps(Lanes(end - i), row + i), _mm512_setzero_ps()));
-      block_mass[b] = _mm512_reduce_add_ps(acc);
-      running += block_mass[b];
-      block_sums[b] = running;
-    }
-    const float* u = uniforms.typed_data() + 2 * r;
-    const int64_t block = FirstAbove(block_sums.data(), block_mass.data(), blocks, u[0] * running);
-    const int64_t first = block * kBlock, width = std::min(v, first + kBlock) - first;
-    double inner = 0.0;
-    for (int64_t j = 0; j < width; ++j) {
-      inside[j] = row[first + j] > 0.0f ? row[first + j] : 0.0;
-      inner += inside[j];
-      inside_sums[j] = inner;
-    }
-    const int64_t token = first + FirstAbove(inside_sums.data(), inside.data(), width, u[1] * inner);
-    out->typed_data()[r] = static_cast<int32_t>(std::min(token, v - 1));
-  }
-  return ffi::Error::Success();
-}
-
-// table [V, D] bf16, ids [N] -> out [N, D] float32: rows read in place (XLA:CPU gathers a bf16
-// table by converting all of it to float32 first). Ids outside [0, V) are clamped.
-ffi::Error EmbeddingRowsImpl(ffi::Buffer<ffi::BF16> table, ffi::Buffer<ffi::S32> ids, ffi::ResultBuffer<ffi::F32> out) {
-  const auto td = table.dimensions();
-  if (td.size() != 2 || ids.dimensions().size() != 1) {
-    return ffi::Error::InvalidArgument("hsd embedding rows: table must be [V, D] and ids [N]");
-  }
-  const int64_t vocab = td[0], d = td[1], n = ids.dimensions()[0];
-  const auto* tp = reinterpret_cast<const uint16_t*>(table.untyped_data());
-  const int32_t* ip = ids.typed_data();
-  float* op = out->typed_data();
-  for (int64_t i = 0; i < n; ++i) {
-    const uint16_t* row = tp + std::min<int64_t>(std::max<int64_t>(ip[i], 0), vocab - 1) * d;
-    for (int64_t j = 0; j < d; ++j) {
-      const uint32_t bits = static_cast<uint32_t>(row[j]) << 16;
-      std::memcpy(op + i * d + j, &bits, 4);
-    }
-  }
+  SampleRows(mass.typed_data(), uniforms.typed_data(), rows, v, out->typed_data(), [](const float* p, int64_t count) {
+    __m512 acc = _mm512_setzero_ps();  // 16 terms a lane
+    int64_t i = 0;
+    for (; i + 16 <= count; i += 16) acc = _mm512_add_ps(acc, _mm512_max_ps(_mm512_loadu_ps(p + i), _mm512_setzero_ps()));
+    if (i < count) acc = _mm512_add_ps(acc, _mm512_max_ps(_mm512_maskz_loadu_ps(Lanes(count - i), p + i), _mm512_setzero_ps()));
+    return _mm512_reduce_add_ps(acc);
+  });
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(HsdF32Matmul, F32MatmulImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(HsdBf16Matmul, Bf16MatmulImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(HsdS8Matmul, S8MatmulImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(HsdAttention, AttentionImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("layer"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(HsdRowSums, RowSumsImpl,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(HsdArgmax, ArgmaxImpl,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::S32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(HsdSoftmax, SoftmaxImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("temperature"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(HsdSample, SampleImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(HsdEmbeddingRows, EmbeddingRowsImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+#include "handlers.inc"
