@@ -8,7 +8,7 @@
 // * int8 weights [N/16, K/4, 16, 4]: each quad sign-extended to 16 bits and multiplied in pairs by
 //   VPMADDWD against x quantised to int8 as packed_matmul.cc does: exact int32 sums, so the same
 //   products as there.
-// Rows run in groups of up to 6 (12 accumulators), so a k-token pass reads each weight from memory
+// Rows run in groups of up to 4 (8 accumulators), so a k-token pass reads each weight from memory
 // once. Every output element adds the same products in the same order whatever the number of rows,
 // so a one-token step and a k-token pass agree bit for bit; float32 sums are ordered differently
 // from packed_matmul.cc's, so the two builds may differ in the last bits of a float result.
@@ -59,32 +59,57 @@ struct Bf16 {
   }
 };
 
+// Eight float32 sums. Not __m256, which may alias any memory: GCC then keeps an array of them in
+// memory as well as in registers, a store per accumulator and step.
+typedef float Sums __attribute__((vector_size(32)));
+
 // Rows [m0, m0 + RT) times column blocks [b0, b0 + CB): x holds steps * kPairs floats a row.
 template <typename E, int RT, int CB>
 inline void Tile(const float* x, int64_t steps, const typename E::W* w, float* out, int64_t n, int64_t m0,
                  int64_t b0) {
-  __m256 acc[RT][CB][2];
+  Sums acc[RT][2 * CB];  // [row][2 block + half]; every loop over it unrolled, or GCC keeps it in memory
+#pragma GCC unroll 16
   for (int r = 0; r < RT; ++r)
-    for (int c = 0; c < CB; ++c) acc[r][c][0] = acc[r][c][1] = _mm256_setzero_ps();
+#pragma GCC unroll 16
+    for (int c = 0; c < 2 * CB; ++c) acc[r][c] = Sums{};
   const typename E::W* wp[CB];
   for (int c = 0; c < CB; ++c) wp[c] = w + (b0 + c) * steps * E::kStep;
-  const int64_t width = steps * E::kPairs;
+  const float* xp[RT];
+  for (int r = 0; r < RT; ++r) xp[r] = x + (m0 + r) * steps * E::kPairs;
   for (int64_t s = 0; s < steps; ++s) {
-    for (int c = 0; c < CB; ++c) {
-      for (int h = 0; h < 2; ++h) {
+    if constexpr (RT <= 2) {  // each widened weight used by every row in turn
+#pragma GCC unroll 16
+      for (int c = 0; c < 2 * CB; ++c) {
+#pragma GCC unroll 2
         for (int j = 0; j < E::kPairs; ++j) {
-          const __m256 wv = E::Widen(wp[c] + s * E::kStep, h, j);
+          const __m256 wv = E::Widen(wp[c / 2] + s * E::kStep, c % 2, j);
+#pragma GCC unroll 16
           for (int r = 0; r < RT; ++r) {
-            const __m256 xv = _mm256_broadcast_ss(x + (m0 + r) * width + s * E::kPairs + j);
-            acc[r][c][h] = _mm256_fmadd_ps(xv, wv, acc[r][c][h]);
+            acc[r][c] = Sums(_mm256_fmadd_ps(_mm256_broadcast_ss(xp[r] + s * E::kPairs + j), wv, __m256(acc[r][c])));
           }
+        }
+      }
+    } else {  // the step's widened weights held in registers, each row's x broadcast in turn
+      __m256 wv[2 * CB][E::kPairs];
+#pragma GCC unroll 16
+      for (int c = 0; c < 2 * CB; ++c)
+#pragma GCC unroll 2
+        for (int j = 0; j < E::kPairs; ++j) wv[c][j] = E::Widen(wp[c / 2] + s * E::kStep, c % 2, j);
+#pragma GCC unroll 16
+      for (int r = 0; r < RT; ++r) {
+#pragma GCC unroll 2
+        for (int j = 0; j < E::kPairs; ++j) {
+          const __m256 xv = _mm256_broadcast_ss(xp[r] + s * E::kPairs + j);
+#pragma GCC unroll 16
+          for (int c = 0; c < 2 * CB; ++c) acc[r][c] = Sums(_mm256_fmadd_ps(xv, wv[c][j], __m256(acc[r][c])));
         }
       }
     }
   }
+#pragma GCC unroll 16
   for (int r = 0; r < RT; ++r)
-    for (int c = 0; c < CB; ++c)
-      for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + (m0 + r) * n + (b0 + c) * 16 + 8 * h, acc[r][c][h]);
+#pragma GCC unroll 16
+    for (int c = 0; c < 2 * CB; ++c) _mm256_storeu_ps(out + (m0 + r) * n + b0 * 16 + 8 * c, __m256(acc[r][c]));
 }
 
 template <typename E, int RT, int CB>
@@ -96,23 +121,21 @@ void Span(const float* x, int64_t steps, const typename E::W* w, float* out, int
   }
 }
 
-// A group of 1 to 6 rows: at most 12 accumulators, the widened weight and a broadcast x.
+// A group of 1 to 4 rows in tiles whose accumulators, weights and broadcast x fit 16 registers.
 template <typename E>
 void Group(const float* x, int64_t steps, const typename E::W* w, float* out, int64_t n, int64_t m0, int64_t rows,
            int64_t b, int64_t end) {
   switch (rows) {
     case 1: return Span<E, 1, 4>(x, steps, w, out, n, m0, b, end);
     case 2: return Span<E, 2, 2>(x, steps, w, out, n, m0, b, end);
-    case 3: return Span<E, 3, 2>(x, steps, w, out, n, m0, b, end);
-    case 4: return Span<E, 4, 1>(x, steps, w, out, n, m0, b, end);
-    case 5: return Span<E, 5, 1>(x, steps, w, out, n, m0, b, end);
-    default: return Span<E, 6, 1>(x, steps, w, out, n, m0, b, end);
+    case 3: return Span<E, 3, 1>(x, steps, w, out, n, m0, b, end);
+    default: return Span<E, 4, 1>(x, steps, w, out, n, m0, b, end);
   }
 }
 
 // Column blocks [first, last) of every row, in groups of rows over spans of 12 blocks (as
 // packed_matmul.cc's Blocks: the groups after the first read a span from L2).
-constexpr int64_t kGroupRows = 6, kSpanBlocks = 12;
+constexpr int64_t kGroupRows = 4, kSpanBlocks = 12;
 template <typename E>
 void Blocks(const float* x, int64_t m, int64_t steps, const typename E::W* w, float* out, int64_t n, int64_t first,
             int64_t last) {
