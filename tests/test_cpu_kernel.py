@@ -217,6 +217,57 @@ def test_switched_off_the_kernel_leaves_xla_dots():
                                   "ArrayImpl"]
 
 
+@pytest.fixture
+def fresh_choice():
+    """cpu_kernel's choice of build made again inside the test, and again after it."""
+    cpu_kernel._instruction_set.cache_clear()
+    yield
+    cpu_kernel._instruction_set.cache_clear()
+
+
+AVX512 = {"avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "avx2", "fma"}
+
+
+@pytest.mark.parametrize("flags,env,expected", [
+    (AVX512, "1", "avx512"),
+    ({"avx2", "fma", "sse4_2"}, "1", "avx2"),  # Zen 2 and 3, Intel client cores
+    (AVX512 - {"avx512_bf16"}, "1", "avx2"),  # AVX-512 without BF16 (Ice Lake): every kernel on AVX2
+    (AVX512, "avx2", "avx2"),
+    ({"avx2", "fma"}, "avx512", None),
+    ({"avx", "sse4_2"}, "1", None),
+    ({"avx2"}, "1", None),  # no FMA
+    (AVX512, "0", None),
+    (AVX512, "fast", None),
+])
+def test_the_build_follows_the_cpus_instruction_set(monkeypatch, fresh_choice, flags, env, expected):
+    monkeypatch.setattr(cpu_kernel, "_cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setenv("HSD_JAX_CPU_KERNEL", env)
+    assert cpu_kernel.instruction_set() == expected
+    if expected is None:
+        message = cpu_kernel.build_error()
+        assert message == "HSD_JAX_CPU_KERNEL=0" if env == "0" else env in message or "lacks" in message
+
+
+def test_the_build_in_use_is_the_one_asked_for():
+    asked = os.environ.get("HSD_JAX_CPU_KERNEL", "1")
+    if asked not in cpu_kernel.BUILDS:
+        pytest.skip("HSD_JAX_CPU_KERNEL does not name a build")
+    assert cpu_kernel.instruction_set() == asked
+
+
+@pytest.mark.skipif(cpu_kernel.instruction_set() != "avx512"
+                    or not {"avx2", "fma"} <= cpu_kernel._cpu_flags(),
+                    reason="this machine runs this file on the AVX2 build already (or cannot run it)")
+def test_the_avx2_build_passes_this_file_on_an_avx512_machine():
+    env = dict(os.environ, HSD_JAX_CPU_KERNEL="avx2",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                          "not avx2_build_passes and not follows_the_cpus"],
+                         env=env, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert " passed" in run.stdout and " skipped" not in run.stdout.splitlines()[-1], run.stdout[-500:]
+
+
 @pytest.mark.parametrize("dtype", [pytest.param(d, marks=needs_kernel(d)) for d in DTYPES])
 def test_calls_from_several_threads_at_once_give_the_same_products(dtype):
     from concurrent.futures import ThreadPoolExecutor
