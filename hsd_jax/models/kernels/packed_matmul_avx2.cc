@@ -62,6 +62,7 @@ struct Bf16 {
 // Eight float32 sums. Not __m256, which may alias any memory: GCC then keeps an array of them in
 // memory as well as in registers, a store per accumulator and step.
 typedef float Sums __attribute__((vector_size(32)));
+typedef long long Ints __attribute__((vector_size(32)));
 
 // Rows [m0, m0 + RT) times column blocks [b0, b0 + CB): x holds steps * kPairs floats a row.
 template <typename E, int RT, int CB>
@@ -216,27 +217,37 @@ constexpr int64_t kMaxS8K = 133000;
 template <int RT, int CB>
 inline void S8Tile(const int32_t* x, int64_t steps, const int8_t* w, float* out, int64_t n, int64_t m0, int64_t b0) {
   // acc[r][c][h]: columns 4 h .. 4 h + 3 of block c, two int32 partial sums each (pairs (0, 1), (2, 3))
-  __m256i acc[RT][CB][4];
+  Ints acc[RT][CB][4];
+#pragma GCC unroll 4
   for (int r = 0; r < RT; ++r)
+#pragma GCC unroll 4
     for (int c = 0; c < CB; ++c)
-      for (int h = 0; h < 4; ++h) acc[r][c][h] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+      for (int h = 0; h < 4; ++h) acc[r][c][h] = Ints{};
   for (int64_t s = 0; s < steps; ++s) {
     __m256i xv[RT];
+#pragma GCC unroll 4
     for (int r = 0; r < RT; ++r) {  // x's quad (q0, q1, q2, q3) as int16 pairs (q0, q1), (q2, q3), repeated
       xv[r] = _mm256_set1_epi64x(*reinterpret_cast<const int64_t*>(x + ((m0 + r) * steps + s) * 2));
     }
+#pragma GCC unroll 4
     for (int c = 0; c < CB; ++c) {
       const int8_t* step = w + ((b0 + c) * steps + s) * 64;
+#pragma GCC unroll 4
       for (int h = 0; h < 4; ++h) {
         const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(step + 16 * h)));
-        for (int r = 0; r < RT; ++r) acc[r][c][h] = _mm256_add_epi32(acc[r][c][h], _mm256_madd_epi16(wv, xv[r]));
+#pragma GCC unroll 4
+        for (int r = 0; r < RT; ++r) acc[r][c][h] = Ints(_mm256_add_epi32(__m256i(acc[r][c][h]), _mm256_madd_epi16(wv, xv[r])));
       }
     }
   }
+#pragma GCC unroll 4
   for (int r = 0; r < RT; ++r)
+#pragma GCC unroll 4
     for (int c = 0; c < CB; ++c)
+#pragma GCC unroll 2
       for (int h = 0; h < 2; ++h) {  // add each column's two partial sums: columns 8 h .. 8 h + 7
-        const __m256i a = acc[r][c][2 * h], b = acc[r][c][2 * h + 1];
+        const __m256i a = __m256i(acc[r][c][2 * h]), b = __m256i(acc[r][c][2 * h + 1]);
         const __m256i sums = _mm256_hadd_epi32(a, b);  // a0+a1 a2+a3 b0+b1 b2+b3 | a4+a5 a6+a7 b4+b5 b6+b7
         const __m256i ordered = _mm256_permute4x64_epi64(sums, 0xD8);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (m0 + r) * n + (b0 + c) * 16 + 8 * h), ordered);
@@ -355,19 +366,22 @@ void AttendGroup(const float* q, const float* k, const float* v, const bool* mas
   };
   for (int64_t g = 0; g < groups; ++g) {
     const float* qg = q + g * d;
-    __m256 qv[32];
-    for (int64_t c = 0; c < chunks; ++c) qv[c] = load(qg, c);
+    Sums qv[32];
+#pragma GCC unroll 32
+    for (int64_t c = 0; c < chunks; ++c) qv[c] = Sums(load(qg, c));
     float top = -INFINITY;
     for (int64_t s = 0; s < size; ++s) {
       if (!mask[s]) continue;
       __m256 acc = _mm256_setzero_ps();
-      for (int64_t c = 0; c < chunks; ++c) acc = _mm256_fmadd_ps(qv[c], load(k + s * kv_stride, c), acc);
+#pragma GCC unroll 32
+      for (int64_t c = 0; c < chunks; ++c) acc = _mm256_fmadd_ps(__m256(qv[c]), load(k + s * kv_stride, c), acc);
       scores[s] = Sum(acc) * scale;
       top = std::max(top, scores[s]);
     }
     float total = 0.f;
-    __m256 acc[32];
-    for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm256_setzero_ps();
+    Sums acc[32];
+#pragma GCC unroll 32
+    for (int64_t c = 0; c < chunks; ++c) acc[c] = Sums{};
     for (int64_t s0 = 0; s0 < size; s0 += 8) {
       const int64_t width = std::min<int64_t>(8, size - s0);
       int valid;
@@ -381,14 +395,95 @@ void AttendGroup(const float* q, const float* k, const float* v, const bool* mas
         if (!(valid >> i & 1)) continue;
         total += weight[i];
         const __m256 wv = _mm256_set1_ps(weight[i]);
-        for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm256_fmadd_ps(wv, load(v + (s0 + i) * kv_stride, c), acc[c]);
+#pragma GCC unroll 32
+        for (int64_t c = 0; c < chunks; ++c) {
+          acc[c] = Sums(_mm256_fmadd_ps(wv, load(v + (s0 + i) * kv_stride, c), __m256(acc[c])));
+        }
       }
     }
     const __m256 norm = _mm256_set1_ps(total > 0.f ? 1.f / total : 0.f);
+#pragma GCC unroll 32
     for (int64_t c = 0; c < chunks; ++c) {
-      const __m256 o = _mm256_mul_ps(acc[c], norm);
+      const __m256 o = _mm256_mul_ps(__m256(acc[c]), norm);
       if (kChunks || c != chunks - 1) _mm256_storeu_ps(out + g * d + 8 * c, o);
       else _mm256_maskstore_ps(out + g * d + 8 * c, tail, o);
+    }
+  }
+}
+
+// AttendGroup for head width 64 and up to 3 heads a KV group, all heads in each pass over the cache:
+// each cached key and value is loaded once for the group, not once per head. Scores each add two
+// half sums (chunks 0-3, 4-7); the weights are summed in 8 lanes over the positions in blocks of 8,
+// then across them, then the positions past the last full block in order; the weighted sum of v runs
+// in two passes (columns 0-31, 32-63) so that the group's accumulators fit 16 registers.
+template <int kGroups>
+void AttendGroup64(const float* q, const float* k, const float* v, const bool* mask, float* out, int64_t size,
+                   int64_t kv_stride, float scale, float* scores) {
+  float top[kGroups];
+  for (int g = 0; g < kGroups; ++g) top[g] = -INFINITY;
+  for (int64_t s = 0; s < size; ++s) {
+    if (!mask[s]) continue;
+    Sums kv[8];
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; ++c) kv[c] = Sums(_mm256_loadu_ps(k + s * kv_stride + 8 * c));
+#pragma GCC unroll 4
+    for (int g = 0; g < kGroups; ++g) {
+      __m256 lo = _mm256_mul_ps(_mm256_loadu_ps(q + 64 * g), __m256(kv[0]));
+      __m256 hi = _mm256_mul_ps(_mm256_loadu_ps(q + 64 * g + 32), __m256(kv[4]));
+#pragma GCC unroll 4
+      for (int c = 1; c < 4; ++c) {
+        lo = _mm256_fmadd_ps(_mm256_loadu_ps(q + 64 * g + 8 * c), __m256(kv[c]), lo);
+        hi = _mm256_fmadd_ps(_mm256_loadu_ps(q + 64 * g + 32 + 8 * c), __m256(kv[4 + c]), hi);
+      }
+      const float score = Sum(_mm256_add_ps(lo, hi)) * scale;
+      scores[g * size + s] = score;
+      top[g] = std::max(top[g], score);
+    }
+  }
+  float total[kGroups];
+  for (int g = 0; g < kGroups; ++g) {  // weights in place of the scores, 0 where masked
+    float* sg = scores + g * size;
+    const __m256 shift = _mm256_set1_ps(top[g]);
+    __m256 sum = _mm256_setzero_ps();
+    int64_t s0 = 0;
+    for (; s0 + 8 <= size; s0 += 8) {
+      const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mask + s0)));
+      const __m256 lanes = _mm256_castsi256_ps(_mm256_cmpgt_epi32(bytes, _mm256_setzero_si256()));
+      if (_mm256_testz_ps(lanes, lanes)) continue;
+      const __m256 e = _mm256_and_ps(lanes, Exp(_mm256_sub_ps(_mm256_loadu_ps(sg + s0), shift)));
+      _mm256_storeu_ps(sg + s0, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    total[g] = Sum(sum);
+    for (; s0 < size; ++s0) {  // the last positions one at a time, in order
+      if (!mask[s0]) continue;
+      alignas(32) float e[8];
+      _mm256_store_ps(e, Exp(_mm256_set1_ps(sg[s0] - top[g])));
+      sg[s0] = e[0];
+      total[g] += e[0];
+    }
+  }
+  for (int half = 0; half < 2; ++half) {
+    Sums acc[kGroups][4];
+#pragma GCC unroll 4
+    for (int g = 0; g < kGroups; ++g)
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) acc[g][c] = Sums{};
+    for (int64_t s = 0; s < size; ++s) {
+      if (!mask[s]) continue;
+      const float* vs = v + s * kv_stride + 32 * half;
+#pragma GCC unroll 4
+      for (int g = 0; g < kGroups; ++g) {
+        const __m256 w = _mm256_broadcast_ss(scores + g * size + s);
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) acc[g][c] = Sums(_mm256_fmadd_ps(w, _mm256_loadu_ps(vs + 8 * c), __m256(acc[g][c])));
+      }
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < kGroups; ++g) {
+      const __m256 norm = _mm256_set1_ps(total[g] > 0.f ? 1.f / total[g] : 0.f);
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) _mm256_storeu_ps(out + 64 * g + 32 * half + 8 * c, _mm256_mul_ps(__m256(acc[g][c]), norm));
     }
   }
 }
@@ -400,10 +495,21 @@ ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::
   AttentionShape shape;
   if (!ReadAttentionShape(q, k, mask, layer, shape)) return AttentionShapeError();
   const auto attend = shape.d == 64 ? AttendGroup<8> : shape.d == 128 ? AttendGroup<16> : AttendGroup<0>;
+  using Grouped = void (*)(const float*, const float*, const float*, const bool*, float*, int64_t, int64_t, float,
+                           float*);
+  const Grouped grouped = shape.d != 64 ? nullptr
+                          : shape.groups == 1 ? AttendGroup64<1>
+                          : shape.groups == 2 ? AttendGroup64<2>
+                          : shape.groups == 3 ? AttendGroup64<3>
+                                              : nullptr;
   ForEachAttentionTask(shape, q.typed_data(), k.typed_data(), v.typed_data(), mask.typed_data(), out->typed_data(),
                        [&](const AttentionTask& t, float* scores) {
-                         attend(t.q, t.k, t.v, t.mask, t.out, shape.groups, shape.size, shape.d, shape.kv_stride,
-                                shape.scale, scores);
+                         if (grouped) {
+                           grouped(t.q, t.k, t.v, t.mask, t.out, shape.size, shape.kv_stride, shape.scale, scores);
+                         } else {
+                           attend(t.q, t.k, t.v, t.mask, t.out, shape.groups, shape.size, shape.d, shape.kv_stride,
+                                  shape.scale, scores);
+                         }
                        });
   return ffi::Error::Success();
 }
