@@ -95,14 +95,15 @@ def _cache_dir() -> Path:
 
 
 def instruction_set() -> str | None:
-    """The build this process uses: "avx512", "avx2", or None (HSD_JAX_CPU_KERNEL=0, or a CPU with
-    neither; `build_error()` says which)."""
+    """The build chosen for this CPU: "avx512", "avx2", or None (HSD_JAX_CPU_KERNEL=0 or an unknown
+    value, or a CPU with neither; `build_error()` says which). Whether it built and runs:
+    `available()`, `rows_available()`."""
     return _instruction_set()
 
 
 @functools.cache
 def _instruction_set() -> str | None:
-    choice = os.environ.get("HSD_JAX_CPU_KERNEL", "1")
+    choice = os.environ.get("HSD_JAX_CPU_KERNEL", "1").strip().lower()
     if choice == "0":
         _errors.append("HSD_JAX_CPU_KERNEL=0")
         return None

@@ -59,6 +59,7 @@ class Pool {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       job_ = &job;
+      csr_ = _mm_getcsr();
       generation = generation_.load(std::memory_order_relaxed) + 1;
       open_.store(generation, std::memory_order_seq_cst);
       generation_.store(generation, std::memory_order_release);
@@ -89,10 +90,13 @@ class Pool {
         wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
       }
       std::function<void()>* job;
-      {  // the generation and its job are published together under the lock
+      {  // the generation, its job and the caller's float mode are published together under the lock
         std::lock_guard<std::mutex> lock(mutex_);
         seen = generation_.load(std::memory_order_relaxed);
         job = job_;
+        // the caller's flush-to-zero and denormals-are-zero (XLA's threads set both): a chunk's
+        // result must not depend on which thread runs it
+        _mm_setcsr(csr_);
       }
       // Join only while the call is open: the caller closes it, then waits for those inside.
       inflight_.fetch_add(1, std::memory_order_seq_cst);
@@ -108,7 +112,29 @@ class Pool {
   std::atomic<uint64_t> open_{0};
   std::atomic<int> inflight_{0};
   std::function<void()>* job_ = nullptr;
+  unsigned csr_ = 0;
 };
+
+// Column blocks [first, last) of m rows, as `group(m0, rows, b, end)` calls: the rows split into
+// ceil(m / max_rows) groups of sizes as equal as possible, and every group runs over one span of
+// `span` blocks before the next span, so that after the first group the span's weights come from L2.
+template <typename Group>
+void RowGroupsBySpan(int64_t m, int64_t max_rows, int64_t span, int64_t first, int64_t last, Group&& group) {
+  const int64_t groups = (m + max_rows - 1) / max_rows;
+  for (int64_t b = first; b < last; b += span) {
+    const int64_t end = std::min(last, b + span);
+    for (int64_t g = 0, m0 = 0; g < groups; ++g) {
+      const int64_t rows = m / groups + (g < m % groups ? 1 : 0);
+      group(m0, rows, b, end);
+      m0 += rows;
+    }
+  }
+}
+
+// Column blocks per pool chunk: about four chunks a thread, rounded to a multiple of `width` blocks.
+inline int64_t ColumnChunk(int64_t blocks, int64_t width) {
+  return std::max<int64_t>(width, (blocks / (4 * Pool::Get().size()) + width / 2) / width * width);
+}
 
 // A buffer [..., W] as rows of width W >= 1: false for a scalar or an empty last axis.
 template <typename Buffer>

@@ -113,30 +113,17 @@ void Group(const typename E::X* x, int64_t steps, const typename E::W* w, float*
   }
 }
 
-// Column blocks [first, last) of every row. The rows split into ceil(M / 8) groups of sizes as
-// equal as possible; every group runs over one span of 12 blocks before the next span, so after
-// the first group the span's weights come from L2 (12 blocks of bf16 at K = 1536: 590 KB; float32
-// twice that, and a larger K more: then they come from L3 or memory again, a matter of speed only).
-constexpr int64_t kSpanBlocks = 12;
+// Column blocks [first, last) of every row, in groups of up to 8 rows over spans of 12 blocks (12
+// blocks of bf16 at K = 1536: 590 KB, in L2; float32 twice that, and a larger K more: then they come
+// from L3 or memory again, a matter of speed only). Pool chunks are multiples of 6 blocks: the tiles'
+// widths divide 6.
+constexpr int64_t kSpanBlocks = 12, kChunkBlocks = 6;
 template <typename E>
 void Blocks(const typename E::X* x, int64_t m, int64_t steps, const typename E::W* w, float* out, int64_t n,
             int64_t first, int64_t last) {
-  const int64_t groups = (m + 7) / 8;
-  for (int64_t b = first; b < last; b += kSpanBlocks) {
-    const int64_t end = std::min(last, b + kSpanBlocks);
-    for (int64_t g = 0, m0 = 0; g < groups; ++g) {
-      const int64_t rows = m / groups + (g < m % groups ? 1 : 0);
-      Group<E>(x, steps, w, out, n, m0, rows, b, end);
-      m0 += rows;
-    }
-  }
-}
-
-
-// Column blocks per pool chunk: about four chunks a thread, each a multiple of 6 blocks (the
-// tiles' widths divide 6).
-inline int64_t ColumnChunk(int64_t blocks) {
-  return std::max<int64_t>(6, (blocks / (4 * Pool::Get().size()) + 3) / 6 * 6);
+  RowGroupsBySpan(m, 8, kSpanBlocks, first, last, [&](int64_t m0, int64_t rows, int64_t b, int64_t end) {
+    Group<E>(x, steps, w, out, n, m0, rows, b, end);
+  });
 }
 
 // The first min(count, 16) lanes (none for count <= 0).
@@ -148,7 +135,7 @@ inline __mmask16 Lanes(int64_t count) {
 template <typename E>
 void RunPacked(const typename E::X* xp, int64_t m, int64_t steps, const typename E::W* wp, int64_t blocks,
                float* op) {
-  Pool::Get().Run(blocks, ColumnChunk(blocks), [&](int64_t first, int64_t last) {
+  Pool::Get().Run(blocks, ColumnChunk(blocks, kChunkBlocks), [&](int64_t first, int64_t last) {
     Blocks<E>(xp, m, steps, wp, op, blocks * 16, first, last);
   });
 }
@@ -238,7 +225,7 @@ ffi::Error S8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Bu
   const auto* wp = reinterpret_cast<const int8_t*>(w.untyped_data());
   const float* ws = w_scale.typed_data();
   float* op = out->typed_data();
-  const int64_t chunk = ColumnChunk(blocks);
+  const int64_t chunk = ColumnChunk(blocks, kChunkBlocks);
   Pool::Get().Run(blocks, chunk, [&](int64_t first, int64_t last) {
     Blocks<S8>(xs, m, steps, wp, op, n, first, last);
     for (int64_t r = 0; r < m; ++r) {  // the epilogue of these columns, in place: (sum * scale_x) * scale_w

@@ -134,32 +134,20 @@ void Group(const float* x, int64_t steps, const typename E::W* w, float* out, in
   }
 }
 
-// Column blocks [first, last) of every row, in groups of rows over spans of 12 blocks (as
-// packed_matmul.cc's Blocks: the groups after the first read a span from L2).
-constexpr int64_t kGroupRows = 4, kSpanBlocks = 12;
+// Column blocks [first, last) of every row, in groups of up to 4 rows over spans of 12 blocks (as
+// packed_matmul.cc's Blocks). Pool chunks are multiples of 4 blocks: the tiles' widths divide 4.
+constexpr int64_t kGroupRows = 4, kSpanBlocks = 12, kChunkBlocks = 4;
 template <typename E>
 void Blocks(const float* x, int64_t m, int64_t steps, const typename E::W* w, float* out, int64_t n, int64_t first,
             int64_t last) {
-  const int64_t groups = (m + kGroupRows - 1) / kGroupRows;
-  for (int64_t b = first; b < last; b += kSpanBlocks) {
-    const int64_t end = std::min(last, b + kSpanBlocks);
-    for (int64_t g = 0, m0 = 0; g < groups; ++g) {
-      const int64_t rows = m / groups + (g < m % groups ? 1 : 0);
-      Group<E>(x, steps, w, out, n, m0, rows, b, end);
-      m0 += rows;
-    }
-  }
-}
-
-// Column blocks per pool chunk: about four chunks a thread, a multiple of 4 blocks (the tiles'
-// widths divide 4).
-inline int64_t ColumnChunk(int64_t blocks) {
-  return std::max<int64_t>(4, (blocks / (4 * Pool::Get().size()) + 3) / 4 * 4);
+  RowGroupsBySpan(m, kGroupRows, kSpanBlocks, first, last, [&](int64_t m0, int64_t rows, int64_t b, int64_t end) {
+    Group<E>(x, steps, w, out, n, m0, rows, b, end);
+  });
 }
 
 template <typename E>
 void RunPacked(const float* x, int64_t m, int64_t steps, const typename E::W* w, int64_t blocks, float* out) {
-  Pool::Get().Run(blocks, ColumnChunk(blocks), [&](int64_t first, int64_t last) {
+  Pool::Get().Run(blocks, ColumnChunk(blocks, kChunkBlocks), [&](int64_t first, int64_t last) {
     Blocks<E>(x, m, steps, w, out, blocks * 16, first, last);
   });
 }
@@ -228,7 +216,7 @@ inline void S8Tile(const int32_t* x, int64_t steps, const int8_t* w, float* out,
     __m256i xv[RT];
 #pragma GCC unroll 4
     for (int r = 0; r < RT; ++r) {  // x's quad (q0, q1, q2, q3) as int16 pairs (q0, q1), (q2, q3), repeated
-      xv[r] = _mm256_set1_epi64x(*reinterpret_cast<const int64_t*>(x + ((m0 + r) * steps + s) * 2));
+      xv[r] = _mm256_broadcastq_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x + ((m0 + r) * steps + s) * 2)));
     }
 #pragma GCC unroll 4
     for (int c = 0; c < CB; ++c) {
@@ -266,12 +254,10 @@ void S8Span(const int32_t* x, int64_t steps, const int8_t* w, float* out, int64_
 // Groups of up to 2 rows: 8 accumulators a row and block.
 void S8Blocks(const int32_t* x, int64_t m, int64_t steps, const int8_t* w, float* out, int64_t n, int64_t first,
               int64_t last) {
-  for (int64_t b = first; b < last; b += kSpanBlocks) {
-    const int64_t end = std::min(last, b + kSpanBlocks);
-    int64_t m0 = 0;
-    for (; m0 + 2 <= m; m0 += 2) S8Span<2, 1>(x, steps, w, out, n, m0, b, end);
-    if (m0 < m) S8Span<1, 1>(x, steps, w, out, n, m0, b, end);
-  }
+  RowGroupsBySpan(m, 2, kSpanBlocks, first, last, [&](int64_t m0, int64_t rows, int64_t b, int64_t end) {
+    if (rows == 2) S8Span<2, 1>(x, steps, w, out, n, m0, b, end);
+    else S8Span<1, 1>(x, steps, w, out, n, m0, b, end);
+  });
 }
 
 ffi::Error S8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> w_scale,
@@ -309,7 +295,7 @@ ffi::Error S8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Bu
   const auto* wp = reinterpret_cast<const int8_t*>(w.untyped_data());
   const float* ws = w_scale.typed_data();
   float* op = out->typed_data();
-  Pool::Get().Run(blocks, ColumnChunk(blocks), [&](int64_t first, int64_t last) {
+  Pool::Get().Run(blocks, ColumnChunk(blocks, kChunkBlocks), [&](int64_t first, int64_t last) {
     S8Blocks(xs, m, steps, wp, op, n, first, last);
     for (int64_t r = 0; r < m; ++r) {  // the epilogue of these columns, in place: (sum * scale_x) * scale_w
       float* row = op + r * n;
@@ -324,12 +310,13 @@ ffi::Error S8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Bu
   return ffi::Error::Success();
 }
 
-// exp on 8 lanes for x <= 88.7: packed_matmul.cc's Exp (2^n * p(r), the same polynomial), with
-// 2^n made in the exponent field; exact 0 below -87.3.
+// exp on 8 lanes: packed_matmul.cc's Exp (2^n * p(r), the same polynomial; for x <= 0, where its
+// callers use it, the same bits), with 2^n made in the exponent field; exact 0 below -87.3, e^88
+// above 88.
 inline __m256 Exp(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.33654f);
   const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.7f));
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);
