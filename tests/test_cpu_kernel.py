@@ -198,6 +198,22 @@ def test_an_int8_copy_packs_for_the_kernel_and_converts_back():
     np.testing.assert_allclose(np.asarray(packed_logits), np.asarray(xla_logits), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("target,w,scale,message", [
+    ("hsd_f32_matmul", np.zeros((2, 4, 16), np.float32), None, "hsd f32 matmul: x must be [M, K]"),
+    ("hsd_bf16_matmul", np.zeros((2, 4, 32), jnp.bfloat16), None, "hsd bf16 matmul: x must be [M, K]"),
+    ("hsd_s8_matmul", np.zeros((2, 2, 64), np.int8), np.ones(40, np.float32), "hsd int8 matmul: x must be"),
+    ("hsd_s8_matmul", np.zeros((2, 1, 64), np.int8), np.ones(32, np.float32), "hsd int8 matmul: x must be"),
+])
+def test_a_product_of_the_wrong_shapes_is_refused(target, w, scale, message):
+    if not cpu_kernel.available(w.dtype):
+        pytest.skip(f"no {w.dtype} CPU kernel here: {cpu_kernel.build_error()}")
+    x = jnp.ones((3, 5), jnp.float32)  # K = 5 against K = 4, 7-8, 5-8 with 40 scales for N <= 32, 1-4
+    operands = (x, jnp.asarray(w)) + (() if scale is None else (jnp.asarray(scale),))
+    result = jax.ShapeDtypeStruct((3, 32), jnp.float32)
+    with pytest.raises(Exception, match=re.escape(message)):
+        jax.block_until_ready(jax.ffi.ffi_call(target, result)(*operands))
+
+
 def test_switched_off_the_kernel_leaves_xla_dots():
     code = "\n".join([
         "import jax, jax.numpy as jnp",

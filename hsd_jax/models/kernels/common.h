@@ -136,6 +136,37 @@ inline int64_t ColumnChunk(int64_t blocks, int64_t width) {
   return std::max<int64_t>(width, (blocks / (4 * Pool::Get().size()) + width / 2) / width * width);
 }
 
+// The packed products' operands: x [M, K] against a weight packed [N/16, ceil(K/g), 16 g] (g values
+// of k a step: 1 for float32, 2 for bfloat16, 4 for int8); for int8 also per-column scales [N] and
+// K <= kMaxS8K (the int32 sums are exact while 127 * 127 * K < 2^31).
+constexpr int64_t kMaxS8K = 133000;
+template <typename X, typename W>
+bool PackedShapes(const X& x, const W& w, int64_t group) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  return xd.size() == 2 && wd.size() == 3 && wd[2] == 16 * group && xd[1] <= group * wd[1] &&
+         xd[1] > group * (wd[1] - 1);
+}
+
+template <typename X, typename W>
+bool S8Shapes(const X& x, const W& w, const ffi::Buffer<ffi::F32>& scale) {
+  const auto sd = scale.dimensions();
+  const int64_t blocks = w.dimensions().size() == 3 ? w.dimensions()[0] : 0;
+  return PackedShapes(x, w, 4) && x.dimensions()[1] <= kMaxS8K && sd.size() == 1 && sd[0] <= 16 * blocks &&
+         sd[0] > 16 * (blocks - 1);
+}
+
+inline ffi::Error F32ShapeError() {
+  return ffi::Error::InvalidArgument("hsd f32 matmul: x must be [M, K] and w [N/16, K, 16]");
+}
+inline ffi::Error Bf16ShapeError() {
+  return ffi::Error::InvalidArgument("hsd bf16 matmul: x must be [M, K] and w [N/16, ceil(K/2), 32]");
+}
+inline ffi::Error S8ShapeError() {
+  return ffi::Error::InvalidArgument("hsd int8 matmul: x must be [M, K] (K <= " + std::to_string(kMaxS8K) +
+                                     "), w [N/16, K/4, 64] and scales [N]");
+}
+
 // A buffer [..., W] as rows of width W >= 1: false for a scalar or an empty last axis.
 template <typename Buffer>
 bool AsRows(const Buffer& x, int64_t& rows, int64_t& width) {

@@ -141,11 +141,9 @@ void RunPacked(const typename E::X* xp, int64_t m, int64_t steps, const typename
 }
 
 ffi::Error F32MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> out) {
+  if (!PackedShapes(x, w, 1)) return F32ShapeError();
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || wd[2] != F32::kStep || xd[1] != wd[1]) {
-    return ffi::Error::InvalidArgument("hsd f32 matmul: x must be [M, K] and w [N/16, K, 16]");
-  }
   RunPacked<F32>(x.typed_data(), xd[0], wd[1], w.typed_data(), wd[0], out->typed_data());
   return ffi::Error::Success();
 }
@@ -154,11 +152,9 @@ ffi::Error F32MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::
 // convert ran as a scalar loop, 14 µs a projection at 16 rows), in the (k, k+1) pairs VDPBF16PS
 // takes, zero past K; times w [N/16, ceil(K/2), 32].
 ffi::Error Bf16MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> out) {
+  if (!PackedShapes(x, w, 2)) return Bf16ShapeError();
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || wd[2] != Bf16::kStep || xd[1] > 2 * wd[1] || xd[1] <= 2 * (wd[1] - 1)) {
-    return ffi::Error::InvalidArgument("hsd bf16 matmul: x must be [M, K] and w [N/16, ceil(K/2), 32]");
-  }
   const int64_t m = xd[0], k = xd[1], steps = wd[1];
   std::vector<uint32_t> pairs(m * steps);
   for (int64_t r = 0; r < m; ++r) {
@@ -184,18 +180,11 @@ ffi::Error Bf16MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w, ffi
 // exact while |sum q_x q_w| <= 127 * 127 * K < 2^31 (K <= kMaxS8K), so a row's result does not
 // depend on the other rows. A row holding NaN or inf gets an unspecified finite result, as in
 // XLA's int8 path (int8 copies run as drafts, whose proposals their verifier checks).
-constexpr int64_t kMaxS8K = 133000;
-
 ffi::Error S8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> w_scale,
                         ffi::ResultBuffer<ffi::F32> out) {
+  if (!S8Shapes(x, w, w_scale)) return S8ShapeError();
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || wd[2] != S8::kStep || xd[1] > 4 * wd[1] || xd[1] <= 4 * (wd[1] - 1) ||
-      w_scale.dimensions().size() != 1 || w_scale.dimensions()[0] > 16 * wd[0] ||
-      w_scale.dimensions()[0] <= 16 * (wd[0] - 1) || xd[1] > kMaxS8K) {
-    return ffi::Error::InvalidArgument("hsd int8 matmul: x must be [M, K] (K <= " + std::to_string(kMaxS8K) +
-                                       "), w [N/16, K/4, 64] and scales [N]");
-  }
   const int64_t m = xd[0], k = xd[1], steps = wd[1], blocks = wd[0], n = blocks * 16;
   const int64_t columns = w_scale.dimensions()[0];
   const float* xp = x.typed_data();

@@ -153,11 +153,9 @@ void RunPacked(const float* x, int64_t m, int64_t steps, const typename E::W* w,
 }
 
 ffi::Error F32MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> out) {
+  if (!PackedShapes(x, w, 1)) return F32ShapeError();
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || wd[2] != F32::kStep || xd[1] != wd[1]) {
-    return ffi::Error::InvalidArgument("hsd f32 matmul: x must be [M, K] and w [N/16, K, 16]");
-  }
   RunPacked<F32>(x.typed_data(), xd[0], wd[1], w.typed_data(), wd[0], out->typed_data());
   return ffi::Error::Success();
 }
@@ -176,11 +174,9 @@ inline __m256 RoundToBf16(__m256 x) {
 
 // x float32 [M, K] rounded to bfloat16 here (zero past K), times w [N/16, ceil(K/2), 32].
 ffi::Error Bf16MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> out) {
+  if (!PackedShapes(x, w, 2)) return Bf16ShapeError();
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || wd[2] != Bf16::kStep || xd[1] > 2 * wd[1] || xd[1] <= 2 * (wd[1] - 1)) {
-    return ffi::Error::InvalidArgument("hsd bf16 matmul: x must be [M, K] and w [N/16, ceil(K/2), 32]");
-  }
   const int64_t m = xd[0], k = xd[1], steps = wd[1], width = 2 * steps;
   std::vector<float> rounded(m * width + 8);
   for (int64_t r = 0; r < m; ++r) {
@@ -198,8 +194,6 @@ ffi::Error Bf16MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w, ffi
 // 127, 1 for a zero row; q = round-half-even(x / scale) clipped to +-127), times int8 weights
 // [N/16, ceil(K/4), 64] with per-column scales [N]: float(sum q_x q_w) * scale_x * scale_w. The
 // int32 sums are exact while 127 * 127 * K < 2^31, so the results equal that file's.
-constexpr int64_t kMaxS8K = 133000;
-
 // Rows [m0, m0 + RT) of quantised x (steps quads of int16 pairs a row, as int32 words) times the
 // int8 blocks [b0, b0 + CB): int32 sums stored in out's place.
 template <int RT, int CB>
@@ -262,14 +256,9 @@ void S8Blocks(const int32_t* x, int64_t m, int64_t steps, const int8_t* w, float
 
 ffi::Error S8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> w_scale,
                         ffi::ResultBuffer<ffi::F32> out) {
+  if (!S8Shapes(x, w, w_scale)) return S8ShapeError();
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || wd[2] != 64 || xd[1] > 4 * wd[1] || xd[1] <= 4 * (wd[1] - 1) ||
-      w_scale.dimensions().size() != 1 || w_scale.dimensions()[0] > 16 * wd[0] ||
-      w_scale.dimensions()[0] <= 16 * (wd[0] - 1) || xd[1] > kMaxS8K) {
-    return ffi::Error::InvalidArgument("hsd int8 matmul: x must be [M, K] (K <= " + std::to_string(kMaxS8K) +
-                                       "), w [N/16, K/4, 64] and scales [N]");
-  }
   const int64_t m = xd[0], k = xd[1], steps = wd[1], blocks = wd[0], n = blocks * 16;
   const int64_t columns = w_scale.dimensions()[0];
   std::vector<int16_t> xq(m * steps * 4, 0);
