@@ -190,70 +190,55 @@ ffi::Error Bf16MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w, ffi
   return ffi::Error::Success();
 }
 
-// x float32 [M, K] quantised row by row as packed_matmul.cc's S8MatmulImpl does (scale = absmax /
-// 127, 1 for a zero row; q = round-half-even(x / scale) clipped to +-127), times int8 weights
-// [N/16, ceil(K/4), 64] with per-column scales [N]: float(sum q_x q_w) * scale_x * scale_w. The
-// int32 sums are exact while 127 * 127 * K < 2^31, so the results equal that file's.
 // Rows [m0, m0 + RT) of quantised x (steps quads of int16 pairs a row, as int32 words) times the
-// int8 blocks [b0, b0 + CB): int32 sums stored in out's place.
-template <int RT, int CB>
+// int8 block b0: int32 sums stored in out's place.
+template <int RT>
 inline void S8Tile(const int32_t* x, int64_t steps, const int8_t* w, float* out, int64_t n, int64_t m0, int64_t b0) {
-  // acc[r][c][h]: columns 4 h .. 4 h + 3 of block c, two int32 partial sums each (pairs (0, 1), (2, 3))
-  Ints acc[RT][CB][4];
+  Ints acc[RT][4];  // acc[r][h]: columns 4 h .. 4 h + 3, two int32 partial sums each (pairs (0, 1), (2, 3))
 #pragma GCC unroll 4
   for (int r = 0; r < RT; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < CB; ++c)
-#pragma GCC unroll 4
-      for (int h = 0; h < 4; ++h) acc[r][c][h] = Ints{};
+    for (int h = 0; h < 4; ++h) acc[r][h] = Ints{};
   for (int64_t s = 0; s < steps; ++s) {
     __m256i xv[RT];
 #pragma GCC unroll 4
     for (int r = 0; r < RT; ++r) {  // x's quad (q0, q1, q2, q3) as int16 pairs (q0, q1), (q2, q3), repeated
       xv[r] = _mm256_broadcastq_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x + ((m0 + r) * steps + s) * 2)));
     }
+    const int8_t* step = w + (b0 * steps + s) * 64;
 #pragma GCC unroll 4
-    for (int c = 0; c < CB; ++c) {
-      const int8_t* step = w + ((b0 + c) * steps + s) * 64;
+    for (int h = 0; h < 4; ++h) {
+      const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(step + 16 * h)));
 #pragma GCC unroll 4
-      for (int h = 0; h < 4; ++h) {
-        const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(step + 16 * h)));
-#pragma GCC unroll 4
-        for (int r = 0; r < RT; ++r) acc[r][c][h] = Ints(_mm256_add_epi32(__m256i(acc[r][c][h]), _mm256_madd_epi16(wv, xv[r])));
-      }
+      for (int r = 0; r < RT; ++r) acc[r][h] = Ints(_mm256_add_epi32(__m256i(acc[r][h]), _mm256_madd_epi16(wv, xv[r])));
     }
   }
 #pragma GCC unroll 4
   for (int r = 0; r < RT; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < CB; ++c)
 #pragma GCC unroll 2
-      for (int h = 0; h < 2; ++h) {  // add each column's two partial sums: columns 8 h .. 8 h + 7
-        const __m256i a = __m256i(acc[r][c][2 * h]), b = __m256i(acc[r][c][2 * h + 1]);
-        const __m256i sums = _mm256_hadd_epi32(a, b);  // a0+a1 a2+a3 b0+b1 b2+b3 | a4+a5 a6+a7 b4+b5 b6+b7
-        const __m256i ordered = _mm256_permute4x64_epi64(sums, 0xD8);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (m0 + r) * n + (b0 + c) * 16 + 8 * h), ordered);
-      }
-}
-
-template <int RT, int CB>
-void S8Span(const int32_t* x, int64_t steps, const int8_t* w, float* out, int64_t n, int64_t m0, int64_t b,
-            int64_t end) {
-  for (; b + CB <= end; b += CB) S8Tile<RT, CB>(x, steps, w, out, n, m0, b);
-  if constexpr (CB > 1) {
-    if (b < end) S8Span<RT, CB / 2>(x, steps, w, out, n, m0, b, end);
-  }
+    for (int h = 0; h < 2; ++h) {  // add each column's two partial sums: columns 8 h .. 8 h + 7
+      const __m256i a = __m256i(acc[r][2 * h]), b = __m256i(acc[r][2 * h + 1]);
+      const __m256i sums = _mm256_hadd_epi32(a, b);  // a0+a1 a2+a3 b0+b1 b2+b3 | a4+a5 a6+a7 b4+b5 b6+b7
+      const __m256i ordered = _mm256_permute4x64_epi64(sums, 0xD8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (m0 + r) * n + b0 * 16 + 8 * h), ordered);
+    }
 }
 
 // Groups of up to 2 rows: 8 accumulators a row and block.
 void S8Blocks(const int32_t* x, int64_t m, int64_t steps, const int8_t* w, float* out, int64_t n, int64_t first,
               int64_t last) {
   RowGroupsBySpan(m, 2, kSpanBlocks, first, last, [&](int64_t m0, int64_t rows, int64_t b, int64_t end) {
-    if (rows == 2) S8Span<2, 1>(x, steps, w, out, n, m0, b, end);
-    else S8Span<1, 1>(x, steps, w, out, n, m0, b, end);
+    for (; b < end; ++b) {
+      if (rows == 2) S8Tile<2>(x, steps, w, out, n, m0, b);
+      else S8Tile<1>(x, steps, w, out, n, m0, b);
+    }
   });
 }
 
+// x float32 [M, K] quantised row by row as packed_matmul.cc's S8MatmulImpl does (scale = absmax /
+// 127, 1 for a zero row; q = round-half-even(x / scale) clipped to +-127), times int8 weights
+// [N/16, ceil(K/4), 64] with per-column scales [N]: float(sum q_x q_w) * scale_x * scale_w. The
+// int32 sums are exact while 127 * 127 * K < 2^31, so the results equal that file's.
 ffi::Error S8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> w_scale,
                         ffi::ResultBuffer<ffi::F32> out) {
   if (!S8Shapes(x, w, w_scale)) return S8ShapeError();
@@ -321,12 +306,30 @@ inline __m256 Exp(__m256 x) {
   return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(exponent)));
 }
 
-// The valid positions among [s0, s0 + 8) as a lane mask (all ones where mask[s] holds).
-inline __m256 ValidLanes(const bool* mask, int64_t s0, int64_t width, int& bits) {
-  bits = 0;
-  for (int64_t i = 0; i < width; ++i) bits |= static_cast<int>(mask[s0 + i]) << i;
-  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits), bit), bit));
+// A head's scores [size] replaced by their weights e^(score - top) (0 where masked), and their
+// total: summed in 8 lanes over the positions in blocks of 8, then across the lanes, then the
+// positions past the last full block in order.
+inline float WeightsInPlace(float* sg, const bool* mask, int64_t size, float top) {
+  const __m256 shift = _mm256_set1_ps(top);
+  __m256 sum = _mm256_setzero_ps();
+  int64_t s0 = 0;
+  for (; s0 + 8 <= size; s0 += 8) {
+    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mask + s0)));
+    const __m256 lanes = _mm256_castsi256_ps(_mm256_cmpgt_epi32(bytes, _mm256_setzero_si256()));
+    if (_mm256_testz_ps(lanes, lanes)) continue;
+    const __m256 e = _mm256_and_ps(lanes, Exp(_mm256_sub_ps(_mm256_loadu_ps(sg + s0), shift)));
+    _mm256_storeu_ps(sg + s0, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  float total = Sum(sum);
+  for (; s0 < size; ++s0) {
+    if (!mask[s0]) continue;
+    alignas(32) float e[8];
+    _mm256_store_ps(e, Exp(_mm256_set1_ps(sg[s0] - top)));
+    sg[s0] = e[0];
+    total += e[0];
+  }
+  return total;
 }
 
 // One query row's heads of one KV group: out[g] = softmax(q[g] . k[s] * scale over the valid s) . v,
@@ -354,28 +357,15 @@ void AttendGroup(const float* q, const float* k, const float* v, const bool* mas
       scores[s] = Sum(acc) * scale;
       top = std::max(top, scores[s]);
     }
-    float total = 0.f;
+    const float total = WeightsInPlace(scores, mask, size, top);
     Sums acc[32];
 #pragma GCC unroll 32
     for (int64_t c = 0; c < chunks; ++c) acc[c] = Sums{};
-    for (int64_t s0 = 0; s0 < size; s0 += 8) {
-      const int64_t width = std::min<int64_t>(8, size - s0);
-      int valid;
-      const __m256 lanes = ValidLanes(mask, s0, width, valid);
-      if (!valid) continue;
-      alignas(32) float weight[8];
-      const __m256 e = Exp(_mm256_sub_ps(_mm256_maskload_ps(scores + s0, _mm256_castps_si256(lanes)),
-                                         _mm256_set1_ps(top)));
-      _mm256_store_ps(weight, _mm256_and_ps(lanes, e));
-      for (int64_t i = 0; i < width; ++i) {
-        if (!(valid >> i & 1)) continue;
-        total += weight[i];
-        const __m256 wv = _mm256_set1_ps(weight[i]);
+    for (int64_t s = 0; s < size; ++s) {
+      if (!mask[s]) continue;
+      const __m256 wv = _mm256_broadcast_ss(scores + s);
 #pragma GCC unroll 32
-        for (int64_t c = 0; c < chunks; ++c) {
-          acc[c] = Sums(_mm256_fmadd_ps(wv, load(v + (s0 + i) * kv_stride, c), __m256(acc[c])));
-        }
-      }
+      for (int64_t c = 0; c < chunks; ++c) acc[c] = Sums(_mm256_fmadd_ps(wv, load(v + s * kv_stride, c), __m256(acc[c])));
     }
     const __m256 norm = _mm256_set1_ps(total > 0.f ? 1.f / total : 0.f);
 #pragma GCC unroll 32
@@ -389,9 +379,8 @@ void AttendGroup(const float* q, const float* k, const float* v, const bool* mas
 
 // AttendGroup for head width 64 and up to 3 heads a KV group, all heads in each pass over the cache:
 // each cached key and value is loaded once for the group, not once per head. Scores each add two
-// half sums (chunks 0-3, 4-7); the weights are summed in 8 lanes over the positions in blocks of 8,
-// then across them, then the positions past the last full block in order; the weighted sum of v runs
-// in two passes (columns 0-31, 32-63) so that the group's accumulators fit 16 registers.
+// half sums (chunks 0-3, 4-7); the weighted sum of v runs in two passes (columns 0-31, 32-63) so
+// that the group's accumulators fit 16 registers.
 template <int kGroups>
 void AttendGroup64(const float* q, const float* k, const float* v, const bool* mask, float* out, int64_t size,
                    int64_t kv_stride, float scale, float* scores) {
@@ -417,28 +406,7 @@ void AttendGroup64(const float* q, const float* k, const float* v, const bool* m
     }
   }
   float total[kGroups];
-  for (int g = 0; g < kGroups; ++g) {  // weights in place of the scores, 0 where masked
-    float* sg = scores + g * size;
-    const __m256 shift = _mm256_set1_ps(top[g]);
-    __m256 sum = _mm256_setzero_ps();
-    int64_t s0 = 0;
-    for (; s0 + 8 <= size; s0 += 8) {
-      const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mask + s0)));
-      const __m256 lanes = _mm256_castsi256_ps(_mm256_cmpgt_epi32(bytes, _mm256_setzero_si256()));
-      if (_mm256_testz_ps(lanes, lanes)) continue;
-      const __m256 e = _mm256_and_ps(lanes, Exp(_mm256_sub_ps(_mm256_loadu_ps(sg + s0), shift)));
-      _mm256_storeu_ps(sg + s0, e);
-      sum = _mm256_add_ps(sum, e);
-    }
-    total[g] = Sum(sum);
-    for (; s0 < size; ++s0) {  // the last positions one at a time, in order
-      if (!mask[s0]) continue;
-      alignas(32) float e[8];
-      _mm256_store_ps(e, Exp(_mm256_set1_ps(sg[s0] - top[g])));
-      sg[s0] = e[0];
-      total[g] += e[0];
-    }
-  }
+  for (int g = 0; g < kGroups; ++g) total[g] = WeightsInPlace(scores + g * size, mask, size, top[g]);
   for (int half = 0; half < 2; ++half) {
     Sums acc[kGroups][4];
 #pragma GCC unroll 4
