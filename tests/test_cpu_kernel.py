@@ -80,9 +80,9 @@ def test_bf16_kernel_rounds_its_float32_input_as_xlas_convert(k):
 
 @pytest.mark.parametrize("dtype", [pytest.param(d, marks=needs_kernel(d)) for d in DTYPES])
 def test_every_row_count_runs_its_tiles_and_matches(dtype):
-    """m = 1..17 over 17 column blocks: every size of row group (AVX-512: one group of up to 8
-    rows, two up to 16, three at 17; AVX2: groups of up to 6), each in its wide column tiles and
-    the narrower ones of a chunk's remainder; every row alone equals its row in the batch."""
+    """m = 1..17 over 17 column blocks: every size of row group (one group of up to 8 rows, two up
+    to 16, three at 17), each in its wide column tiles and the narrower ones of a chunk's
+    remainder; every row alone equals its row in the batch."""
     rng = np.random.default_rng(5)
     k, n = 96, 17 * 16
     w = jnp.asarray(rng.standard_normal((k, n)), dtype)

@@ -8,9 +8,8 @@
 // * int8 weights [N/16, K/4, 16, 4]: each quad sign-extended to 16 bits and multiplied in pairs by
 //   VPMADDWD against x quantised to int8 as packed_matmul.cc does: exact int32 sums, so the same
 //   products as there.
-// Rows run in groups of up to 6 (12 accumulators: with bf16's two FMAs an accumulator a step, 8
-// would leave the two FMA pipes waiting on the 4-cycle latency), so a k-token pass reads each weight
-// from memory once. Every output element adds the same products in the same order whatever the number of rows,
+// Rows run in groups of up to 4 (8 accumulators), so a k-token pass reads each weight from memory
+// once. Every output element adds the same products in the same order whatever the number of rows,
 // so a one-token step and a k-token pass agree bit for bit; float32 sums are ordered differently
 // from packed_matmul.cc's, so the two builds may differ in the last bits of a float result.
 #include "common.h"
@@ -55,9 +54,8 @@ struct Bf16 {
   static constexpr int64_t kStep = 32, kPairs = 2;
   static __m256 Widen(const W* w, int half, int j) {
     const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 * half));
-    // value 1 by two shifts, not a mask: a mask would take the 16th register from a 6-row tile
     return _mm256_castsi256_ps(j == 0 ? _mm256_slli_epi32(pairs, 16)
-                                      : _mm256_slli_epi32(_mm256_srli_epi32(pairs, 16), 16));
+                                      : _mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
 };
 
@@ -92,19 +90,20 @@ inline void Tile(const float* x, int64_t steps, const typename E::W* w, float* o
           }
         }
       }
-    } else {  // value j's widened weights held in registers, each row's x broadcast in turn
+    } else {  // the step's widened weights held in registers, each row's x broadcast in turn
+      __m256 wv[2 * CB][E::kPairs];
+#pragma GCC unroll 16
+      for (int c = 0; c < 2 * CB; ++c)
 #pragma GCC unroll 2
-      for (int j = 0; j < E::kPairs; ++j) {
-        __m256 wv[2 * CB];
+        for (int j = 0; j < E::kPairs; ++j) wv[c][j] = E::Widen(wp[c / 2] + s * E::kStep, c % 2, j);
 #pragma GCC unroll 16
-        for (int c = 0; c < 2 * CB; ++c) wv[c] = E::Widen(wp[c / 2] + s * E::kStep, c % 2, j);
-#pragma GCC unroll 16
-        for (int r = 0; r < RT; ++r) {
+      for (int r = 0; r < RT; ++r) {
+#pragma GCC unroll 2
+        for (int j = 0; j < E::kPairs; ++j) {
           const __m256 xv = _mm256_broadcast_ss(xp[r] + s * E::kPairs + j);
 #pragma GCC unroll 16
-          for (int c = 0; c < 2 * CB; ++c) acc[r][c] = Sums(_mm256_fmadd_ps(xv, wv[c], __m256(acc[r][c])));
+          for (int c = 0; c < 2 * CB; ++c) acc[r][c] = Sums(_mm256_fmadd_ps(xv, wv[c][j], __m256(acc[r][c])));
         }
-        asm volatile("" ::: "memory");  // GCC would hoist value j + 1's loads here, and spill accumulators
       }
     }
   }
@@ -123,7 +122,7 @@ void Span(const float* x, int64_t steps, const typename E::W* w, float* out, int
   }
 }
 
-// A group of 1 to 6 rows in tiles whose accumulators, weights and broadcast x fit 16 registers.
+// A group of 1 to 4 rows in tiles whose accumulators, weights and broadcast x fit 16 registers.
 template <typename E>
 void Group(const float* x, int64_t steps, const typename E::W* w, float* out, int64_t n, int64_t m0, int64_t rows,
            int64_t b, int64_t end) {
@@ -131,15 +130,13 @@ void Group(const float* x, int64_t steps, const typename E::W* w, float* out, in
     case 1: return Span<E, 1, 4>(x, steps, w, out, n, m0, b, end);
     case 2: return Span<E, 2, 2>(x, steps, w, out, n, m0, b, end);
     case 3: return Span<E, 3, 1>(x, steps, w, out, n, m0, b, end);
-    case 4: return Span<E, 4, 1>(x, steps, w, out, n, m0, b, end);
-    case 5: return Span<E, 5, 1>(x, steps, w, out, n, m0, b, end);
-    default: return Span<E, 6, 1>(x, steps, w, out, n, m0, b, end);
+    default: return Span<E, 4, 1>(x, steps, w, out, n, m0, b, end);
   }
 }
 
-// Column blocks [first, last) of every row, in groups of up to 6 rows over spans of 12 blocks (as
+// Column blocks [first, last) of every row, in groups of up to 4 rows over spans of 12 blocks (as
 // packed_matmul.cc's Blocks). Pool chunks are multiples of 4 blocks: the tiles' widths divide 4.
-constexpr int64_t kGroupRows = 6, kSpanBlocks = 12, kChunkBlocks = 4;
+constexpr int64_t kGroupRows = 4, kSpanBlocks = 12, kChunkBlocks = 4;
 template <typename E>
 void Blocks(const float* x, int64_t m, int64_t steps, const typename E::W* w, float* out, int64_t n, int64_t first,
             int64_t last) {
