@@ -91,4 +91,4 @@ drafts-accelerator: $(TARGET_DIR)/hsd_config.json
 	PY=$(BIN)/python scripts/accelerator_drafts.sh
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .test-cache

