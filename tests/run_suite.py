@@ -2,10 +2,10 @@
 
 One process a file because twice, after ~450 tests in one process, XLA:CPU (jaxlib 0.10.2)
 segfaulted while compiling (SmolLM2's forward once, a sharded program once); every file passes in
-its own process. Two at a time because a test process keeps about 1.25 of 2 CPU cores busy (XLA
-compiles on one thread; the tiny models' programs run mostly on one): on the 2-core CI machine the
-suite's wall time drops without a test changing. The processes share `.test-cache/` (see
-conftest.py), built under a file lock.
+its own process. Two at a time because a test process keeps about 1.32 of 2 CPU cores busy (XLA
+compiles mostly on one thread; the tiny models' programs run mostly on one): on a 2-core Zen 3 the
+suite took 27.7 minutes instead of 41.6, with the same CPU time (README, "CPUs without AVX-512").
+The processes share `.test-cache/` (see conftest.py), built under a file lock.
 
 Files start longest first, by the times the last run on this checkout recorded in
 `.test-cache/file-times.json`, else by `FIRST` below; each file's pytest output is printed whole
@@ -28,8 +28,8 @@ from hsd_jax.io.files import write_json
 TESTS = Path(__file__).resolve().parent
 TIMES = TESTS.parent / ".test-cache" / "file-times.json"
 
-# The longest files on a 2-core Zen 3 (one process a file, one at a time, 2026-12-01: 240 s down to
-# 100 s), longest first: the order used when no earlier run has recorded times here (a clean clone).
+# The files of 100 s or more on a 2-core Zen 3, longest first (docs/make-test-one-at-a-time-zen3.txt):
+# the order used when no earlier run has recorded its times here (a clean clone, as in CI).
 FIRST = ["test_exactness.py", "test_sharding.py", "test_hsd.py", "test_cpu_kernel.py", "test_reliability.py",
          "test_distill.py", "test_dtypes.py", "test_cli.py", "test_stream.py", "test_device_check.py",
          "test_smollm2.py", "test_schedule.py", "test_accelerator_drafts.py"]
