@@ -19,7 +19,7 @@ REPO = Path(__file__).parents[1]
 def _run_script(tiny_chat_model, tmp_path, **settings) -> Path:
     out = tmp_path / "out"
     env = dict(os.environ, PY=sys.executable, TARGET=str(tiny_chat_model), WORK=str(tmp_path / "work"),
-               OUT=str(out), DATA_S="120", DATA_TOKENS="40", DATA_BATCH="4", MAX_ANSWER="6", STEPS="6",
+               OUT=str(out), DATA_S="600", DATA_TOKENS="40", DATA_BATCH="4", MAX_ANSWER="6", STEPS="6",
                WARMUP="0", TRAIN_BATCH="4", MILESTONE="3", HEAD_VOCAB="64", CURVE_PROMPTS="1", **settings)
     run = subprocess.run(["bash", "scripts/accelerator_drafts.sh"], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=600)

@@ -149,9 +149,9 @@ def test_dp_matches_brute_force():
 def test_solve_ten_models_under_a_second():
     stats = load_stats(_random_stats(np.random.default_rng(3), 10, kmax=64))
     solve(stats, n_max=32)  # warm-up (imports, caches)
-    start = time.perf_counter()
+    start = time.process_time()  # this process's CPU time: another test file may share the cores
     plans = solve(stats, n_max=32)
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
     assert plans[0].predicted_latency_s == min(p.predicted_latency_s for p in plans)
     assert any(len(p.chain) == 1 for p in plans)  # the no-drafts baseline is always listed
 
