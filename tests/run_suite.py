@@ -72,31 +72,25 @@ def _run(path: Path, timeout_s: float) -> tuple[Path, int, float, str]:
     return path, code, time.perf_counter() - start, output
 
 
-def _jobs_default() -> int:
-    value = os.environ.get("HSD_TEST_JOBS") or "2"
-    try:
-        return int(value)
-    except ValueError:
-        return -1  # reported by main as a bad --jobs
+def _jobs(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=None,
+    parser.add_argument("--jobs", type=_jobs, default=os.environ.get("HSD_TEST_JOBS") or "2",
                         help="test files run at once (default: $HSD_TEST_JOBS, else 2)")
     parser.add_argument("--file-timeout", type=float, default=1800.0,
                         help="seconds before a file's process is killed and the file fails (default 1800)")
     parser.add_argument("files", nargs="*", type=Path, help="test files (default: tests/test_*.py)")
     args = parser.parse_args(argv)
-    jobs = args.jobs if args.jobs is not None else _jobs_default()
-    if jobs < 1:
-        parser.error(f"--jobs (or HSD_TEST_JOBS) must be a whole number of at least 1, got "
-                     f"{args.jobs if args.jobs is not None else os.environ.get('HSD_TEST_JOBS')!r}")
     files = [f.resolve() for f in args.files] or sorted((ROOT / "tests").glob("test_*.py"))
     recorded = _recorded_times()
     start = time.perf_counter()
     failed, passed_times = [], {}
-    pool = ThreadPoolExecutor(jobs)
+    pool = ThreadPoolExecutor(args.jobs)
     try:
         futures = [pool.submit(_run, f, args.file_timeout) for f in _order(files, recorded)]
         for future in as_completed(futures):
@@ -108,7 +102,6 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 failed.append(_name(path))
     except KeyboardInterrupt:
-        pool.shutdown(wait=False, cancel_futures=True)
         print("interrupted: the files not yet started were not run", file=sys.stderr)
         return 130
     finally:
@@ -120,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"FAILED ({minutes:.1f} min): {' '.join(sorted(failed))}")
         return 1
-    print(f"all {len(files)} test files passed in {minutes:.1f} min ({jobs} at a time)")
+    print(f"all {len(files)} test files passed in {minutes:.1f} min ({args.jobs} at a time)")
     return 0
 
 
