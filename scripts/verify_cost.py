@@ -4,7 +4,8 @@
 
 Every configuration runs in its own process (XLA_FLAGS are read once per process; our CPU
 kernel, `hsd_jax.models.cpu_kernel`, is switched off with HSD_JAX_CPU_KERNEL=0 where a row says
-so), on the same model, cache size and context, timed as the profiler times c(k)
+so, and float32 weights that are block codes kept as plain float32 with HSD_JAX_BLOCK_CODES=0 in
+the "-plain" row), on the same model, cache size and context, timed as the profiler times c(k)
 (`planning.profile.measure_costs`: compile excluded, median of repeats, the cache updated in place
 as decoding updates it). Prints one table (ms and the ratio to k=1) and, with --json, writes it.
 Run it on an otherwise idle machine.
@@ -23,16 +24,19 @@ LLVM_GEMM_FLAGS = (
     "--xla_backend_extra_options=xla_force_enable_experimental_llvm_ir_gemm,"
     "xla_llvm_ir_gemm_tile_size=16:4:1*vectwidth --xla_cpu_prefer_vector_width=512"
 )
-CONFIGS = {  # name: (dtype, layout, extra XLA flags, our CPU kernel on)
-    "f32-stacked": ("float32", "stacked", "", False),
-    "f32-unstacked-xla": ("float32", "unstacked", "", False),
-    "f32-unstacked-llvm-gemm": ("float32", "unstacked", LLVM_GEMM_FLAGS, False),
-    "f32-unstacked-kernel": ("float32", "unstacked", "", True),
-    "bf16-unstacked-xla": ("bfloat16", "unstacked", "", False),
-    "bf16-unstacked-llvm-gemm": ("bfloat16", "unstacked", LLVM_GEMM_FLAGS, False),
-    "bf16-unstacked-kernel": ("bfloat16", "unstacked", "", True),
-    "int8-xla": ("bfloat16", "int8", "", False),
-    "int8-kernel": ("bfloat16", "int8", "", True),
+ON, OFF = {"HSD_JAX_CPU_KERNEL": "1"}, {"HSD_JAX_CPU_KERNEL": "0"}
+PLAIN = {"HSD_JAX_CPU_KERNEL": "1", "HSD_JAX_BLOCK_CODES": "0"}
+CONFIGS = {  # name: (dtype, layout, extra XLA flags, environment: our CPU kernel, block codes)
+    "f32-stacked": ("float32", "stacked", "", OFF),
+    "f32-unstacked-xla": ("float32", "unstacked", "", OFF),
+    "f32-unstacked-llvm-gemm": ("float32", "unstacked", LLVM_GEMM_FLAGS, OFF),
+    "f32-unstacked-kernel-plain": ("float32", "unstacked", "", PLAIN),
+    "f32-unstacked-kernel": ("float32", "unstacked", "", ON),
+    "bf16-unstacked-xla": ("bfloat16", "unstacked", "", OFF),
+    "bf16-unstacked-llvm-gemm": ("bfloat16", "unstacked", LLVM_GEMM_FLAGS, OFF),
+    "bf16-unstacked-kernel": ("bfloat16", "unstacked", "", ON),
+    "int8-xla": ("bfloat16", "int8", "", OFF),
+    "int8-kernel": ("bfloat16", "int8", "", ON),
 }
 
 
@@ -65,9 +69,8 @@ def main(argv=None) -> int:
         return 0
     rows = {}
     for name in args.configs.split(","):
-        _, _, flags, kernel = CONFIGS[name]
-        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip(),
-                   HSD_JAX_CPU_KERNEL="1" if kernel else "0")
+        _, _, flags, switches = CONFIGS[name]
+        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip(), **switches)
         cmd = [sys.executable, __file__, args.model_dir, "--child", name, "--ks", args.ks,
                "--repeats", str(args.repeats), "--context", str(args.context)]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -27,6 +27,27 @@ def layer_prefix(model: Model, layers: int) -> Model:
     return Model(params, config)
 
 
+def gguf_quantized(model: Model) -> Model:
+    """`model` (stacked) with the weights a llama.cpp GGUF of it holds, dequantized to float32 as a
+    GGUF's converter does: every projection Q4_1 and the embedding (the tied head) Q8_0, in blocks
+    of 32 along each input axis. Its float32 weights are exactly `cpu_kernel.CodedWeight`s."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    from hsd_jax.models.layouts import FUSED_PROJECTIONS, stack_layers, unstack_layers
+
+    def blocks(w, kind):  # w in-major [K, N]: a GGUF's rows are our columns
+        rows = np.ascontiguousarray(np.asarray(w, np.float32).T)
+        return jnp.asarray(dequantize(quantize(rows, kind), kind).reshape(rows.shape).T)
+
+    params = unstack_layers(model.params)
+    layers = tuple({k: blocks(v, GGMLQuantizationType.Q4_1) if k in FUSED_PROJECTIONS else v
+                    for k, v in layer.items()} for layer in params["layers"])
+    embed = blocks(params["embed"].T, GGMLQuantizationType.Q8_0).T
+    params = {**params, "layers": layers, "embed": embed, "lm_head": embed.T}
+    return model.replace(params=stack_layers(params, model.config))
+
+
 def family(vocab: int = 32, seed: int = 0, layers: int = 4, later_scale: float = 0.35) -> list[Model]:
     """[1-layer draft, 2-layer draft, 3-layer draft, target]; later layers are damped so that each
     prefix predicts the target well but not perfectly."""

@@ -15,10 +15,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from families import family
+from families import family, gguf_quantized
 
 from hsd_jax.models import cpu_kernel, quantize_int8
-from hsd_jax.models.cpu_kernel import PackedWeight, packed_int8_matmul, packed_matmul
+from hsd_jax.models.cpu_kernel import (
+    CodedWeight,
+    PackedWeight,
+    coded_matmul,
+    packed_int8_matmul,
+    packed_matmul,
+)
 from hsd_jax.models.quantize import Int8Weight, int8_matmul
 
 DTYPES = [jnp.float32, jnp.bfloat16]
@@ -118,6 +124,90 @@ def test_a_model_runs_packed_on_the_cpu_and_converts_back(dtype):
     xla_logits, _ = restacked.step(tokens, restacked.init_cache(1, 8))
     tolerance = dict(atol=0.1, rtol=0.05) if dtype == jnp.bfloat16 else dict(atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(np.asarray(packed_logits), np.asarray(xla_logits), **tolerance)
+
+
+needs_codes = pytest.mark.skipif(not cpu_kernel.coded_available() or not cpu_kernel.available(jnp.float32),
+                                 reason=f"no block-code CPU kernel here: {cpu_kernel.build_error()}")
+
+
+def _gguf_weight(k: int, n: int, bits: int, seed: int) -> np.ndarray:
+    """A float32 [K, N] weight as a GGUF holds it: Q4_1 (4 bits) or Q8_0 (8) blocks of 32 along K,
+    dequantized by the gguf package."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    kind = GGMLQuantizationType.Q4_1 if bits == 4 else GGMLQuantizationType.Q8_0
+    rows = (np.random.default_rng(seed).standard_normal((n, k)) * 0.1).astype(np.float32)
+    return np.ascontiguousarray(dequantize(quantize(rows, kind), kind).reshape(n, k).T)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("k,n", [(576, 960), (64, 50), (32, 16), (1536, 40)])
+def test_block_codes_reproduce_gguf_weights_bit_for_bit(k, n, bits):
+    w = _gguf_weight(k, n, bits, seed=k + n)
+    coded = CodedWeight.encode(w)
+    assert coded is not None and coded.bits == bits and coded.shape == (k, n)
+    assert coded.data.shape == (-(-n // 16), k // 32, 64 + 16 * 32 * bits // 8)
+    np.testing.assert_array_equal(np.asarray(coded.unpack()).view(np.uint32), w.view(np.uint32))
+
+
+def test_block_codes_refuse_what_they_cannot_reproduce():
+    rng = np.random.default_rng(0)
+    assert CodedWeight.encode(rng.standard_normal((64, 32)).astype(np.float32)) is None  # trained weights
+    assert CodedWeight.encode(_gguf_weight(64, 32, 4, seed=1)[:48]) is None  # K not a multiple of 32
+    assert CodedWeight.encode(_gguf_weight(64, 32, 4, seed=1).astype(np.float64)) is None
+    for bits in (4, 8):
+        w = _gguf_weight(64, 32, bits, seed=2)
+        w[5, 7] = np.nextafter(w[5, 7], np.float32(np.inf))  # one value one ulp off its block
+        coded = CodedWeight.encode(w)
+        # whatever is returned must reproduce every value; a 4-bit block off by an ulp has no codes
+        assert coded is None or np.array_equal(np.asarray(coded.unpack()).view(np.uint32), w.view(np.uint32))
+        if bits == 4:
+            assert coded is None
+
+
+@needs_codes
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m,k,n", [(1, 576, 960), (2, 64, 50), (5, 1536, 48), (16, 96, 3072), (19, 32, 17)])
+def test_block_code_products_equal_the_float32_kernel_bit_for_bit(m, k, n, bits):
+    """The kernel decodes each block to the stored float32 values and adds the products in the
+    float32 kernel's order: the same bits, and every row alone as inside the batch."""
+    w = _gguf_weight(k, n, bits, seed=m * k)
+    x = jnp.asarray(np.random.default_rng(m).standard_normal((m, k)), jnp.float32)
+    coded, plain = CodedWeight.encode(w), PackedWeight.pack(jnp.asarray(w))
+    got = np.asarray(jax.jit(coded_matmul)(x, coded))
+    want = np.asarray(jax.jit(packed_matmul)(x, plain))
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    for row in range(m):
+        alone = np.asarray(jax.jit(coded_matmul)(x[row:row + 1], coded))
+        np.testing.assert_array_equal(alone[0].view(np.uint32), got[row].view(np.uint32))
+
+
+@needs_codes
+def test_a_gguf_model_runs_on_block_codes_with_the_float32_kernels_logits(monkeypatch):
+    """A model whose float32 weights are a GGUF's Q4_1 / Q8_0 blocks keeps them as codes on CPU
+    (projections 4 bits, the head 8), computes the logits of the plain float32 kernel bit for bit, a
+    k-token pass what k one-token steps do, and converts back to the same weights."""
+    model = gguf_quantized(family(vocab=48, seed=3)[-1])
+    coded = model.with_layout("unstacked")
+    assert all(isinstance(layer[name], CodedWeight) and layer[name].bits == 4
+               for layer in coded.params["layers"] for name in ("wqkv", "wo", "w_gate_up", "w_down"))
+    assert isinstance(coded.params["lm_head"], CodedWeight) and coded.params["lm_head"].bits == 8
+    assert coded.num_params == model.num_params
+    for a, b in zip(jax.tree.leaves(coded.with_layout("stacked").params), jax.tree.leaves(model.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    monkeypatch.setenv("HSD_JAX_BLOCK_CODES", "0")
+    plain = model.with_layout("unstacked")
+    assert isinstance(plain.params["lm_head"], PackedWeight)
+    tokens = jnp.asarray([[1, 2, 3, 4, 5]])
+    logits, _ = coded.step(tokens, coded.init_cache(1, 8))
+    plain_logits, _ = plain.step(tokens, plain.init_cache(1, 8))
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(plain_logits))
+    cache, steps = coded.init_cache(1, 8), []
+    for t in range(tokens.shape[1]):
+        step, cache = coded.step(tokens[:, t:t + 1], cache)
+        steps.append(step)
+    np.testing.assert_array_equal(np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(logits))
 
 
 def _int8_reference(x: np.ndarray, w: Int8Weight) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Greedy identity in every supported weight dtype and layout: HSD's output is token for token the
 target's greedy AR output when every model runs the same kernels (float32 or bfloat16 weights,
-float32 accumulation; stacked, unstacked and int8 layouts, int8 also as the target)."""
+float32 accumulation; stacked, unstacked and int8 layouts, int8 also as the target; float32 weights
+that are a GGUF's Q4_1 and Q8_0 blocks, run from those codes on CPU)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from families import family
+from families import family, gguf_quantized
 
 from hsd_jax.decoding.ar import ar_generate
 from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
@@ -22,8 +23,10 @@ NEW = 24
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def _family(dtype, layout):
+def _family(dtype, layout, gguf=False):
     models = family(vocab=VOCAB, seed=3)
+    if gguf:
+        models = [gguf_quantized(m) for m in models]
     return [
         m.replace(
             params=jax.tree.map(lambda x: x.astype(dtype) if x.dtype == jnp.float32 else x, m.params)
@@ -49,6 +52,25 @@ def test_greedy_hsd_equals_greedy_ar(dtype, layout):
         np.testing.assert_array_equal(out.tokens, reference.tokens, err_msg=f"{dtype} {layout} {buffers}")
         np.testing.assert_array_equal(out.num_tokens, reference.num_tokens)
         assert int(out.stats.accepted.sum()) > 0  # the drafts did draft and were accepted, not bypassed
+
+
+@pytest.mark.skipif(not cpu_kernel.coded_available() or not cpu_kernel.rows_available(),
+                    reason=f"no block-code CPU kernel here: {cpu_kernel.build_error()}")
+def test_greedy_hsd_equals_greedy_ar_on_gguf_block_codes():
+    """float32 weights that are Q4_1 / Q8_0 blocks run from their codes (`CodedWeight`) in every
+    model of the hierarchy and in AR: the same tokens."""
+    models = _family(jnp.float32, "unstacked", gguf=True)
+    target = models[-1]
+    assert isinstance(target.params["layers"][0]["wqkv"], cpu_kernel.CodedWeight)
+    assert isinstance(target.params["lm_head"], cpu_kernel.CodedWeight)
+    reference = ar_generate(target, PROMPTS, LENGTHS, jax.random.PRNGKey(0), max_new_tokens=NEW)
+    chains = [([models[0]], (4,)), ([models[0], models[2]], (2, 5)), ([quantize_int8(models[1])], (3,))]
+    for drafts, buffers in chains:
+        out = hsd_generate(Hierarchy([*drafts, target], buffers, "block"), PROMPTS, LENGTHS,
+                           jax.random.PRNGKey(1), max_new_tokens=NEW)
+        np.testing.assert_array_equal(out.tokens, reference.tokens, err_msg=f"{buffers}")
+        np.testing.assert_array_equal(out.num_tokens, reference.num_tokens)
+        assert int(out.stats.accepted.sum()) > 0
 
 
 def test_bfloat16_weights_give_float32_logits():

@@ -50,12 +50,13 @@ class Model:
         params = dict(self.params)
         if self.config.tie_word_embeddings and not self.config.head_vocab_size:
             params.pop("lm_head", None)
-        leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Int8Weight))
+        weights = (Int8Weight, cpu_kernel.CodedWeight)
+        leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, weights))
         padding = (params["embed"].shape[0] - self.config.vocab_size) * params["embed"].shape[1]
         if "lm_head" in params and not self.config.head_vocab_size:  # padded with the embedding
             padding *= 2
         return int(sum(np.prod((x.q if isinstance(x, Int8Weight) else x).shape) for x in leaves
-                       if isinstance(x, Int8Weight) or x.dtype != jnp.int32)) - padding
+                       if isinstance(x, weights) or x.dtype != jnp.int32)) - padding
 
     def describe(self) -> str:
         suffix = "-int8" if self.layout.int8 else ""

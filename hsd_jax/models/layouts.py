@@ -10,9 +10,10 @@
 * ``int8``: the unstacked layout with every projection and the head as `Int8Weight` (packed for
   our kernel on AVX512-VNNI).
 
-On a CPU with our kernel (`models.cpu_kernel.available(dtype)`: float32 on AVX-512, bfloat16 on
-AVX512-BF16), the unstacked layout holds every projection and the head packed for it
-(`PackedWeight`).
+On a CPU with our kernel (`models.cpu_kernel.available(dtype)`), the unstacked layout holds every
+projection and the head packed for it (`PackedWeight`); a float32 weight whose values are exactly
+4- or 8-bit block codes (a GGUF Q4_1 or Q8_0 tensor dequantized) as those codes (`CodedWeight`:
+the same products from an eighth or a quarter of the bytes).
 
 The layout is a static field of `Model`; nothing infers it from the keys of the weight tree.
 """
@@ -113,10 +114,11 @@ def unstack_layers(params: Params) -> Params:
 def _packed_for_kernel(params: Params) -> Params:
     """Projections and head packed for the CPU kernel, where it runs for their dtype (else unchanged)."""
     dtype = params["embed"].dtype
+    coded = dtype == jnp.float32 and cpu_kernel.coded_available()
 
     def pack(w):
         if isinstance(w, jax.Array) and w.ndim == 2 and w.dtype == dtype:
-            return cpu_kernel.PackedWeight.pack(w)
+            return (coded and cpu_kernel.CodedWeight.encode(w)) or cpu_kernel.PackedWeight.pack(w)
         return w
 
     if not cpu_kernel.available(dtype):
@@ -127,7 +129,8 @@ def _packed_for_kernel(params: Params) -> Params:
 
 
 def _unpacked(params: Params) -> Params:
-    return jax.tree.map(cpu_kernel.unpacked, params, is_leaf=lambda x: isinstance(x, cpu_kernel.PackedWeight))
+    return jax.tree.map(cpu_kernel.unpacked, params,
+                        is_leaf=lambda x: isinstance(x, (cpu_kernel.PackedWeight, cpu_kernel.CodedWeight)))
 
 
 def stack_layers(params: Params, config: ModelConfig) -> Params:

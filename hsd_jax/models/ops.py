@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from hsd_jax.models.config import ModelConfig
-from hsd_jax.models.cpu_kernel import PackedWeight, packed_matmul, row_sums
+from hsd_jax.models.cpu_kernel import CodedWeight, PackedWeight, coded_matmul, packed_matmul, row_sums
 from hsd_jax.models.quantize import Int8Weight, int8_matmul
 
 
@@ -17,7 +17,8 @@ def dense(x: jax.Array, w: Any, in_dims: int = 1, out_dtype: Any = None) -> jax.
     """x [..., in...] times w [in..., out...] -> [..., out...]: x's last `in_dims` axes contract with
     w's first `in_dims`. Float weights accumulate in float32 (x is cast to the weights' dtype); an
     `Int8Weight` runs an int8 dot, a `PackedWeight` (the CPU layout of float32 and bfloat16
-    weights where our kernel runs) that kernel (`models.cpu_kernel`). The result is `out_dtype`
+    weights where our kernel runs) or a `CodedWeight` (float32 weights stored as block codes) that
+    kernel (`models.cpu_kernel`). The result is `out_dtype`
     (default: x's dtype).
 
     On XLA:CPU a one-row dot against bfloat16 weights converts the whole weight to float32 on every
@@ -29,6 +30,8 @@ def dense(x: jax.Array, w: Any, in_dims: int = 1, out_dtype: Any = None) -> jax.
         return int8_matmul(x, w).astype(out_dtype)
     if isinstance(w, PackedWeight):
         return packed_matmul(x, w).astype(out_dtype)
+    if isinstance(w, CodedWeight):
+        return coded_matmul(x, w).astype(out_dtype)
     lead = x.shape[:x.ndim - in_dims]
     x = x.astype(w.dtype)
     single_bf16_row = math.prod(lead) == 1 and w.dtype == jnp.bfloat16 and jax.default_backend() == "cpu"

@@ -17,6 +17,7 @@
 // accumulator that adds the same products in the same order whatever M is: a row's result does
 // not depend on the other rows (a one-token step and a k-token pass agree bit for bit).
 #include "common.h"
+#include "coded.h"
 
 namespace {
 

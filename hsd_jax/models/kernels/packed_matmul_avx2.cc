@@ -13,6 +13,7 @@
 // so a one-token step and a k-token pass agree bit for bit; float32 sums are ordered differently
 // from packed_matmul.cc's, so the two builds may differ in the last bits of a float result.
 #include "common.h"
+#include "coded.h"
 
 namespace {
 

@@ -1,0 +1,134 @@
+// float32 weights stored as block codes: every run of 32 values along K of one output column is
+// exactly fma(d, q, m) for float32 d and m and small integers q (a GGUF Q4_1 block: q in [0, 15];
+// a Q8_0 block: q in [-128, 127], m = 0). Decoded here in registers to the same float32 values, and
+// multiplied in the float32 kernel's order (one FMA chain per output element, k ascending), so a
+// product equals the float32 kernel's on the decoded weights bit for bit, from an eighth (4-bit)
+// or a quarter (8-bit) of its bytes. Eight-lane AVX2 code, included by both builds (AVX-512
+// implies AVX2), after common.h.
+//
+// data [N/16, K/32, 64 + 16 * 32 * bits / 8] bytes: for each block of 16 columns and group of 32
+// values of k, one contiguous record: the 16 columns' d, then their m (float16, as GGUF stores
+// them), then the codes:
+//   4 bits: byte 16 j + c holds column c's codes of k = 2 j (low nibble) and 2 j + 1 (high nibble);
+//   8 bits: byte 16 k + c holds column c's code of k, as int8.
+#pragma once
+
+namespace {
+
+template <int Bits>
+struct Codes;
+
+template <>
+struct Codes<4> {
+  static constexpr int64_t kGroupBytes = 64 + 256;
+  // The codes of k = 2 j and 2 j + 1 for columns [8 h, 8 h + 8) as float32.
+  static void Widen(const uint8_t* group, int j, int h, __m256& q0, __m256& q1) {
+    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(group + 64 + 16 * j + 8 * h)));
+    q0 = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, _mm256_set1_epi32(15)));
+    q1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
+  }
+};
+
+template <>
+struct Codes<8> {
+  static constexpr int64_t kGroupBytes = 64 + 512;
+  static void Widen(const uint8_t* group, int j, int h, __m256& q0, __m256& q1) {
+    const auto* p = reinterpret_cast<const __m128i*>(group + 64 + 32 * j + 8 * h);
+    q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p)));
+    q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p + 1)));
+  }
+};
+
+typedef float CodedSums __attribute__((vector_size(32)));  // not __m256, which may alias (see the AVX2 build)
+
+// Rows [m0, m0 + RT) of x [M, 32 G] times column blocks [b0, b0 + CB).
+template <int Bits, int RT, int CB>
+inline void CodedTile(const float* x, int64_t groups, const uint8_t* data, float* out,
+                      int64_t n, int64_t m0, int64_t b0) {
+  using C = Codes<Bits>;
+  CodedSums acc[RT][2 * CB];
+#pragma GCC unroll 16
+  for (int r = 0; r < RT; ++r)
+#pragma GCC unroll 16
+    for (int c = 0; c < 2 * CB; ++c) acc[r][c] = CodedSums{};
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* group[CB];
+#pragma GCC unroll 8
+    for (int c = 0; c < CB; ++c) group[c] = data + ((b0 + c) * groups + g) * C::kGroupBytes;
+    const float* xg = x + 32 * g;
+#pragma GCC unroll 2
+    for (int j = 0; j < 16; ++j) {
+      __m256 x0[RT], x1[RT];
+#pragma GCC unroll 8
+      for (int r = 0; r < RT; ++r) {
+        const float* xr = xg + (m0 + r) * groups * 32 + 2 * j;
+        x0[r] = _mm256_broadcast_ss(xr);
+        x1[r] = _mm256_broadcast_ss(xr + 1);
+      }
+#pragma GCC unroll 8
+      for (int c = 0; c < 2 * CB; ++c) {
+        __m256 w0, w1;
+        C::Widen(group[c / 2], j, c % 2, w0, w1);
+        const auto* half = reinterpret_cast<const __m128i*>(group[c / 2]) + c % 2;
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(half)), m = _mm256_cvtph_ps(_mm_loadu_si128(half + 2));
+        w0 = _mm256_fmadd_ps(w0, d, m);  // d q is exact, so this is the stored value's rounding
+        w1 = _mm256_fmadd_ps(w1, d, m);
+#pragma GCC unroll 8
+        for (int r = 0; r < RT; ++r) {
+          acc[r][c] = CodedSums(_mm256_fmadd_ps(x1[r], w1, _mm256_fmadd_ps(x0[r], w0, __m256(acc[r][c]))));
+        }
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < RT; ++r)
+#pragma GCC unroll 16
+    for (int c = 0; c < 2 * CB; ++c) _mm256_storeu_ps(out + (m0 + r) * n + b0 * 16 + 8 * c, __m256(acc[r][c]));
+}
+
+template <int Bits, int RT, int CB>
+void CodedSpan(const float* x, int64_t groups, const uint8_t* data, float* out, int64_t n,
+               int64_t m0, int64_t b, int64_t end) {
+  for (; b + CB <= end; b += CB) CodedTile<Bits, RT, CB>(x, groups, data, out, n, m0, b);
+  if constexpr (CB > 1) {
+    if (b < end) CodedSpan<Bits, RT, CB / 2>(x, groups, data, out, n, m0, b, end);
+  }
+}
+
+constexpr int64_t kCodedRows = 4, kCodedSpan = 12, kCodedChunk = 2;
+
+template <int Bits>
+void CodedBlocks(const float* x, int64_t m, int64_t groups, const uint8_t* data, float* out,
+                 int64_t n, int64_t first, int64_t last) {
+  RowGroupsBySpan(m, kCodedRows, kCodedSpan, first, last, [&](int64_t m0, int64_t rows, int64_t b, int64_t end) {
+    switch (rows) {
+      case 1: return CodedSpan<Bits, 1, 1>(x, groups, data, out, n, m0, b, end);
+      case 2: return CodedSpan<Bits, 2, 1>(x, groups, data, out, n, m0, b, end);
+      case 3: return CodedSpan<Bits, 3, 1>(x, groups, data, out, n, m0, b, end);
+      default: return CodedSpan<Bits, 4, 1>(x, groups, data, out, n, m0, b, end);
+    }
+  });
+}
+
+// x float32 [M, K] times the block-coded weight data (as above; K = 32 G): out [M, N].
+ffi::Error CodedMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> data, ffi::ResultBuffer<ffi::F32> out,
+                           int64_t bits) {
+  const auto xd = x.dimensions();
+  const auto dd = data.dimensions();
+  const int64_t group_bytes = bits == 4 ? Codes<4>::kGroupBytes : Codes<8>::kGroupBytes;
+  if ((bits != 4 && bits != 8) || xd.size() != 2 || dd.size() != 3 || dd[2] != group_bytes || xd[1] != 32 * dd[1]) {
+    return ffi::Error::InvalidArgument(
+        "hsd coded matmul: x must be [M, 32 G] and the data [N/16, G, 64 + 16 * 32 * bits / 8] (bits 4 or 8)");
+  }
+  const int64_t m = xd[0], groups = dd[1], blocks = dd[0], n = blocks * 16;
+  const float* xp = x.typed_data();
+  const uint8_t* dp = data.typed_data();
+  float* op = out->typed_data();
+  Pool::Get().Run(blocks, ColumnChunk(blocks, kCodedChunk), [&](int64_t first, int64_t last) {
+    if (bits == 4) CodedBlocks<4>(xp, m, groups, dp, op, n, first, last);
+    else CodedBlocks<8>(xp, m, groups, dp, op, n, first, last);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
