@@ -32,8 +32,9 @@ FAMILY := checkpoints/smollm2-draft-2l int8:checkpoints/smollm2-draft-2l int8:$(
 EVAL_PROMPTS := hsd_jax/io/data/eval_prompts.jsonl
 
 # The shipped plans are used as they are; without them, profile the family and plan. The family runs
-# in bfloat16 (on CPUs with AVX512-BF16, our kernel: exact, see README); DTYPE=float32 for the other.
-DTYPE ?= bfloat16
+# in float32: on CPU the target's weights stay the GGUF's 4- and 8-bit blocks, decoded exactly by our
+# kernel (README, *Block codes*); DTYPE=bfloat16 for the other.
+DTYPE ?= float32
 checkpoints/stats.json: | $(TARGET_DIR)/hsd_config.json
 	$(BIN)/hsd-jax profile --models $(FAMILY) --ngram 3 --prompts $(EVAL_PROMPTS) --num-prompts 24 \
 		--max-k 12 --sparse-k 16,24,32,40 --dtype $(DTYPE) --out checkpoints/stats.json

@@ -304,6 +304,19 @@ def test_a_product_of_the_wrong_shapes_is_refused(target, w, scale, message):
         jax.block_until_ready(jax.ffi.ffi_call(target, result)(*operands))
 
 
+@needs_codes
+@pytest.mark.parametrize("x_shape,data_shape,bits", [
+    ((3, 64), (2, 2, 320), 8),  # 4-bit records called as 8-bit
+    ((3, 48), (2, 1, 320), 4),  # K = 48 against one group of 32
+    ((3, 64), (2, 2, 320), 5),
+])
+def test_a_block_code_product_of_the_wrong_shapes_is_refused(x_shape, data_shape, bits):
+    call = jax.ffi.ffi_call("hsd_coded_matmul", jax.ShapeDtypeStruct((3, 32), jnp.float32))
+    with pytest.raises(Exception, match=re.escape("hsd coded matmul: x must be [M, 32 G]")):
+        jax.block_until_ready(call(jnp.ones(x_shape, jnp.float32), jnp.zeros(data_shape, jnp.uint8),
+                                   bits=np.int64(bits)))
+
+
 def test_switched_off_the_kernel_leaves_xla_dots():
     code = "\n".join([
         "import jax, jax.numpy as jnp",
@@ -337,18 +350,18 @@ def fresh_choice():
     cpu_kernel._errors[:] = errors
 
 
-AVX512 = {"avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "avx2", "fma"}
+AVX512 = {"avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "avx2", "fma", "f16c"}
 
 
 @pytest.mark.parametrize("flags,env,expected,message", [
     (AVX512, "1", "avx512", None),
-    ({"avx2", "fma", "sse4_2"}, "1", "avx2", None),  # Zen 2 and 3, Intel client cores
+    ({"avx2", "fma", "f16c", "sse4_2"}, "1", "avx2", None),  # Zen 2 and 3, Intel client cores
     (AVX512 - {"avx512_bf16"}, "1", "avx2", None),  # AVX-512 without BF16 (Ice Lake): all on AVX2
     (AVX512, "avx2", "avx2", None),
     (AVX512, " AVX2 ", "avx2", None),
-    ({"avx2", "fma"}, "avx512", None, "lacks avx512_bf16, avx512_vnni, avx512bw, avx512f"),
-    ({"avx", "sse4_2"}, "1", None, "lacks avx2, avx512_bf16, avx512_vnni, avx512bw, avx512f, fma"),
-    ({"avx2"}, "1", None, "lacks avx512_bf16, avx512_vnni, avx512bw, avx512f, fma"),  # no FMA
+    ({"avx2", "fma", "f16c"}, "avx512", None, "lacks avx512_bf16, avx512_vnni, avx512bw, avx512f"),
+    ({"avx", "sse4_2"}, "1", None, "lacks avx2, avx512_bf16, avx512_vnni, avx512bw, avx512f, f16c, fma"),
+    ({"avx2", "f16c"}, "1", None, "lacks avx512_bf16, avx512_vnni, avx512bw, avx512f, fma"),  # no FMA
     (AVX512, "0", None, "HSD_JAX_CPU_KERNEL=0"),
     (AVX512, "fast", None, "HSD_JAX_CPU_KERNEL='fast' is not one of 0, 1, avx512, avx2"),
 ])

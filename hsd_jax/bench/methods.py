@@ -109,14 +109,16 @@ def _time_ours(
 
 
 def weight_bytes(model) -> int:
-    """Bytes one forward pass of `model` reads: every weight once as stored (a tied embedding once,
-    an int8 weight's values and scales, no index arrays); 0 for a drafter without weights (n-gram)."""
+    """Bytes one forward pass of `model` reads: every weight once as stored (a tied embedding once:
+    the head's copy where there is one, which is read whole while the table gives a row a token; an
+    int8 weight's values and scales, block codes' codes and scales, no index arrays); 0 for a
+    drafter without weights (n-gram)."""
     params = getattr(model, "params", None)
     if params is None:
         return 0
     params = dict(params)
     if model.config.tie_word_embeddings and not model.config.head_vocab_size:
-        params.pop("lm_head", None)
+        params.pop("embed" if "lm_head" in params else "lm_head", None)
     return int(sum(x.nbytes for x in jax.tree.leaves(params) if x.dtype != jnp.int32))
 
 

@@ -95,19 +95,81 @@ void CodedSpan(const float* x, int64_t groups, const uint8_t* data, float* out, 
   }
 }
 
-constexpr int64_t kCodedRows = 4, kCodedSpan = 12, kCodedChunk = 2;
-
+// One record's 32 x 16 weights decoded to float32 w[k][column].
 template <int Bits>
-void CodedBlocks(const float* x, int64_t m, int64_t groups, const uint8_t* data, float* out,
-                 int64_t n, int64_t first, int64_t last) {
-  RowGroupsBySpan(m, kCodedRows, kCodedSpan, first, last, [&](int64_t m0, int64_t rows, int64_t b, int64_t end) {
-    switch (rows) {
-      case 1: return CodedSpan<Bits, 1, 1>(x, groups, data, out, n, m0, b, end);
-      case 2: return CodedSpan<Bits, 2, 1>(x, groups, data, out, n, m0, b, end);
-      case 3: return CodedSpan<Bits, 3, 1>(x, groups, data, out, n, m0, b, end);
-      default: return CodedSpan<Bits, 4, 1>(x, groups, data, out, n, m0, b, end);
+inline void DecodeGroup(const uint8_t* group, float* w) {
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    const auto* half = reinterpret_cast<const __m128i*>(group) + h;
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(half)), m = _mm256_cvtph_ps(_mm_loadu_si128(half + 2));
+#pragma GCC unroll 4
+    for (int j = 0; j < 16; ++j) {
+      __m256 q0, q1;
+      Codes<Bits>::Widen(group, j, h, q0, q1);
+      _mm256_store_ps(w + 32 * j + 8 * h, _mm256_fmadd_ps(q0, d, m));
+      _mm256_store_ps(w + 32 * j + 16 + 8 * h, _mm256_fmadd_ps(q1, d, m));
     }
-  });
+  }
+}
+
+// Rows [0, RT) of x (row stride `stride`, at the group's first k) times decoded weights w[32][16],
+// added to the rows' running sums acc[RT][16] in k order.
+template <int RT>
+inline void RowsOverGroup(const float* x, int64_t stride, const float* w, float* acc) {
+  CodedSums a[RT][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < RT; ++r) {
+    a[r][0] = CodedSums(_mm256_loadu_ps(acc + 16 * r));
+    a[r][1] = CodedSums(_mm256_loadu_ps(acc + 16 * r + 8));
+  }
+#pragma GCC unroll 4
+  for (int k = 0; k < 32; ++k) {
+    const __m256 w0 = _mm256_load_ps(w + 16 * k), w1 = _mm256_load_ps(w + 16 * k + 8);
+#pragma GCC unroll 8
+    for (int r = 0; r < RT; ++r) {
+      const __m256 xv = _mm256_broadcast_ss(x + r * stride + k);
+      a[r][0] = CodedSums(_mm256_fmadd_ps(xv, w0, __m256(a[r][0])));
+      a[r][1] = CodedSums(_mm256_fmadd_ps(xv, w1, __m256(a[r][1])));
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < RT; ++r) {
+    _mm256_storeu_ps(acc + 16 * r, __m256(a[r][0]));
+    _mm256_storeu_ps(acc + 16 * r + 8, __m256(a[r][1]));
+  }
+}
+
+constexpr int64_t kCodedChunk = 2, kDecodedRows = 6;
+
+// One or two rows decode each weight in registers as they go; more rows decode each record once
+// into L1 and run over it in tiles of up to 6 rows, their sums kept in L1 between records.
+template <int Bits>
+void CodedBlocks(const float* x, int64_t m, int64_t groups, const uint8_t* data, float* out, int64_t n,
+                 int64_t first, int64_t last) {
+  if (m == 1) return CodedSpan<Bits, 1, 1>(x, groups, data, out, n, 0, first, last);
+  if (m == 2) return CodedSpan<Bits, 2, 1>(x, groups, data, out, n, 0, first, last);
+  const int64_t k = 32 * groups;
+  std::vector<float> acc(m * 16);
+  alignas(32) float w[32 * 16];
+  for (int64_t b = first; b < last; ++b) {
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t g = 0; g < groups; ++g) {
+      DecodeGroup<Bits>(data + (b * groups + g) * Codes<Bits>::kGroupBytes, w);
+      for (int64_t r0 = 0; r0 < m; r0 += kDecodedRows) {
+        const float* xr = x + r0 * k + 32 * g;
+        float* ar = acc.data() + r0 * 16;
+        switch (std::min(kDecodedRows, m - r0)) {
+          case 1: RowsOverGroup<1>(xr, k, w, ar); break;
+          case 2: RowsOverGroup<2>(xr, k, w, ar); break;
+          case 3: RowsOverGroup<3>(xr, k, w, ar); break;
+          case 4: RowsOverGroup<4>(xr, k, w, ar); break;
+          case 5: RowsOverGroup<5>(xr, k, w, ar); break;
+          default: RowsOverGroup<6>(xr, k, w, ar); break;
+        }
+      }
+    }
+    for (int64_t r = 0; r < m; ++r) std::memcpy(out + r * n + b * 16, acc.data() + r * 16, 16 * sizeof(float));
+  }
 }
 
 // x float32 [M, K] times the block-coded weight data (as above; K = 32 G): out [M, N].
