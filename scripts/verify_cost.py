@@ -24,7 +24,7 @@ LLVM_GEMM_FLAGS = (
     "--xla_backend_extra_options=xla_force_enable_experimental_llvm_ir_gemm,"
     "xla_llvm_ir_gemm_tile_size=16:4:1*vectwidth --xla_cpu_prefer_vector_width=512"
 )
-ON, OFF = {"HSD_JAX_CPU_KERNEL": "1"}, {"HSD_JAX_CPU_KERNEL": "0"}
+ON, OFF = {"HSD_JAX_CPU_KERNEL": "1", "HSD_JAX_BLOCK_CODES": "1"}, {"HSD_JAX_CPU_KERNEL": "0"}
 PLAIN = {"HSD_JAX_CPU_KERNEL": "1", "HSD_JAX_BLOCK_CODES": "0"}
 CONFIGS = {  # name: (dtype, layout, extra XLA flags, environment: our CPU kernel, block codes)
     "f32-stacked": ("float32", "stacked", "", OFF),

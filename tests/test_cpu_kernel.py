@@ -151,8 +151,29 @@ def test_block_codes_reproduce_gguf_weights_bit_for_bit(k, n, bits):
     np.testing.assert_array_equal(np.asarray(coded.unpack()).view(np.uint32), w.view(np.uint32))
 
 
+def test_block_codes_cover_constant_blocks_and_float16_denormal_scales():
+    w = _gguf_weight(64, 5, 4, seed=3)  # N < 16
+    w[:32, 0] = 0.0  # an all-zero block
+    w[32:, 1] = np.float32(0.25)  # a constant one
+    d, m = np.float16(2.0**-20), np.float16(0.01)  # d a float16 denormal
+    w[:32, 2] = np.float32(d) * (np.arange(32) % 16).astype(np.float32) + np.float32(m)
+    coded = CodedWeight.encode(w)
+    assert coded is not None and coded.bits == 4
+    np.testing.assert_array_equal(np.asarray(coded.unpack()).view(np.uint32), w.view(np.uint32))
+    if cpu_kernel.coded_available() and cpu_kernel.available(jnp.float32):
+        x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 64)), jnp.float32)
+        got = np.asarray(jax.jit(coded_matmul)(x, coded))
+        want = np.asarray(jax.jit(packed_matmul)(x, PackedWeight.pack(jnp.asarray(w))))
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
 def test_block_codes_refuse_what_they_cannot_reproduce():
     rng = np.random.default_rng(0)
+    for bad in (np.nan, np.inf, -0.0, 1e5):  # not finite; a negative zero; beyond float16 scales
+        w = _gguf_weight(64, 32, 4, seed=1)
+        w[3, 4] = bad
+        w[:, 5] = 1e5 if bad == 1e5 else w[:, 5]
+        assert CodedWeight.encode(w) is None, bad
     assert CodedWeight.encode(rng.standard_normal((64, 32)).astype(np.float32)) is None  # trained weights
     assert CodedWeight.encode(_gguf_weight(64, 32, 4, seed=1)[:48]) is None  # K not a multiple of 32
     assert CodedWeight.encode(_gguf_weight(64, 32, 4, seed=1).astype(np.float64)) is None
@@ -168,12 +189,15 @@ def test_block_codes_refuse_what_they_cannot_reproduce():
 
 @needs_codes
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("m,k,n", [(1, 576, 960), (2, 64, 50), (5, 1536, 48), (16, 96, 3072), (19, 32, 17)])
+@pytest.mark.parametrize("m,k,n", [(1, 576, 960), (2, 64, 50), (3, 64, 5), (5, 1536, 48), (8, 32, 33),
+                                   (9, 96, 16), (16, 96, 3072), (19, 32, 17)])
 def test_block_code_products_equal_the_float32_kernel_bit_for_bit(m, k, n, bits):
     """The kernel decodes each block to the stored float32 values and adds the products in the
     float32 kernel's order: the same bits, and every row alone as inside the batch."""
     w = _gguf_weight(k, n, bits, seed=m * k)
-    x = jnp.asarray(np.random.default_rng(m).standard_normal((m, k)), jnp.float32)
+    x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
+    x[0, :4] = [0.0, -0.0, 1e-41, -3e-39]  # zeros and denormals (XLA runs with denormals as zero)
+    x = jnp.asarray(x)
     coded, plain = CodedWeight.encode(w), PackedWeight.pack(jnp.asarray(w))
     got = np.asarray(jax.jit(coded_matmul)(x, coded))
     want = np.asarray(jax.jit(packed_matmul)(x, plain))
@@ -202,12 +226,14 @@ def test_a_gguf_model_runs_on_block_codes_with_the_float32_kernels_logits(monkey
     tokens = jnp.asarray([[1, 2, 3, 4, 5]])
     logits, _ = coded.step(tokens, coded.init_cache(1, 8))
     plain_logits, _ = plain.step(tokens, plain.init_cache(1, 8))
-    np.testing.assert_array_equal(np.asarray(logits), np.asarray(plain_logits))
+    np.testing.assert_array_equal(np.asarray(logits).view(np.uint32),
+                                  np.asarray(plain_logits).view(np.uint32))
     cache, steps = coded.init_cache(1, 8), []
     for t in range(tokens.shape[1]):
         step, cache = coded.step(tokens[:, t:t + 1], cache)
         steps.append(step)
-    np.testing.assert_array_equal(np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(logits))
+    stepped = np.asarray(jnp.concatenate(steps, axis=1))
+    np.testing.assert_array_equal(stepped.view(np.uint32), np.asarray(logits).view(np.uint32))
 
 
 def _int8_reference(x: np.ndarray, w: Int8Weight) -> np.ndarray:
@@ -362,6 +388,7 @@ AVX512 = {"avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "avx2", "fma", "f
     ({"avx2", "fma", "f16c"}, "avx512", None, "lacks avx512_bf16, avx512_vnni, avx512bw, avx512f"),
     ({"avx", "sse4_2"}, "1", None, "lacks avx2, avx512_bf16, avx512_vnni, avx512bw, avx512f, f16c, fma"),
     ({"avx2", "f16c"}, "1", None, "lacks avx512_bf16, avx512_vnni, avx512bw, avx512f, fma"),  # no FMA
+    ({"avx2", "fma"}, "1", None, "lacks avx512_bf16, avx512_vnni, avx512bw, avx512f, f16c"),  # no F16C
     (AVX512, "0", None, "HSD_JAX_CPU_KERNEL=0"),
     (AVX512, "fast", None, "HSD_JAX_CPU_KERNEL='fast' is not one of 0, 1, avx512, avx2"),
 ])
@@ -381,7 +408,7 @@ def test_the_build_in_use_is_the_one_asked_for():
 
 
 @pytest.mark.skipif(cpu_kernel.instruction_set() != "avx512"
-                    or not {"avx2", "fma"} <= cpu_kernel._cpu_flags(),
+                    or not {"avx2", "fma", "f16c"} <= cpu_kernel._cpu_flags(),
                     reason="this machine runs this file on the AVX2 build already (or cannot run it)")
 def test_the_avx2_build_passes_this_file_on_an_avx512_machine():
     env = dict(os.environ, HSD_JAX_CPU_KERNEL="avx2",

@@ -35,23 +35,28 @@ def _family(dtype, layout, gguf=False):
     ]
 
 
+def _assert_greedy_hsd_equals_ar(target, chains, label):
+    """Every (drafts, buffers) hierarchy over `target` gives its greedy AR tokens, with drafts accepted."""
+    reference = ar_generate(target, PROMPTS, LENGTHS, jax.random.PRNGKey(0), max_new_tokens=NEW)
+    for drafts, buffers in chains:
+        out = hsd_generate(Hierarchy([*drafts, target], buffers, "block"), PROMPTS, LENGTHS,
+                           jax.random.PRNGKey(1), max_new_tokens=NEW)
+        np.testing.assert_array_equal(out.tokens, reference.tokens, err_msg=f"{label} {buffers}")
+        np.testing.assert_array_equal(out.num_tokens, reference.num_tokens)
+        assert int(out.stats.accepted.sum()) > 0  # the drafts did draft and were accepted, not bypassed
+
+
 @pytest.mark.parametrize("layout", ["stacked", "unstacked"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_greedy_hsd_equals_greedy_ar(dtype, layout):
     models = _family(DTYPES[dtype], layout)
     target = models[-1]
     assert target.params["embed"].dtype == DTYPES[dtype] and target.layout.kind == layout
-    reference = ar_generate(target, PROMPTS, LENGTHS, jax.random.PRNGKey(0), max_new_tokens=NEW)
     chains = [([models[0]], (4,)), ([models[0], models[2]], (2, 5)),
               ([NGramDrafter(2, VOCAB), models[1]], (3, 4))]
     if layout == "unstacked":
         chains.append(([quantize_int8(models[1])], (3,)))
-    for drafts, buffers in chains:
-        out = hsd_generate(Hierarchy([*drafts, target], buffers, "block"), PROMPTS, LENGTHS,
-                           jax.random.PRNGKey(1), max_new_tokens=NEW)
-        np.testing.assert_array_equal(out.tokens, reference.tokens, err_msg=f"{dtype} {layout} {buffers}")
-        np.testing.assert_array_equal(out.num_tokens, reference.num_tokens)
-        assert int(out.stats.accepted.sum()) > 0  # the drafts did draft and were accepted, not bypassed
+    _assert_greedy_hsd_equals_ar(target, chains, f"{dtype} {layout}")
 
 
 @pytest.mark.skipif(not cpu_kernel.coded_available() or not cpu_kernel.rows_available(),
@@ -63,14 +68,8 @@ def test_greedy_hsd_equals_greedy_ar_on_gguf_block_codes():
     target = models[-1]
     assert isinstance(target.params["layers"][0]["wqkv"], cpu_kernel.CodedWeight)
     assert isinstance(target.params["lm_head"], cpu_kernel.CodedWeight)
-    reference = ar_generate(target, PROMPTS, LENGTHS, jax.random.PRNGKey(0), max_new_tokens=NEW)
     chains = [([models[0]], (4,)), ([models[0], models[2]], (2, 5)), ([quantize_int8(models[1])], (3,))]
-    for drafts, buffers in chains:
-        out = hsd_generate(Hierarchy([*drafts, target], buffers, "block"), PROMPTS, LENGTHS,
-                           jax.random.PRNGKey(1), max_new_tokens=NEW)
-        np.testing.assert_array_equal(out.tokens, reference.tokens, err_msg=f"{buffers}")
-        np.testing.assert_array_equal(out.num_tokens, reference.num_tokens)
-        assert int(out.stats.accepted.sum()) > 0
+    _assert_greedy_hsd_equals_ar(target, chains, "block codes")
 
 
 def test_bfloat16_weights_give_float32_logits():
@@ -91,12 +90,6 @@ def test_greedy_hsd_equals_greedy_ar_with_an_int8_target(dtype):
     every hierarchy under it reproduces its greedy AR output token for token."""
     models = _family(DTYPES[dtype], "unstacked")
     target = quantize_int8(models[-1])
-    reference = ar_generate(target, PROMPTS, LENGTHS, jax.random.PRNGKey(0), max_new_tokens=NEW)
     chains = [([models[0]], (4,)), ([quantize_int8(models[0]), models[1]], (2, 3)),
               ([NGramDrafter(2, VOCAB)], (3,))]
-    for drafts, buffers in chains:
-        out = hsd_generate(Hierarchy([*drafts, target], buffers, "block"), PROMPTS, LENGTHS,
-                           jax.random.PRNGKey(1), max_new_tokens=NEW)
-        np.testing.assert_array_equal(out.tokens, reference.tokens, err_msg=f"{dtype} {buffers}")
-        np.testing.assert_array_equal(out.num_tokens, reference.num_tokens)
-        assert int(out.stats.accepted.sum()) > 0
+    _assert_greedy_hsd_equals_ar(target, chains, f"int8 target, {dtype}")

@@ -20,7 +20,8 @@ decoding's argmax (`argmax`), sampling's softmax (`softmax`) and draw (`sample`)
 The kernel is built for one of two instruction sets, the first this CPU has: AVX-512
 (`kernels/packed_matmul.cc`: F, BW, BF16 and VNNI, as on AMD Zen 4 or Intel Sapphire Rapids), or
 AVX2 with FMA (`kernels/packed_matmul_avx2.cc`: the same targets, layouts and contract in 8-lane
-registers, for Zen 2 and 3, Intel's client cores and older servers). Both give every kernel, and
+registers, for Zen 2 and 3, Intel's client cores and older servers); both also need F16C, and
+both include the block-code product (`kernels/coded.h`, 8-lane code). Both give every kernel, and
 each is exact in the same sense; float32 sums are ordered differently between the two, so their
 results may differ in the last bits (a machine always uses the same one). It is compiled with g++
 on first use into a cache directory ($XDG_CACHE_HOME/hsd_jax, else ~/.cache/hsd_jax), keyed by the
@@ -117,7 +118,7 @@ def _instruction_set() -> str | None:
             return isa
     wanted = BUILDS[choice][1] if choice in BUILDS else set().union(*(b[1] for b in BUILDS.values()))
     _errors.append(f"this CPU lacks {', '.join(sorted(wanted - flags))} (the kernel needs AVX-512 F, BW, "
-                   "BF16 and VNNI, or AVX2 with FMA)")
+                   "BF16 and VNNI, or AVX2 with FMA; F16C in both)")
     return None
 
 
@@ -265,7 +266,8 @@ class CodedWeight:
         for bits in _CODE_RANGES:
             if _fit_codes(blocks[..., :BLOCK], bits) is None:  # a cheap refusal on the first columns
                 continue
-            parts = [_fit_codes(blocks[..., c: c + 4096], bits) for c in range(0, n, 4096)]
+            width = max(BLOCK, 2**22 // k)  # columns at a time: float64 temporaries of ~32 MB
+            parts = [_fit_codes(blocks[..., c: c + width], bits) for c in range(0, n, width)]
             if all(p is not None for p in parts):
                 q, d, m = (np.concatenate(a, axis=-1) for a in zip(*parts))
                 return cls._packed(q, d, m, k, n, bits)
@@ -312,10 +314,13 @@ class CodedWeight:
 def _fit_codes(blocks: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Codes q [G, 32, N] and scales d, m [G, N] with fma(d, q, m) == blocks [G, 32, N] bit for bit,
     or None. d and m are float16, as GGUF stores them: m the block's least value, d sought among
-    the float16 values next to its span / range. Accepted only where d q + m is exact in float64
-    (so its float32 rounding is the FMA's) and d, m are not float32 denormals (the kernel runs with
-    denormals as zero)."""
+    the float16 values next to its span / range. With float16 scales d q + m is exact in float64,
+    so its float32 rounding is the kernel's FMA; the checks that the sum is exact and the scales
+    are not float32 denormals (XLA runs with denormals as zero; the kernel's float16 -> float32
+    convert ignores that) hold for float16 scales and guard any change to wider ones."""
     lo, hi = _CODE_RANGES[bits]
+    if not np.isfinite(blocks).all():
+        return None
     if bits == 4:
         m = blocks.min(axis=1)
         estimate = (blocks.max(axis=1).astype(np.float64) - m) / hi
@@ -323,10 +328,12 @@ def _fit_codes(blocks: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, n
         m = np.zeros(blocks[:, 0].shape, np.float32)
         estimate = np.abs(blocks).max(axis=1).astype(np.float64) / hi
     tiny = np.finfo(np.float32).tiny
-    if (not np.isfinite(estimate).all() or ((m != 0) & (np.abs(m) < tiny)).any()
-            or (m.astype(np.float16).astype(np.float32) != m).any()):
+    with np.errstate(over="ignore"):  # beyond float16: refused just below
+        m16, half = m.astype(np.float16), estimate.astype(np.float16)
+    if (((m != 0) & (np.abs(m) < tiny)).any() or (m16.astype(np.float32) != m).any()
+            or not np.isfinite(half).all()):
         return None
-    half = estimate.astype(np.float16).view(np.uint16).astype(np.int32)
+    half = half.view(np.uint16).astype(np.int32)
 
     def attempt(step, v, m, half, estimate):  # v [..., 32, X]; the rest [..., X]
         d = (half + step).clip(0, 0x7BFF).astype(np.uint16).view(np.float16).astype(np.float32)

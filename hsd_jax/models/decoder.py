@@ -50,7 +50,7 @@ class Model:
         params = dict(self.params)
         if self.config.tie_word_embeddings and not self.config.head_vocab_size:
             params.pop("lm_head", None)
-        weights = (Int8Weight, cpu_kernel.CodedWeight)
+        weights = (Int8Weight, cpu_kernel.CodedWeight, cpu_kernel.PackedWeight)
         leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, weights))
         padding = (params["embed"].shape[0] - self.config.vocab_size) * params["embed"].shape[1]
         if "lm_head" in params and not self.config.head_vocab_size:  # padded with the embedding

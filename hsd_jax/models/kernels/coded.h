@@ -183,6 +183,10 @@ ffi::Error CodedMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> data, f
         "hsd coded matmul: x must be [M, 32 G] and the data [N/16, G, 64 + 16 * 32 * bits / 8] (bits 4 or 8)");
   }
   const int64_t m = xd[0], groups = dd[1], blocks = dd[0], n = blocks * 16;
+  const auto od = out->dimensions();
+  if (od.size() != 2 || od[0] != m || od[1] != n) {
+    return ffi::Error::InvalidArgument("hsd coded matmul: the result must be [M, 16 * (N/16)]");
+  }
   const float* xp = x.typed_data();
   const uint8_t* dp = data.typed_data();
   float* op = out->typed_data();
