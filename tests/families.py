@@ -30,7 +30,7 @@ def layer_prefix(model: Model, layers: int) -> Model:
 def gguf_quantized(model: Model) -> Model:
     """`model` (stacked) with the weights a llama.cpp GGUF of it holds, dequantized to float32 as a
     GGUF's converter does: every projection Q4_1 and the embedding (the tied head) Q8_0, in blocks
-    of 32 along each input axis. Its float32 weights are exactly `cpu_kernel.CodedWeight`s."""
+    of 32 along each input axis. Its float32 weights are exactly `models.codes.CodedWeight`s."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize, quantize
 

@@ -18,13 +18,8 @@ import pytest
 from families import family, gguf_quantized
 
 from hsd_jax.models import cpu_kernel, quantize_int8
-from hsd_jax.models.cpu_kernel import (
-    CodedWeight,
-    PackedWeight,
-    coded_matmul,
-    packed_int8_matmul,
-    packed_matmul,
-)
+from hsd_jax.models.codes import CodedWeight, coded_matmul
+from hsd_jax.models.cpu_kernel import PackedWeight, packed_int8_matmul, packed_matmul
 from hsd_jax.models.quantize import Int8Weight, int8_matmul
 
 DTYPES = [jnp.float32, jnp.bfloat16]

@@ -15,6 +15,7 @@ from hsd_jax.decoding.ar import ar_generate
 from hsd_jax.decoding.hsd import Hierarchy, hsd_generate
 from hsd_jax.decoding.ngram import NGramDrafter
 from hsd_jax.models import cpu_kernel, quantize_int8
+from hsd_jax.models.codes import CodedWeight
 
 VOCAB = 48
 PROMPTS = np.array([[1, 2, 3, 4, 1, 2, 3, 9], [5, 6, 5, 6, 0, 0, 0, 0], [7, 0, 0, 0, 0, 0, 0, 0]], np.int32)
@@ -66,8 +67,8 @@ def test_greedy_hsd_equals_greedy_ar_on_gguf_block_codes():
     model of the hierarchy and in AR: the same tokens."""
     models = _family(jnp.float32, "unstacked", gguf=True)
     target = models[-1]
-    assert isinstance(target.params["layers"][0]["wqkv"], cpu_kernel.CodedWeight)
-    assert isinstance(target.params["lm_head"], cpu_kernel.CodedWeight)
+    assert isinstance(target.params["layers"][0]["wqkv"], CodedWeight)
+    assert isinstance(target.params["lm_head"], CodedWeight)
     chains = [([models[0]], (4,)), ([models[0], models[2]], (2, 5)), ([quantize_int8(models[1])], (3,))]
     _assert_greedy_hsd_equals_ar(target, chains, "block codes")
 

@@ -17,6 +17,7 @@ from flax import struct
 
 import hsd_jax.models.cpu_kernel as cpu_kernel
 from hsd_jax.models.cache import KVCache
+from hsd_jax.models.codes import CodedWeight
 from hsd_jax.models.config import ModelConfig, llama3_inv_freq
 from hsd_jax.models.layouts import STACKED, Layout, check_params, with_layout
 from hsd_jax.models.ops import activation, attention, dense, norm, rotary
@@ -50,7 +51,7 @@ class Model:
         params = dict(self.params)
         if self.config.tie_word_embeddings and not self.config.head_vocab_size:
             params.pop("lm_head", None)
-        weights = (Int8Weight, cpu_kernel.CodedWeight, cpu_kernel.PackedWeight)
+        weights = (Int8Weight, CodedWeight, cpu_kernel.PackedWeight)
         leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, weights))
         padding = (params["embed"].shape[0] - self.config.vocab_size) * params["embed"].shape[1]
         if "lm_head" in params and not self.config.head_vocab_size:  # padded with the embedding

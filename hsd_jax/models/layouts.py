@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 import hsd_jax.models.cpu_kernel as cpu_kernel
+from hsd_jax.models.codes import CodedWeight
 from hsd_jax.models.config import ModelConfig
 from hsd_jax.models.params import Params, param_specs
 from hsd_jax.models.quantize import Int8Weight
@@ -118,7 +119,7 @@ def _packed_for_kernel(params: Params) -> Params:
 
     def pack(w):
         if isinstance(w, jax.Array) and w.ndim == 2 and w.dtype == dtype:
-            return (coded and cpu_kernel.CodedWeight.encode(w)) or cpu_kernel.PackedWeight.pack(w)
+            return (coded and CodedWeight.encode(w)) or cpu_kernel.PackedWeight.pack(w)
         return w
 
     if not cpu_kernel.available(dtype):
@@ -129,8 +130,9 @@ def _packed_for_kernel(params: Params) -> Params:
 
 
 def _unpacked(params: Params) -> Params:
-    return jax.tree.map(cpu_kernel.unpacked, params,
-                        is_leaf=lambda x: isinstance(x, (cpu_kernel.PackedWeight, cpu_kernel.CodedWeight)))
+    kinds = (cpu_kernel.PackedWeight, CodedWeight)
+    return jax.tree.map(lambda w: w.unpack() if isinstance(w, kinds) else w, params,
+                        is_leaf=lambda x: isinstance(x, kinds))
 
 
 def stack_layers(params: Params, config: ModelConfig) -> Params:

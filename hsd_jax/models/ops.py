@@ -8,8 +8,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from hsd_jax.models.codes import CodedWeight, coded_matmul
 from hsd_jax.models.config import ModelConfig
-from hsd_jax.models.cpu_kernel import CodedWeight, PackedWeight, coded_matmul, packed_matmul, row_sums
+from hsd_jax.models.cpu_kernel import PackedWeight, packed_matmul, row_sums
 from hsd_jax.models.quantize import Int8Weight, int8_matmul
 
 
