@@ -5,8 +5,8 @@ and m and a 4-bit q (Q4_1) or d q for an 8-bit q (Q8_0). `CodedWeight.encode` fi
 for a float32 weight, checking that they reproduce every value bit for bit (else None), and
 `coded_matmul` runs our CPU kernel's block-code product (`kernels/coded.h`) on them: each weight
 decoded in registers to the same float32 value and the products summed in the float32 kernel's
-order, so the result equals `cpu_kernel.packed_matmul` on the float32 weight bit for bit, from a
-fifth (4-bit) or a quarter (8-bit) of its bytes.
+order, so the result equals `cpu_kernel.packed_matmul` on the float32 weight bit for bit, from
+0.625 (4-bit) or 1.125 (8-bit) bytes a weight against 4.
 """
 
 from __future__ import annotations
@@ -25,14 +25,12 @@ _CODE_RANGES = {4: (0, 15), 8: (-128, 127)}
 @struct.dataclass
 class CodedWeight:
     """A float32 weight [K, N] each of whose runs of 32 values along K in one column is exactly
-    fma(d, q, m) for float32 d and m and integers q of 4 bits (0..15) or 8 bits (-128..127, m = 0):
-    with d and m float16: what a GGUF Q4_1 or Q8_0 tensor dequantized to float32 is. Stored as those
-    scales and codes, `data` uint8 [ceil(N/16), K/32, 64 + 16 * 32 * bits / 8]: for each block of 16
-    columns and group of 32 values of k, the columns' d and m (float16), then their codes
-    (`kernels/coded.h`).
-    The kernel decodes them to the same float32 values and multiplies in the float32 kernel's
-    order: the float32 product bit for bit, from about a fifth (4 bits) or a third (8 bits) of the
-    bytes."""
+    fma(d, q, m) for float16 d and m and integers q of 4 bits (0..15) or 8 bits (-128..127, m = 0):
+    what a GGUF Q4_1 or Q8_0 tensor dequantized to float32 is. Stored as those scales and codes,
+    `data` uint8 [ceil(N/16), K/32, 64 + 16 * 32 * bits / 8]: for each block of 16 columns and
+    group of 32 values of k, the columns' d and m, then their codes (`kernels/coded.h`). The kernel
+    decodes them to the same float32 values and multiplies in the float32 kernel's order: the
+    float32 product bit for bit, from 0.625 (4 bits) or 1.125 (8 bits) bytes a weight against 4."""
 
     data: jax.Array
     in_features: int = struct.field(pytree_node=False)

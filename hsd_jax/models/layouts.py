@@ -13,7 +13,7 @@
 On a CPU with our kernel (`models.cpu_kernel.available(dtype)`), the unstacked layout holds every
 projection and the head packed for it (`PackedWeight`); a float32 weight whose values are exactly
 4- or 8-bit block codes (a GGUF Q4_1 or Q8_0 tensor dequantized) as those codes (`CodedWeight`:
-the same products from an eighth or a quarter of the bytes).
+the same products from 0.625 or 1.125 bytes a weight against 4).
 
 The layout is a static field of `Model`; nothing infers it from the keys of the weight tree.
 """

@@ -1,9 +1,9 @@
 // float32 weights stored as block codes: every run of 32 values along K of one output column is
-// exactly fma(d, q, m) for float32 d and m and small integers q (a GGUF Q4_1 block: q in [0, 15];
+// exactly fma(d, q, m) for float16 d and m and small integers q (a GGUF Q4_1 block: q in [0, 15];
 // a Q8_0 block: q in [-128, 127], m = 0). Decoded here in registers to the same float32 values, and
 // multiplied in the float32 kernel's order (one FMA chain per output element, k ascending), so a
-// product equals the float32 kernel's on the decoded weights bit for bit, from an eighth (4-bit)
-// or a quarter (8-bit) of its bytes. Eight-lane AVX2 code, included by both builds (AVX-512
+// product equals the float32 kernel's on the decoded weights bit for bit, from 0.625 (4-bit) or
+// 1.125 (8-bit) bytes a weight against 4. Eight-lane AVX2 code, included by both builds (AVX-512
 // implies AVX2), after common.h.
 //
 // data [N/16, K/32, 64 + 16 * 32 * bits / 8] bytes: for each block of 16 columns and group of 32
@@ -39,60 +39,52 @@ struct Codes<8> {
   }
 };
 
+// The record's float32 weights of k = 2 j and 2 j + 1 for columns [8 h, 8 h + 8): fma(q, d, m), the
+// stored value's single rounding, since d q is exact.
+template <int Bits>
+inline void Decode(const uint8_t* group, int j, int h, __m256& w0, __m256& w1) {
+  const auto* scales = reinterpret_cast<const __m128i*>(group) + h;
+  const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(scales)), m = _mm256_cvtph_ps(_mm_loadu_si128(scales + 2));
+  Codes<Bits>::Widen(group, j, h, w0, w1);
+  w0 = _mm256_fmadd_ps(w0, d, m);
+  w1 = _mm256_fmadd_ps(w1, d, m);
+}
+
 typedef float CodedSums __attribute__((vector_size(32)));  // not __m256, which may alias (see the AVX2 build)
 
-// Rows [m0, m0 + RT) of x [M, 32 G] times column blocks [b0, b0 + CB).
-template <int Bits, int RT, int CB>
-inline void CodedTile(const float* x, int64_t groups, const uint8_t* data, float* out,
-                      int64_t n, int64_t m0, int64_t b0) {
-  using C = Codes<Bits>;
-  CodedSums acc[RT][2 * CB];
-#pragma GCC unroll 16
-  for (int r = 0; r < RT; ++r)
-#pragma GCC unroll 16
-    for (int c = 0; c < 2 * CB; ++c) acc[r][c] = CodedSums{};
-  for (int64_t g = 0; g < groups; ++g) {
-    const uint8_t* group[CB];
+// Rows [0, RT) of x [RT, 32 G] times column block b, each weight decoded in registers as it goes.
+template <int Bits, int RT>
+inline void CodedTile(const float* x, int64_t groups, const uint8_t* data, float* out, int64_t n, int64_t b) {
+  CodedSums acc[RT][2];
 #pragma GCC unroll 8
-    for (int c = 0; c < CB; ++c) group[c] = data + ((b0 + c) * groups + g) * C::kGroupBytes;
+  for (int r = 0; r < RT; ++r) acc[r][0] = acc[r][1] = CodedSums{};
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* group = data + (b * groups + g) * Codes<Bits>::kGroupBytes;
     const float* xg = x + 32 * g;
 #pragma GCC unroll 2
     for (int j = 0; j < 16; ++j) {
       __m256 x0[RT], x1[RT];
 #pragma GCC unroll 8
       for (int r = 0; r < RT; ++r) {
-        const float* xr = xg + (m0 + r) * groups * 32 + 2 * j;
+        const float* xr = xg + r * groups * 32 + 2 * j;
         x0[r] = _mm256_broadcast_ss(xr);
         x1[r] = _mm256_broadcast_ss(xr + 1);
       }
-#pragma GCC unroll 8
-      for (int c = 0; c < 2 * CB; ++c) {
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
         __m256 w0, w1;
-        C::Widen(group[c / 2], j, c % 2, w0, w1);
-        const auto* half = reinterpret_cast<const __m128i*>(group[c / 2]) + c % 2;
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(half)), m = _mm256_cvtph_ps(_mm_loadu_si128(half + 2));
-        w0 = _mm256_fmadd_ps(w0, d, m);  // d q is exact, so this is the stored value's rounding
-        w1 = _mm256_fmadd_ps(w1, d, m);
+        Decode<Bits>(group, j, h, w0, w1);
 #pragma GCC unroll 8
         for (int r = 0; r < RT; ++r) {
-          acc[r][c] = CodedSums(_mm256_fmadd_ps(x1[r], w1, _mm256_fmadd_ps(x0[r], w0, __m256(acc[r][c]))));
+          acc[r][h] = CodedSums(_mm256_fmadd_ps(x1[r], w1, _mm256_fmadd_ps(x0[r], w0, __m256(acc[r][h]))));
         }
       }
     }
   }
-#pragma GCC unroll 16
+#pragma GCC unroll 8
   for (int r = 0; r < RT; ++r)
-#pragma GCC unroll 16
-    for (int c = 0; c < 2 * CB; ++c) _mm256_storeu_ps(out + (m0 + r) * n + b0 * 16 + 8 * c, __m256(acc[r][c]));
-}
-
-template <int Bits, int RT, int CB>
-void CodedSpan(const float* x, int64_t groups, const uint8_t* data, float* out, int64_t n,
-               int64_t m0, int64_t b, int64_t end) {
-  for (; b + CB <= end; b += CB) CodedTile<Bits, RT, CB>(x, groups, data, out, n, m0, b);
-  if constexpr (CB > 1) {
-    if (b < end) CodedSpan<Bits, RT, CB / 2>(x, groups, data, out, n, m0, b, end);
-  }
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + r * n + b * 16 + 8 * h, __m256(acc[r][h]));
 }
 
 // One record's 32 x 16 weights decoded to float32 w[k][column].
@@ -100,14 +92,12 @@ template <int Bits>
 inline void DecodeGroup(const uint8_t* group, float* w) {
 #pragma GCC unroll 2
   for (int h = 0; h < 2; ++h) {
-    const auto* half = reinterpret_cast<const __m128i*>(group) + h;
-    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(half)), m = _mm256_cvtph_ps(_mm_loadu_si128(half + 2));
 #pragma GCC unroll 4
     for (int j = 0; j < 16; ++j) {
-      __m256 q0, q1;
-      Codes<Bits>::Widen(group, j, h, q0, q1);
-      _mm256_store_ps(w + 32 * j + 8 * h, _mm256_fmadd_ps(q0, d, m));
-      _mm256_store_ps(w + 32 * j + 16 + 8 * h, _mm256_fmadd_ps(q1, d, m));
+      __m256 w0, w1;
+      Decode<Bits>(group, j, h, w0, w1);
+      _mm256_store_ps(w + 32 * j + 8 * h, w0);
+      _mm256_store_ps(w + 32 * j + 16 + 8 * h, w1);
     }
   }
 }
@@ -146,8 +136,13 @@ constexpr int64_t kCodedChunk = 2, kDecodedRows = 6;
 template <int Bits>
 void CodedBlocks(const float* x, int64_t m, int64_t groups, const uint8_t* data, float* out, int64_t n,
                  int64_t first, int64_t last) {
-  if (m == 1) return CodedSpan<Bits, 1, 1>(x, groups, data, out, n, 0, first, last);
-  if (m == 2) return CodedSpan<Bits, 2, 1>(x, groups, data, out, n, 0, first, last);
+  if (m <= 2) {
+    for (int64_t b = first; b < last; ++b) {
+      if (m == 1) CodedTile<Bits, 1>(x, groups, data, out, n, b);
+      else CodedTile<Bits, 2>(x, groups, data, out, n, b);
+    }
+    return;
+  }
   const int64_t k = 32 * groups;
   std::vector<float> acc(m * 16);
   alignas(32) float w[32 * 16];
