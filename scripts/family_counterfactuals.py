@@ -15,6 +15,10 @@ layers); the target its own. b = a holds for an int8/bf16 copy of the target as 
 0.48 vs 0.38), a draft distilled from the middle more still.
 
     python scripts/family_counterfactuals.py --stats checkpoints/stats.json --out docs/counterfactuals.json
+
+`--target-ratios 1.3,2.0` also prices a target whose k-token pass costs differently: c(k) =
+c(1) (1 + (s - 1)(k - 1) / 7) for each s = c(8)/c(1) (the measured c(1); the middle level scaled
+from that table as above), to ask how flat verification must be for a two-draft hierarchy to pay.
 """
 
 from __future__ import annotations
@@ -47,13 +51,34 @@ def main() -> None:
     parser.add_argument("--middle-agreements", default="0.6,0.75,0.9")
     parser.add_argument("--cheap-middle-agreements", default="same",
                         help="alpha(cheap, middle) values, or 'same': equal to alpha(cheap, target)")
+    parser.add_argument("--target-ratios", default="measured",
+                        help="c(8)/c(1) values for a linear target cost table, or 'measured' (comma list)")
     parser.add_argument("--max-buffer", type=int, default=12)
     parser.add_argument("--out")
     args = parser.parse_args()
     stats = load_stats(args.stats)
-    target = np.asarray(stats.model(stats.target).cost_s)
+    measured = np.asarray(stats.model(stats.target).cost_s)
     cheap = np.asarray(stats.model(args.cheap).cost_s)
-    ar = float(target[0])
+    ar = float(measured[0])
+    rows = []
+    for ratio in args.target_ratios.split(","):
+        target = measured if ratio == "measured" else linear_costs(ar, float(ratio), len(measured))
+        rows += grid(args, cheap, target, ar, ratio)
+    result = {"stats": args.stats, "dtype": stats.dtype, "cheap_costs_from": args.cheap,
+              "assumption": "middle cost = r x target table; alpha(cheap, middle) = b "
+                            "(= alpha(cheap, target) when --cheap-middle-agreements is 'same'); "
+                            "target table measured, or linear through c(1) and c(8) = ratio x c(1)",
+              "rows": rows}
+    if args.out:
+        write_json(args.out, result)
+
+
+def linear_costs(c1: float, ratio: float, size: int) -> np.ndarray:
+    """c(k) = c1 (1 + (ratio - 1)(k - 1) / 7) for k = 1..size: c(8) = ratio x c(1)."""
+    return c1 * (1 + (ratio - 1) * np.arange(size) / 7)
+
+
+def grid(args, cheap: np.ndarray, target: np.ndarray, ar: float, ratio: str) -> list[dict]:
     rows = []
     for a in (float(x) for x in args.agreements.split(",")):
         single_cheap = best([cheap, target], [a], args.max_buffer)
@@ -65,22 +90,18 @@ def main() -> None:
             single_middle = best([middle, target], [m], args.max_buffer)
             two = best([cheap, middle, target], [b, m], args.max_buffer)
             best_single = min(single_cheap, single_middle)
-            rows.append({"cheap_agreement": a, "cheap_middle_agreement": b, "middle_cost": r,
+            rows.append({"target_c8_over_c1": ratio if ratio == "measured" else float(ratio),
+                         "cheap_agreement": a, "cheap_middle_agreement": b, "middle_cost": r,
                          "middle_agreement": m,
                          "cheap_alone_x_ar": round(ar / single_cheap[0], 3),
                          "middle_alone_x_ar": round(ar / single_middle[0], 3),
                          "two_draft_x_ar": round(ar / two[0], 3), "two_draft_buffers": list(two[1]),
                          "two_draft_x_best_single": round(best_single[0] / two[0], 3)})
-            print(f"a={a:.2f} b={b:.2f} r={r:.2f} m={m:.2f}: cheap {rows[-1]['cheap_alone_x_ar']:.2f}x, "
-                  f"middle "
+            print(f"c(8)/c(1)={ratio} a={a:.2f} b={b:.2f} r={r:.2f} m={m:.2f}: "
+                  f"cheap {rows[-1]['cheap_alone_x_ar']:.2f}x, middle "
                   f"{rows[-1]['middle_alone_x_ar']:.2f}x, both {rows[-1]['two_draft_x_ar']:.2f}x AR "
                   f"{tuple(two[1])} = {rows[-1]['two_draft_x_best_single']:.2f}x the best single draft")
-    result = {"stats": args.stats, "dtype": stats.dtype, "cheap_costs_from": args.cheap,
-              "assumption": "middle cost = r x target table; alpha(cheap, middle) = b "
-                            "(= alpha(cheap, target) when --cheap-middle-agreements is 'same')",
-              "rows": rows}
-    if args.out:
-        write_json(args.out, result)
+    return rows
 
 
 if __name__ == "__main__":
