@@ -184,8 +184,9 @@ def test_block_codes_refuse_what_they_cannot_reproduce():
 
 @needs_codes
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("m,k,n", [(1, 576, 960), (2, 64, 50), (3, 64, 5), (4, 64, 40), (5, 1536, 48),
-                                   (7, 128, 64), (8, 32, 33), (9, 96, 16), (16, 96, 3072), (19, 32, 17)])
+@pytest.mark.parametrize("m,k,n", [(1, 576, 960), (2, 64, 50), (3, 64, 5), (3, 576, 960), (4, 64, 40),
+                                   (5, 1536, 48), (7, 128, 64), (8, 32, 33), (9, 96, 16), (16, 96, 3072),
+                                   (19, 32, 17)])
 def test_block_code_products_equal_the_float32_kernel_bit_for_bit(m, k, n, bits):
     """The kernel decodes each block to the stored float32 values and adds the products in the
     float32 kernel's order: the same bits, and every row alone as inside the batch."""
@@ -200,6 +201,13 @@ def test_block_code_products_equal_the_float32_kernel_bit_for_bit(m, k, n, bits)
     for row in range(m):
         alone = np.asarray(jax.jit(coded_matmul)(x[row:row + 1], coded))
         np.testing.assert_array_equal(alone[0].view(np.uint32), got[row].view(np.uint32))
+
+
+@needs_codes
+def test_block_code_product_of_no_rows_is_empty():
+    coded = CodedWeight.encode(_gguf_weight(64, 40, 4, seed=0))
+    got = jax.jit(coded_matmul)(jnp.zeros((0, 64), jnp.float32), coded)
+    assert got.shape == (0, 40)
 
 
 @needs_codes
