@@ -20,8 +20,9 @@ from families import layer_prefix, tiny_config
 from safetensors import safe_open
 from test_convert import CASES, VOCAB, tiny_model
 
+from hsd_jax.bench import methods as methods_mod
 from hsd_jax.bench.hf_baseline import hf_generate_timed, load_hf_causal_lm
-from hsd_jax.bench.methods import load_hf_reference
+from hsd_jax.bench.methods import load_hf_reference, run_bench
 from hsd_jax.cli.export import add_parser as add_export_parser
 from hsd_jax.cli.export import run as run_export
 from hsd_jax.decoding.ar import ar_generate
@@ -267,6 +268,29 @@ def test_load_hf_reference_is_the_given_model(tmp_path: Path, monkeypatch):
                            jax.random.PRNGKey(0), max_new_tokens=8)
         assert hf_generate_timed(hf, prompt, 8)[1] == np.asarray(ours.tokens[0]).tolist()
     assert not any((tmp_path / "tmp").iterdir())
+
+
+def test_ar_bench_compiles_once_per_prompt_bucket(tiny_chat_model, tmp_path: Path, monkeypatch):
+    """`bench --model` times our AR on each prompt padded to its bucket (prompts of nearby lengths
+    share one compiled program, where one program per length made 8 eval prompts take minutes of
+    compiling) and still matches transformers token for token."""
+    widths = []
+    real = methods_mod.ar_generate
+
+    def recording(model, prompt, lengths, *args, **kwargs):
+        widths.append(np.asarray(prompt).shape)
+        return real(model, prompt, lengths, *args, **kwargs)
+
+    monkeypatch.setattr(methods_mod, "ar_generate", recording)
+    prompts = tmp_path / "prompts.jsonl"
+    texts = ("Hi", "Hi you", "Hi to you", "Hi to you all")
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in texts))
+    result = run_bench(str(tiny_chat_model), prompts_file=str(prompts), max_new_tokens=4, repeats=1)
+    assert result["prompts"] == 4 and result["greedy_identical_to_hf"]
+    lengths = {r["prompt_tokens"] for r in result["per_prompt"]}
+    assert len(lengths) == 4  # four lengths, at most two buckets of 16
+    assert {w[1] for w in widths} == {-(-n // 16) * 16 for n in lengths}
+    assert all(r["ours_tokens"] >= 1 for r in result["per_prompt"])
 
 
 def test_cli_pieces(tmp_path: Path, capsys):

@@ -92,10 +92,10 @@ def _time_ours(
     model, prompt_ids: list[int], max_new_tokens: int, repeats: int
 ) -> tuple[float, float, int, list[int]]:
     """Median seconds of a whole generation, median seconds per decode step (the generation
-    minus a prefill-plus-one-token run with the same cache size), tokens, token ids."""
-    prompt = np.asarray([prompt_ids], np.int32)
-    lengths = np.asarray([len(prompt_ids)], np.int32)
-    cache_size = default_cache_size(len(prompt_ids), max_new_tokens)
+    minus a prefill-plus-one-token run with the same cache size), tokens, token ids. The prompt is
+    padded to its bucket, so prompts of nearby lengths share one compiled program."""
+    prompt, lengths = pad_prompts([prompt_ids])
+    cache_size = default_cache_size(prompt.shape[1], max_new_tokens)
 
     def run(new_tokens):
         return ar_generate(model, prompt, lengths, jax.random.PRNGKey(0), max_new_tokens=new_tokens,
