@@ -291,6 +291,8 @@ def test_ar_bench_compiles_once_per_prompt_bucket(tiny_chat_model, tmp_path: Pat
     assert len(lengths) == 4  # four lengths, at most two buckets of 16
     assert {w[1] for w in widths} == {-(-n // 16) * 16 for n in lengths}
     assert all(r["ours_tokens"] >= 1 for r in result["per_prompt"])
+    assert run_bench(str(tiny_chat_model), prompts_file=str(prompts), max_new_tokens=2, repeats=1,
+                     num_prompts=1)["prompts"] == 1  # --num-prompts applies here too
 
 
 def test_cli_pieces(tmp_path: Path, capsys):

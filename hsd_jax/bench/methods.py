@@ -123,10 +123,11 @@ def weight_bytes(model) -> int:
 
 
 def run_bench(model_dir: str, *, prompts_file: str | None = None, max_new_tokens: int = 64,
-              repeats: int = 3) -> dict[str, Any]:
+              repeats: int = 3, num_prompts: int | None = None) -> dict[str, Any]:
     """Our AR against transformers' `generate` on the same weights (`load_hf_reference`), and
-    against the memory roofline."""
+    against the memory roofline, on the first `num_prompts` prompts (all when None)."""
     texts = list(DEFAULT_PROMPTS) if prompts_file is None else load_prompts(prompts_file)
+    texts = texts[:num_prompts or None]
     if not texts:
         raise ValueError(f"{prompts_file} holds no prompts; give a JSONL file with a \"prompt\" field "
                          "per line")

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
                 "--mesh applies to `bench --plan`; the AR-only `bench --model` runs on one device"
             )
         results = run_bench(args.model, prompts_file=args.prompts, max_new_tokens=args.max_new_tokens,
-                            repeats=args.repeats)
+                            repeats=args.repeats, num_prompts=args.num_prompts)
         lines = ar_bench_lines(results)
     else:
         raise ValueError(
