@@ -163,8 +163,7 @@ void CodedBlocks(const float* x, int64_t m, int64_t groups, const uint8_t* data,
       switch (m) {
         case 1: CodedTile<Bits, 1>(x, groups, data, out, n, b); break;
         case 2: CodedTile<Bits, 2>(x, groups, data, out, n, b); break;
-        case 3: CodedTile<Bits, 3>(x, groups, data, out, n, b); break;
-        default: return;  // no rows
+        default: CodedTile<Bits, 3>(x, groups, data, out, n, b); break;  // m >= 1: CodedMatmulImpl returns on none
       }
     }
     return;
